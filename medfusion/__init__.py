@@ -1,0 +1,3 @@
+"""medfusion: multimodal medical-imaging diagnosis."""
+
+__version__ = "0.1.0"

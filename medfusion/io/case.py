@@ -1,0 +1,188 @@
+"""`Case`: one patient folder → CT, MR volume(s), clinical note and (optionally) labels.
+
+Examples:
+    >>> from medfusion.io.case import find_patient_folders
+    >>> find_patient_folders([])
+    []
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from medfusion.io.dicom import DicomScan, load_series, scan_folder
+from medfusion.io.errors import InputError
+from medfusion.io.nifti import is_nifti, modality_from_name, read_nifti, read_sidecar
+from medfusion.io.volume import Volume
+
+NOTE_SUFFIXES = (".txt", ".md")
+
+# --- Types ---
+
+
+@dataclasses.dataclass
+class Case:
+    """Everything read from one patient folder."""
+
+    patient_id: str
+    folder: Path
+    ct: Volume | None
+    mr: list[Volume]
+    note: str = ""
+    note_path: Path | None = None
+    labels: Volume | None = None
+    errors: list[InputError] = dataclasses.field(default_factory=list)
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    choices: list[str] = dataclasses.field(default_factory=list)
+    candidates: list[Volume] = dataclasses.field(default_factory=list)
+
+    @property
+    def primary_mr(self) -> Volume | None:
+        return self.mr[0] if self.mr else None
+
+    def verdict(self) -> str:
+        if self.ct is None:
+            return "unusable: no CT volume"
+        if self.errors:
+            return "usable, with unreadable files"
+        if any(v.warnings for v in [self.ct, *self.mr]):
+            return "usable, with warnings"
+        return "ok"
+
+
+# --- Discovery ---
+
+
+def is_patient_folder(folder: Path) -> bool:
+    """A folder that holds image files directly (DICOM or NIfTI), as opposed to a folder of patients."""
+    for p in folder.iterdir():
+        if p.is_file() and not p.name.startswith("."):
+            return True
+    return False
+
+
+def find_patient_folders(roots: list[Path] | list[str]) -> list[Path]:
+    """Each root is a patient folder or a folder of patient folders."""
+    out: list[Path] = []
+    for root in map(Path, roots):
+        if not root.is_dir():
+            raise InputError(root, "not a folder")
+        if is_patient_folder(root):
+            out.append(root)
+        else:
+            out.extend(sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    return out
+
+
+def _rank(v: Volume) -> tuple[int, int]:
+    """Choice rule: axial series first, then the most voxels."""
+    axial = v.orientation_code()[2] in "SI"
+    n = v.shape[0] * v.shape[1] * v.shape[2]
+    return (int(axial), n)
+
+
+def load_case(
+    folder: str | Path,
+    modality_map: dict[str, str] | None = None,
+    labels_dir: str | Path | None = None,
+    patient_id: str | None = None,
+) -> Case:
+    """Read one patient folder. Unreadable files are collected in `case.errors`, never raised.
+
+    `modality_map` maps a NIfTI file name (or stem) to a modality, for files whose name and
+    sidecar do not tell. A folder with no usable CT still returns a Case whose `verdict()` says so.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(folder, "patient folder does not exist")
+    pid = patient_id or folder.name
+    scan: DicomScan = scan_folder(folder)
+    errors = list(scan.errors)
+    volumes: list[Volume] = []
+    for series in scan.series:
+        try:
+            volumes.append(load_series(series))
+        except InputError as exc:
+            errors.append(exc)
+    modality_map = {k.lower(): v.upper() for k, v in (modality_map or {}).items()}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p)):
+        try:
+            volumes.append(_load_nifti(path, modality_map))
+        except InputError as exc:
+            errors.append(exc)
+    cts = sorted((v for v in volumes if v.modality == "CT"), key=_rank, reverse=True)
+    mrs = sorted((v for v in volumes if v.modality == "MR"), key=_rank, reverse=True)
+    choices: list[str] = []
+    if len(cts) > 1:
+        choices.append(
+            f"CT: chose {cts[0].meta.get('series_description') or cts[0].meta.get('source')} (axial first, then most voxels) among {len(cts)}"
+        )
+    if len(mrs) > 1:
+        choices.append(
+            f"MR: primary is {mrs[0].meta.get('series_description') or mrs[0].meta.get('source')} among {len(mrs)}"
+        )
+    note, note_path = _read_note(folder)
+    labels = None
+    if labels_dir is not None:
+        labels = load_label_map(Path(labels_dir) / pid)
+    return Case(
+        pid,
+        folder,
+        cts[0] if cts else None,
+        mrs,
+        note,
+        note_path,
+        labels,
+        errors,
+        scan.skipped,
+        choices,
+        volumes,
+    )
+
+
+def _load_nifti(path: Path, modality_map: dict[str, str]) -> Volume:
+    sidecar = read_sidecar(path)
+    name = path.name.lower()
+    mapped = modality_map.get(name) or modality_map.get(name.split(".")[0])
+    modality = sidecar.get("Modality") or mapped or modality_from_name(path)
+    if not modality:
+        raise InputError(
+            path,
+            'cannot tell the modality: name it ct*/mr*/t1*/t2*/flair*, add a JSON sidecar with "Modality", or pass --modality NAME=CT|MR',
+        )
+    return read_nifti(path, modality=str(modality))
+
+
+def _read_note(folder: Path) -> tuple[str, Path | None]:
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        name = path.name.lower()
+        if name.endswith(NOTE_SUFFIXES) and not name.startswith("readme"):
+            return path.read_text(errors="replace").strip(), path
+        if name.startswith("note") and name.endswith(".json"):
+            try:
+                data: Any = json.loads(path.read_text())
+            except json.JSONDecodeError as exc:
+                raise InputError(path, f"note JSON is not valid ({exc})") from exc
+            text = data.get("text", "") if isinstance(data, dict) else ""
+            return str(text).strip(), path
+    return "", None
+
+
+def load_label_map(folder: Path) -> Volume | None:
+    """`labels/<patient_id>/segmentation.nii.gz` (or a DICOM SEG `segmentation.dcm`), or None."""
+    nii = folder / "segmentation.nii.gz"
+    if nii.exists():
+        vol = read_nifti(nii, modality="SEG")
+        vol.array = vol.array.astype("int16")
+        return vol
+    dcm = folder / "segmentation.dcm"
+    if dcm.exists():
+        from medfusion.io.seg import read_dicom_seg
+
+        return read_dicom_seg(dcm)
+    return None

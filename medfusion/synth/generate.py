@@ -1,0 +1,324 @@
+"""Synthetic cohorts: `DIR/patients/<id>/` (what a hospital hands over) and `DIR/labels/` (truth).
+
+Examples:
+    >>> from medfusion.synth.generate import GridPreset
+    >>> GridPreset.get("small").ct_size
+    (96, 96, 64)
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import functools
+import json
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion.io.atomic import atomic_path, write_json, write_text
+from medfusion.io.nifti import write_nifti
+from medfusion.io.volume import Volume
+from medfusion.synth import notes
+from medfusion.synth.export import study_info, write_series
+from medfusion.synth.phantom import CLASS_NAMES, HeadPhantom, labels_from_tissue
+from medfusion.synth.render import grid_points, render_ct, render_mr
+
+# --- Parameters ---
+
+
+@dataclasses.dataclass(frozen=True)
+class GridPreset:
+    ct_size: tuple[int, int, int]  # x, y, z voxels
+    ct_spacing: tuple[float, float, float]
+    mr_size: tuple[int, int, int]
+    mr_spacing: tuple[float, float, float]
+
+    @staticmethod
+    def get(name: str) -> GridPreset:
+        presets = {
+            "standard": GridPreset((128, 128, 96), (1.6, 1.6, 2.0), (112, 112, 80), (1.9, 1.9, 2.5)),
+            "small": GridPreset((96, 96, 64), (2.1, 2.1, 3.0), (80, 80, 56), (2.6, 2.6, 3.6)),
+        }
+        if name not in presets:
+            msg = f"unknown grid preset {name!r}; choose one of {sorted(presets)}"
+            raise ValueError(msg)
+        return presets[name]
+
+
+MAX_ROTATION_DEG = 15.0
+MAX_TRANSLATION_MM = 20.0
+_ORIENTATIONS = {
+    "axial": np.array([[1.0, 0, 0], [0, 1, 0], [0, 0, 1]]).T,
+    "sagittal": np.array([[0.0, 1, 0], [0, 0, -1], [-1, 0, 0]]).T,
+    "coronal": np.array([[1.0, 0, 0], [0, 0, -1], [0, 1, 0]]).T,
+}
+
+
+def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
+    ax, ay, az = np.radians(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+def centred_grid(
+    size: tuple[int, int, int], spacing: tuple[float, float, float], direction: np.ndarray, centre: np.ndarray
+) -> Volume:
+    half = direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2.0)
+    return Volume(np.zeros(size[::-1], np.float32), spacing, tuple(np.asarray(centre) - half), direction)
+
+
+@functools.lru_cache(maxsize=1)
+def _priors() -> tuple[list[notes.ImageFacts], list[notes.NoteFacts]]:
+    """Fixed draws from the image-fact and note-fact priors, for the oracle's marginalisation."""
+    rng = np.random.default_rng(12345)
+    imgs = [image_facts(HeadPhantom.random(rng, _n_lesions(rng))) for _ in range(1500)]
+    nts = [notes.sample_note_facts(rng) for _ in range(1500)]
+    return imgs, nts
+
+
+def _n_lesions(rng: np.random.Generator) -> int:
+    return int(rng.choice([0, 1, 2], p=[0.2, 0.6, 0.2]))
+
+
+def image_facts(head: HeadPhantom) -> notes.ImageFacts:
+    if not head.lesions:
+        return notes.ImageFacts(False, 0.0, 0.0, False, False)
+    big = max(head.lesions, key=lambda les: les.core.radius)
+    return notes.ImageFacts(
+        True, big.diameter_mm, big.oedema_ratio, big.necrosis, any(les.calcifications for les in head.lesions)
+    )
+
+
+# --- One patient ---
+
+
+def draw_label(seed: int, index: int, prob: float) -> int:
+    """The diagnosis draw, from its own stream so that it does not depend on image rendering."""
+    return int(np.random.default_rng([seed, index, 3]).random() < prob)
+
+
+def patient_facts(seed: int, index: int) -> tuple[HeadPhantom, notes.NoteFacts, np.random.Generator]:
+    rng = np.random.default_rng([seed, index])
+    head = HeadPhantom.random(rng, _n_lesions(rng))
+    nf = notes.sample_note_facts(rng)
+    nf.course_stated = bool(rng.random() > 0.12)
+    nf.history_stated = bool(rng.random() > 0.12)
+    return head, nf, rng
+
+
+def generate_patient(
+    out: Path,
+    seed: int,
+    index: int,
+    preset: str = "standard",
+    mr_format: str | None = None,
+    force: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Generate one patient; returns its row for labels.csv / oracle.csv."""
+    grid = GridPreset.get(preset)
+    head, nf, rng = patient_facts(seed, index)
+    for key, value in (force or {}).items():
+        if key == "n_lesions":
+            head.lesions = (
+                head.lesions[:value]
+                if value <= len(head.lesions)
+                else head.lesions + [head._random_lesion(rng) for _ in range(value - len(head.lesions))]
+            )
+        else:
+            setattr(nf, key, value)
+    pid = f"SYN{seed % 10000:04d}{index:04d}"
+    pdir = out / "patients" / pid
+    ldir = out / "labels" / pid
+    # CT: axial, head centred near the table's origin
+    ct_centre = np.array([rng.uniform(-5, 5), rng.uniform(-25, -15), rng.uniform(-60, 60)])
+    ct = centred_grid(grid.ct_size, grid.ct_spacing, np.eye(3), ct_centre)
+    pts_ct = grid_points(ct)
+    tissue_ct = head.tissue(pts_ct - ct_centre).reshape(ct.shape)
+    hu = render_ct(head, tissue_ct, ct, rng)
+    labels = labels_from_tissue(tissue_ct)
+    # MR: own grid and orientation, rigidly misaligned; y = R x + t maps CT points to MR points
+    angles = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)
+    shift = rng.uniform(-MAX_TRANSLATION_MM, MAX_TRANSLATION_MM, 3)
+    rot = rotation_matrix(angles)
+    trans = shift + ct_centre - rot @ ct_centre  # rotate about the head centre, then shift
+    orient = str(rng.choice(list(_ORIENTATIONS)))
+    mr_centre = rot @ ct_centre + trans + rng.uniform(-8, 8, 3)
+    mr = centred_grid(grid.mr_size, grid.mr_spacing, _ORIENTATIONS[orient], mr_centre)
+    pts_mr = grid_points(mr)
+    pts_in_ct = (pts_mr - trans) @ rot  # R^T (q - t)
+    tissue_mr = head.tissue(pts_in_ct - ct_centre).reshape(mr.shape)
+    rim = head.core_rim(pts_in_ct - ct_centre).reshape(mr.shape)
+    t1c = render_mr(head, tissue_mr, rim, mr, pts_in_ct - ct_centre, rng)
+    # Files
+    study = study_info(pid, nf.sex, nf.age, seed, rng)
+    write_series(
+        ct,
+        np.clip(np.round(hu + 1024), 0, 4095).astype(np.uint16),
+        pdir / "CT",
+        study,
+        rng,
+        modality="CT",
+        series_number=2,
+        description="Head 2.0 Hr40",
+        intercept=-1024,
+    )
+    fmt = mr_format or ("dicom" if rng.random() < 0.5 else "nifti")
+    mr_stored = np.clip(np.round(t1c), 0, 4095).astype(np.uint16)
+    if fmt == "dicom":
+        write_series(
+            mr,
+            mr_stored,
+            pdir / "MR",
+            study,
+            rng,
+            modality="MR",
+            series_number=5,
+            description=f"T1 MPRAGE post-Gd {orient}",
+        )
+    else:
+        base = f"sub-{pid}_ce-gd_T1w"
+        write_nifti(mr.with_array(mr_stored.astype(np.int16), "MR"), pdir / "nifti" / f"{base}.nii.gz")
+        write_json(
+            pdir / "nifti" / f"{base}.json",
+            {
+                "Modality": "MR",
+                "SeriesDescription": f"T1 post-Gd {orient}",
+                "Manufacturer": "GE MEDICAL SYSTEMS",
+                "MagneticFieldStrength": 3,
+                "RepetitionTime": 0.0078,
+                "EchoTime": 0.0031,
+            },
+        )
+    write_text(pdir / "note.txt", notes.note_text(nf, rng) + "\n")
+    write_nifti(ct.with_array(labels.astype(np.int16), "SEG"), ldir / "segmentation.nii.gz")
+    # Ground truth and diagnosis
+    facts = image_facts(head)
+    prob = float(1 / (1 + np.exp(-notes.logit(facts, nf))))
+    malignant = draw_label(seed, index, prob)
+    imgs, nts = _priors()
+    oracle = notes.oracle_probabilities(facts, nf, imgs, nts, np.random.default_rng([seed, index, 7]))
+    matrix = np.eye(4)
+    matrix[:3, :3] = rot
+    matrix[:3, 3] = trans
+    truth = {
+        "patient_id": pid,
+        "seed": seed,
+        "index": index,
+        "registration": {
+            "matrix_lps": matrix.tolist(),
+            "convention": "ITK: maps a CT (fixed) point in LPS mm to the corresponding MR (moving) point",
+            "rotation_deg_xyz": angles.tolist(),
+            "translation_mm": shift.tolist(),
+            "mr_orientation": orient,
+            "mr_format": fmt,
+        },
+        "head_centre_lps": ct_centre.tolist(),
+        "lesions": [
+            {
+                "centre_lps": (les.core.centre + ct_centre).tolist(),
+                "diameter_mm": les.diameter_mm,
+                "oedema_ratio": les.oedema_ratio,
+                "necrosis": les.necrosis,
+                "calcifications": len(les.calcifications),
+            }
+            for les in head.lesions
+        ],
+        "image_facts": dataclasses.asdict(facts),
+        "note_facts": dataclasses.asdict(nf),
+        "probability_malignant": prob,
+        "malignant": malignant,
+        "oracle": oracle,
+        "class_names": list(CLASS_NAMES),
+        "voxels_per_class": {name: int(np.sum(labels == i)) for i, name in enumerate(CLASS_NAMES)},
+    }
+    write_json(ldir / "truth.json", truth)
+    return {
+        "patient_id": pid,
+        "malignant": malignant,
+        "sex": nf.sex,
+        "mr_format": fmt,
+        "n_lesions": len(head.lesions),
+        **{f"p_{k}": v for k, v in oracle.items()},
+    }
+
+
+# --- Cohort ---
+
+
+def generate_cohort(
+    out: str | Path,
+    n: int,
+    seed: int,
+    preset: str = "standard",
+    workers: int = 2,
+    start: int = 0,
+    progress: bool = False,
+    plan: dict[int, dict[str, Any]] | None = None,
+) -> list[dict[str, Any]]:
+    """Generate `n` patients into `out`; deterministic for (`seed`, index). `plan` forces facts per index."""
+    out = Path(out)
+    (out / "patients").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    plan = plan or {}
+    indices = list(range(start, start + n))
+    rows: list[dict[str, Any]] = []
+    _priors()  # computed once before forking
+    jobs = [
+        (
+            out,
+            seed,
+            i,
+            preset,
+            plan.get(i, {}).get("mr_format"),
+            {k: v for k, v in plan.get(i, {}).items() if k != "mr_format"},
+        )
+        for i in indices
+    ]
+    if workers > 1 and n > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            futs = [pool.submit(generate_patient, *job) for job in jobs]
+            rows = _collect(futs, progress)
+    else:
+        rows = [generate_patient(*job) for job in jobs]
+    _write_tables(out, rows)
+    return rows
+
+
+def _collect(futs: list[Any], progress: bool) -> list[dict[str, Any]]:
+    if not progress:
+        return [f.result() for f in futs]
+    from rich.progress import Progress
+
+    out = []
+    with Progress(transient=True) as bar:
+        task = bar.add_task("generating patients", total=len(futs))
+        for f in futs:
+            out.append(f.result())
+            bar.advance(task)
+    return out
+
+
+def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
+    with atomic_path(out / "labels" / "labels.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", *notes.SCORE_NAMES, "sex", "mr_format", "n_lesions"])
+        for r in rows:
+            w.writerow([r["patient_id"], r["malignant"], r["sex"], r["mr_format"], r["n_lesions"]])
+    with atomic_path(out / "labels" / "oracle.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "p_all", "p_image", "p_note"])
+        for r in rows:
+            w.writerow([r["patient_id"], f"{r['p_all']:.6f}", f"{r['p_image']:.6f}", f"{r['p_note']:.6f}"])
+    write_json(
+        out / "labels" / "cohort.json",
+        {"n": len(rows), "class_names": list(CLASS_NAMES), "score_names": list(notes.SCORE_NAMES)},
+    )
+
+
+def read_truth(labels_dir: Path, patient_id: str) -> dict[str, Any]:
+    return json.loads((labels_dir / patient_id / "truth.json").read_text())

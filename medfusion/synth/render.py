@@ -1,0 +1,94 @@
+"""CT (Hounsfield units) and MR (T1 post-contrast-like, arbitrary units) appearance of the phantom."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from medfusion.io.volume import Volume
+from medfusion.synth.phantom import HeadPhantom, Tissue
+
+# Mean HU per tissue; bone and calcification are drawn per patient within their ranges.
+CT_HU = {
+    Tissue.AIR: -1000.0,
+    Tissue.FAT: -90.0,
+    Tissue.CSF: 8.0,
+    Tissue.GREY: 38.0,
+    Tissue.WHITE: 28.0,
+    Tissue.VENTRICLE: 8.0,
+    Tissue.SINUS: -950.0,
+    Tissue.CORE: 36.0,  # subtly different from white matter
+    Tissue.NECROSIS: 22.0,
+    Tissue.OEDEMA: 20.0,
+}
+MR_T1C = {
+    Tissue.AIR: 0.0,
+    Tissue.FAT: 900.0,
+    Tissue.BONE_CORTEX: 40.0,
+    Tissue.BONE_DIPLOE: 520.0,
+    Tissue.CSF: 140.0,
+    Tissue.GREY: 430.0,
+    Tissue.WHITE: 640.0,
+    Tissue.VENTRICLE: 140.0,
+    Tissue.SINUS: 0.0,
+    Tissue.CORE: 560.0,
+    Tissue.NECROSIS: 180.0,
+    Tissue.OEDEMA: 330.0,
+    Tissue.CALCIFICATION: 60.0,
+}
+ENHANCING_RIM = 1150.0
+
+
+def grid_points(vol: Volume) -> np.ndarray:
+    """LPS points of every voxel, in the array's (k, j, i) order, as an (N, 3) array."""
+    nz, ny, nx = vol.shape
+    k, j, i = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    ijk = np.stack([i.ravel(), j.ravel(), k.ravel()], axis=1).astype(np.float64)
+    return vol.index_to_world(ijk)
+
+
+def render_ct(head: HeadPhantom, tissue: np.ndarray, grid: Volume, rng: np.random.Generator) -> np.ndarray:
+    hu = np.zeros(tissue.shape, np.float32)
+    for t, v in CT_HU.items():
+        hu[tissue == t] = v
+    hu[tissue == Tissue.BONE_CORTEX] = rng.uniform(1200, 1500)
+    hu[tissue == Tissue.BONE_DIPLOE] = rng.uniform(700, 900)
+    calc = tissue == Tissue.CALCIFICATION
+    hu[calc] = rng.uniform(300, 1000)
+    sigma_vox = [0.6 * 1.0 / s for s in grid.spacing[::-1]]  # ≈0.6 mm scanner blur
+    hu = ndimage.gaussian_filter(hu, sigma=[max(0.4, s) for s in sigma_vox])
+    hu += rng.normal(0.0, 4.0, hu.shape).astype(np.float32)
+    return np.clip(hu, -1024, 3071).astype(np.float32)
+
+
+def render_mr(
+    head: HeadPhantom,
+    tissue: np.ndarray,
+    rim: np.ndarray,
+    grid: Volume,
+    points_ct: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """T1c-like image; `points_ct` are the voxels' positions in the phantom (CT) frame, for the bias field."""
+    sig = np.zeros(tissue.shape, np.float32)
+    scale = rng.uniform(0.8, 1.25)
+    for t, v in MR_T1C.items():
+        sig[tissue == t] = v * scale
+    sig[rim & (tissue == Tissue.CORE)] = ENHANCING_RIM * scale
+    sig = ndimage.gaussian_filter(sig, sigma=0.5)
+    # smooth multiplicative bias field, ±~20 %
+    c = rng.normal(0, 1, 6) * 0.08
+    p = points_ct.reshape(*tissue.shape, 3) / 100.0
+    bias = np.exp(
+        c[0] * p[..., 0]
+        + c[1] * p[..., 1]
+        + c[2] * p[..., 2]
+        + c[3] * p[..., 0] * p[..., 1]
+        + c[4] * p[..., 2] ** 2
+        + c[5] * p[..., 0] ** 2
+    )
+    sig = sig * bias.astype(np.float32)
+    noise = 18.0 * scale
+    re = sig + rng.normal(0, noise, sig.shape)
+    im = rng.normal(0, noise, sig.shape)
+    return np.sqrt(re**2 + im**2).astype(np.float32)  # Rician magnitude
