@@ -77,7 +77,11 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     except Exception as exc:
         raise InputError(path, f"truncated or corrupt voxel data ({exc})") from exc
     proxy: Any = img.dataobj
-    if data.dtype.kind == "f" or getattr(proxy, "slope", 1.0) not in (1.0, None) or getattr(proxy, "inter", 0.0) not in (0.0, None):
+    if (
+        data.dtype.kind == "f"
+        or getattr(proxy, "slope", 1.0) not in (1.0, None)
+        or getattr(proxy, "inter", 0.0) not in (0.0, None)
+    ):
         data = data.astype(np.float32)
     affine = _RAS_TO_LPS @ img.header.get_best_affine()
     m = affine[:3, :3]

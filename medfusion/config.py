@@ -1,0 +1,73 @@
+"""Typed, validated configuration. Unknown keys are errors; YAML files are validated on load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False)
+
+
+class RegistrationConfig(_Strict):
+    mode: Literal["auto", "skip", "file"] = "auto"
+    transform_file: str | None = None
+    affine: bool = False
+    shrink_factors: list[int] = [4, 2, 1]
+    smoothing_mm: list[float] = [2.0, 1.0, 0.0]
+    sampling: list[float] = [0.2, 0.1, 0.05]
+    iterations: int = 200
+    candidates: int = 3
+    histogram_bins: int = 32
+    rotation_search_deg: float = 15.0
+    consistency_check: bool = True
+    max_consistency_mm: float = 3.0
+    min_head_dice: float = 0.85
+    seed: int = 1
+
+
+class PreprocessConfig(_Strict):
+    target_spacing_mm: float = 2.5
+    target_size: list[int] = Field(default=[80, 80, 80], min_length=3, max_length=3)
+    ct_windows: list[list[float]] = [[-20.0, 100.0], [-200.0, 1600.0]]
+    mr_percentiles: list[float] = [1.0, 99.0]
+    registration: RegistrationConfig = RegistrationConfig()
+
+
+class InferConfig(_Strict):
+    device: str = "auto"
+    tta: bool = True
+    mc_samples: int = 8
+    amp: bool = True
+
+
+class OutputConfig(_Strict):
+    dicom_seg: bool = True
+    report: bool = True
+
+
+class PipelineConfig(_Strict):
+    name: str = "default"
+    preprocess: PreprocessConfig | None = None  # None: the model package's own preprocessing
+    infer: InferConfig = InferConfig()
+    outputs: OutputConfig = OutputConfig()
+
+
+def load_yaml_model(path: str | Path, model: type[_Strict]) -> Any:
+    """Read and validate a YAML file into `model`; errors name the file and the bad keys."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        msg = f"{path}: cannot read YAML ({exc})"
+        raise ValueError(msg) from exc
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        msg = f"{path}: invalid config ({problems})"
+        raise ValueError(msg) from exc

@@ -1,0 +1,285 @@
+"""Rigid (optionally affine) MR → CT registration with SimpleITK, and its quality check.
+
+Recipe: head masks; moments-centred start; an exhaustive coarse rotation search (so that ±15°
+starts converge); then Mattes mutual information over a multi-resolution pyramid, optimised by
+regular-step gradient descent with physical-shift scales. The QC verdict compares the result with
+an independent registration run the other way (CT → MR, from its own start) and checks head-mask
+overlap, so a wrong transform cannot pass silently.
+
+Transforms follow ITK: they map a CT (fixed) point in LPS mm to the MR (moving) point.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medfusion.config import RegistrationConfig
+from medfusion.io.errors import InputError
+from medfusion.io.volume import Volume
+
+# --- Types ---
+
+
+@dataclasses.dataclass
+class RegistrationResult:
+    matrix: np.ndarray  # 4×4, CT point → MR point (LPS mm)
+    metric: float
+    iterations: int
+    seconds: float
+    mode: str
+    qc: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.qc.get("passed", True))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "matrix_lps": self.matrix.tolist(),
+            "convention": "ITK: maps a CT (fixed) point in LPS mm to the corresponding MR (moving) point",
+            "metric_mattes_mi": self.metric,
+            "iterations": self.iterations,
+            "seconds": round(self.seconds, 3),
+            "mode": self.mode,
+            "qc": self.qc,
+        }
+
+
+def matrix_to_sitk(m: np.ndarray) -> sitk.AffineTransform:
+    tx = sitk.AffineTransform(3)
+    tx.SetMatrix(np.asarray(m[:3, :3], float).ravel().tolist())
+    tx.SetTranslation(np.asarray(m[:3, 3], float).tolist())
+    return tx
+
+
+def sitk_to_matrix(tx: sitk.Transform) -> np.ndarray:
+    """4×4 matrix of a (composite of) linear SimpleITK transform(s), probed at 4 points."""
+    pts = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]) * 100.0
+    out = np.array([tx.TransformPoint(tuple(p)) for p in pts])
+    m = np.eye(4)
+    m[:3, 3] = out[0]
+    m[:3, :3] = ((out[1:] - out[0]) / 100.0).T
+    return m
+
+
+# --- Masks and images ---
+
+
+def head_mask(vol: Volume) -> sitk.Image:
+    """Foreground (head/body) mask: a threshold, the largest component, holes filled.
+
+    CT: above −500 HU. MR: above 10 % of the 99th percentile (Otsu would keep only the bright
+    tissues of a T1 image and lose the skull and CSF inside the scalp).
+    """
+    img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+    if vol.modality == "CT":
+        mask = img > -500
+    else:
+        mask = img > 0.1 * float(np.percentile(vol.array, 99))
+    cc = sitk.ConnectedComponent(mask)
+    mask = sitk.RelabelComponent(cc, sortByObjectSize=True) == 1
+    mask = sitk.BinaryMorphologicalClosing(mask, [2, 2, 2])
+    return sitk.BinaryFillhole(mask)
+
+
+def _float(vol: Volume) -> sitk.Image:
+    """The image as the metric sees it: CT clamped to soft tissue (so the histogram bins resolve
+    grey/white/CSF rather than spanning air to bone), MR clamped at its 99.5th percentile."""
+    img = sitk.Cast(vol.to_sitk(), sitk.sitkFloat32)
+    if vol.modality == "CT":
+        return sitk.Clamp(img, sitk.sitkFloat32, -150.0, 150.0)
+    return sitk.Clamp(img, sitk.sitkFloat32, 0.0, float(np.percentile(vol.array, 99.5)))
+
+
+def _method(
+    fmask: sitk.Image, sampling: list[float], cfg: RegistrationConfig
+) -> sitk.ImageRegistrationMethod:
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(cfg.histogram_bins)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentagePerLevel(sampling, cfg.seed)
+    reg.SetMetricFixedMask(fmask)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    return reg
+
+
+def _candidates(
+    fixed: sitk.Image, moving: sitk.Image, fmask: sitk.Image, mmask: sitk.Image, cfg: RegistrationConfig
+) -> tuple[sitk.Euler3DTransform, list[tuple[float, tuple[float, ...]]]]:
+    """Moments-centred start, then an exhaustive search over rotations (5 steps per axis spanning
+    ±`rotation_search_deg`) at coarse resolution; returns the start and the ranked rotations."""
+    init = sitk.CenteredTransformInitializer(
+        sitk.Cast(fmask, sitk.sitkFloat32),
+        sitk.Cast(mmask, sitk.sitkFloat32),
+        sitk.Euler3DTransform(),
+        sitk.CenteredTransformInitializerFilter.MOMENTS,
+    )
+    tx = sitk.Euler3DTransform(init)
+    if cfg.rotation_search_deg <= 0:
+        return init, [(0.0, tuple(tx.GetParameters()))]
+    reg = _method(fmask, [0.3], cfg)
+    step = np.radians(cfg.rotation_search_deg / 2)
+    reg.SetOptimizerAsExhaustive([2, 2, 2, 0, 0, 0])
+    reg.SetOptimizerScales([step, step, step, 1, 1, 1])
+    reg.SetShrinkFactorsPerLevel([4])
+    reg.SetSmoothingSigmasPerLevel([3.0])
+    reg.SetInitialTransform(tx, inPlace=True)
+    seen: list[tuple[float, tuple[float, ...]]] = []
+    reg.AddCommand(
+        sitk.sitkIterationEvent, lambda: seen.append((reg.GetMetricValue(), tuple(tx.GetParameters())))
+    )
+    reg.Execute(fixed, moving)
+    return init, sorted(seen)
+
+
+def _refine(
+    fixed: sitk.Image,
+    moving: sitk.Image,
+    fmask: sitk.Image,
+    tx: sitk.Transform,
+    cfg: RegistrationConfig,
+    levels: slice,
+    iterations: int,
+) -> tuple[float, int]:
+    shrink, smooth, sampling = cfg.shrink_factors[levels], cfg.smoothing_mm[levels], cfg.sampling[levels]
+    reg = _method(fmask, sampling, cfg)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=4.0,
+        minStep=1e-4,
+        numberOfIterations=iterations,
+        relaxationFactor=0.7,
+        gradientMagnitudeTolerance=1e-8,
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel(smooth)
+    reg.SetInitialTransform(tx, inPlace=True)
+    iters = [0]
+    reg.AddCommand(sitk.sitkIterationEvent, lambda: iters.__setitem__(0, iters[0] + 1))
+    reg.Execute(fixed, moving)
+    return float(reg.GetMetricValue()), iters[0]
+
+
+def _estimate(
+    fixed_v: Volume, moving_v: Volume, cfg: RegistrationConfig, quick: bool = False
+) -> tuple[np.ndarray, float, int]:
+    """The best of the top candidates after a short coarse refinement, refined at full resolution
+    (`quick`: coarse levels only, as the independent reverse estimate of the QC)."""
+    fixed, moving = _float(fixed_v), _float(moving_v)
+    fmask, mmask = head_mask(fixed_v), head_mask(moving_v)
+    init, ranked = _candidates(fixed, moving, fmask, mmask, cfg)
+    coarse = slice(0, len(cfg.shrink_factors) - 1)
+    best: tuple[float, sitk.Euler3DTransform] | None = None
+    total = 0
+    for _, params in ranked[: cfg.candidates]:
+        tx = sitk.Euler3DTransform(init)
+        tx.SetParameters(params)
+        metric, it = _refine(fixed, moving, fmask, tx, cfg, coarse, 80)
+        total += it
+        if best is None or metric < best[0]:
+            best = (metric, tx)
+    assert best is not None
+    metric, tx = best
+    final: sitk.Transform = tx
+    if not quick:
+        metric, it = _refine(fixed, moving, fmask, tx, cfg, slice(1, None), cfg.iterations)
+        total += it
+        if cfg.affine:
+            aff = sitk.AffineTransform(3)
+            aff.SetMatrix(tx.GetMatrix())
+            aff.SetTranslation(tx.GetTranslation())
+            aff.SetCenter(tx.GetCenter())
+            metric, it = _refine(fixed, moving, fmask, aff, cfg, slice(1, None), cfg.iterations)
+            total += it
+            final = aff
+    return sitk_to_matrix(final), metric, total
+
+
+# --- Public API ---
+
+
+def register(ct: Volume, mr: Volume, cfg: RegistrationConfig | None = None) -> RegistrationResult:
+    """Register `mr` onto `ct` as `cfg.mode` says, and attach the QC record."""
+    cfg = cfg or RegistrationConfig()
+    t0 = time.perf_counter()
+    if cfg.mode == "skip":
+        res = RegistrationResult(np.eye(4), float("nan"), 0, 0.0, "skip")
+    elif cfg.mode == "file":
+        if not cfg.transform_file:
+            msg = "registration mode 'file' needs transform_file"
+            raise ValueError(msg)
+        res = RegistrationResult(read_transform(cfg.transform_file), float("nan"), 0, 0.0, "file")
+    else:
+        matrix, metric, iters = _estimate(ct, mr, cfg)
+        res = RegistrationResult(matrix, metric, iters, time.perf_counter() - t0, "auto")
+    if cfg.mode != "skip" or cfg.consistency_check:
+        res.qc = quality_check(ct, mr, res.matrix, cfg)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def quality_check(ct: Volume, mr: Volume, matrix: np.ndarray, cfg: RegistrationConfig) -> dict[str, Any]:
+    """Verdict on a transform: head-mask overlap, metric, and consistency with a reverse registration."""
+    fmask = head_mask(ct)
+    mmask = head_mask(mr)
+    warped = sitk.Resample(mmask, fmask, matrix_to_sitk(matrix), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
+    f = sitk.GetArrayViewFromImage(fmask).astype(bool)
+    w = sitk.GetArrayViewFromImage(warped).astype(bool)
+    dice = float(2 * np.sum(f & w) / max(1, np.sum(f) + np.sum(w)))
+    qc: dict[str, Any] = {"head_mask_dice": round(dice, 4), "checks": {}}
+    qc["checks"]["head_overlap"] = dice >= cfg.min_head_dice
+    if cfg.consistency_check:
+        back, _, _ = _estimate(mr, ct, cfg, quick=True)  # MR → CT points, from its own start
+        pts = _head_points(ct, fmask, 200, cfg.seed)
+        fwd = _apply(matrix, pts)
+        round_trip = _apply(back, fwd)
+        err = np.linalg.norm(round_trip - pts, axis=1)
+        qc["consistency_mm"] = {"mean": round(float(err.mean()), 3), "max": round(float(err.max()), 3)}
+        qc["checks"]["consistency"] = float(err.mean()) <= cfg.max_consistency_mm
+    qc["passed"] = all(qc["checks"].values())
+    return qc
+
+
+def _apply(m: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return pts @ m[:3, :3].T + m[:3, 3]
+
+
+def _head_points(vol: Volume, mask: sitk.Image, n: int, seed: int) -> np.ndarray:
+    idx = np.argwhere(sitk.GetArrayViewFromImage(mask))
+    rng = np.random.default_rng(seed)
+    pick = idx[rng.choice(len(idx), size=min(n, len(idx)), replace=False)]
+    return vol.index_to_world(pick[:, ::-1].astype(float))
+
+
+def target_registration_error(
+    estimate: np.ndarray, truth: np.ndarray, ct: Volume, n: int = 20, seed: int = 0
+) -> np.ndarray:
+    """Distances (mm) between where `estimate` and `truth` send `n` random points inside the CT head."""
+    pts = _head_points(ct, head_mask(ct), n, seed)
+    return np.linalg.norm(_apply(estimate, pts) - _apply(truth, pts), axis=1)
+
+
+def read_transform(path: str | Path) -> np.ndarray:
+    """A 4×4 LPS matrix from `transform.json` / `truth.json` (key `matrix_lps`), or an ITK .tfm/.txt file."""
+    path = Path(path)
+    try:
+        if path.suffix == ".json":
+            data = json.loads(path.read_text())
+            if "registration" in data:
+                data = data["registration"]
+            m = np.asarray(data["matrix_lps"], float)
+        else:
+            m = sitk_to_matrix(sitk.ReadTransform(str(path)))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise InputError(path, f"cannot read a transform ({exc})") from exc
+    if m.shape != (4, 4):
+        raise InputError(path, f"transform matrix has shape {m.shape}, expected 4×4")
+    return m
