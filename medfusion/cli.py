@@ -147,6 +147,64 @@ def synth(
     )
 
 
+# --- train ---
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Option("--config", help="Training YAML (pipelines/train_default.yaml).")],
+    out: Annotated[Path, typer.Option("--out", help="Run folder: train.jsonl, checkpoints, package/.")],
+    patients: Annotated[Path | None, typer.Option(help="Override data.patients.")] = None,
+    labels: Annotated[Path | None, typer.Option(help="Override data.labels.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Override epochs.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
+    nproc_per_node: Annotated[
+        int, typer.Option("--nproc-per-node", min=1, help="Processes (torchrun + DDP).")
+    ] = 1,
+) -> None:
+    """Train a model package from a labelled cohort."""
+    import os
+    import subprocess
+
+    from medfusion.config import load_yaml_model
+    from medfusion.train.loop import TrainConfig
+    from medfusion.train.loop import train as run_training
+
+    try:
+        cfg = load_yaml_model(config, TrainConfig)
+    except ValueError as exc:
+        _fail(exc)
+    if patients:
+        cfg.data.patients = str(patients)
+    if labels:
+        cfg.data.labels = str(labels)
+    if epochs:
+        cfg.epochs = epochs
+    if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc-per-node={nproc_per_node}",
+            "-m",
+            "medfusion.cli",
+            "train",
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+        ]
+        for flag, val in (("--patients", patients), ("--labels", labels), ("--epochs", epochs)):
+            if val:
+                cmd += [flag, str(val)]
+        if resume:
+            cmd.append("--resume")
+        raise typer.Exit(subprocess.call(cmd))
+    summary = run_training(cfg, out, resume)
+    if summary:
+        Console().print(f"package written to {summary.get('package')}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,231 @@
+"""The multimodal network: MONAI residual-unit encoders and decoder, text fusion, two heads.
+
+Fusion strategies (``NetConfig.fusion``), one interface (`MedFusionNet.forward`):
+
+- ``spatial``: CT and MR stacked as channels into one shared encoder (early fusion); the note joins
+  in the diagnosis head.
+- ``feature_concat`` / ``feature_gated``: one encoder per modality; per-level features combined by
+  concatenation + 1×1×1 conv (a voxel-wise MLP), or by a learned sigmoid gate (weighted sum).
+- ``sequence``: bottleneck image tokens and note tokens through a transformer encoder as one
+  sequence, so the note conditions the image features that the decoder sees.
+- ``film``: the note's vector scales and shifts every decoder level (FiLM), a cheaper conditioning.
+
+A missing MR is replaced by learned placeholders; a missing note by a learned "no note" vector.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import ResidualUnit, UpSample
+from monai.networks.layers.factories import Norm
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from medfusion.text.encoders import GRUTextEncoder, TextEncoder, Vocabulary
+
+Fusion = Literal["spatial", "feature_concat", "feature_gated", "sequence", "film"]
+
+
+class NetConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fusion: Fusion = "sequence"
+    channels: list[int] = [8, 16, 32, 64]
+    ct_channels: int = 2
+    mr_channels: int = 1
+    n_classes: int = 4
+    n_scores: int = 1
+    text_dim: int = 64
+    use_ct: bool = True
+    use_mr: bool = True
+    use_note: bool = True
+    dropout: float = 0.2
+    transformer_layers: int = 2
+    transformer_heads: int = 4
+
+
+def _unit(cin: int, cout: int, stride: int) -> ResidualUnit:
+    return ResidualUnit(3, cin, cout, strides=stride, subunits=2, norm=Norm.INSTANCE, act="PRELU")
+
+
+class Encoder(nn.Module):
+    def __init__(self, cin: int, channels: list[int]) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(
+            [_unit(cin if i == 0 else channels[i - 1], c, 1 if i == 0 else 2) for i, c in enumerate(channels)]
+        )
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        feats = []
+        for level in self.levels:
+            x = level(x)
+            feats.append(x)
+        return feats
+
+
+class Decoder(nn.Module):
+    def __init__(self, channels: list[int], text_dim: int, film: bool) -> None:
+        super().__init__()
+        self.ups = nn.ModuleList(
+            [
+                UpSample(3, channels[i], channels[i - 1], scale_factor=2, mode="deconv")
+                for i in range(len(channels) - 1, 0, -1)
+            ]
+        )
+        self.convs = nn.ModuleList(
+            [_unit(2 * channels[i - 1], channels[i - 1], 1) for i in range(len(channels) - 1, 0, -1)]
+        )
+        self.film = (
+            nn.ModuleList([nn.Linear(text_dim, 2 * channels[i - 1]) for i in range(len(channels) - 1, 0, -1)])
+            if film
+            else None
+        )
+
+    def forward(self, feats: list[torch.Tensor], text: torch.Tensor | None) -> torch.Tensor:
+        x = feats[-1]
+        for n, (up, conv) in enumerate(zip(self.ups, self.convs, strict=True)):
+            skip = feats[-2 - n]
+            x = conv(torch.cat([up(x), skip], dim=1))
+            if self.film is not None and text is not None:
+                gamma, beta = self.film[n](text).chunk(2, dim=1)
+                x = x * (1 + gamma[:, :, None, None, None]) + beta[:, :, None, None, None]
+        return x
+
+
+class GatedMerge(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.gate = nn.Conv3d(2 * c, c, 1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        g = torch.sigmoid(self.gate(torch.cat([a, b], 1)))
+        return g * a + (1 - g) * b
+
+
+class ConcatMerge(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Conv3d(2 * c, c, 1), nn.PReLU(), nn.Conv3d(c, c, 1))
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([a, b], 1))
+
+
+class SequenceFusion(nn.Module):
+    """Pooled bottleneck tokens + note tokens → transformer → residual update of the bottleneck."""
+
+    def __init__(self, c: int, text_dim: int, layers: int, heads: int) -> None:
+        super().__init__()
+        self.img_in = nn.Linear(c, text_dim)
+        self.kind = nn.Parameter(torch.zeros(2, text_dim))  # modality-type embeddings
+        self.pos = nn.Parameter(torch.zeros(1, 125, text_dim))
+        layer = nn.TransformerEncoderLayer(
+            text_dim, heads, 2 * text_dim, dropout=0.1, batch_first=True, norm_first=True
+        )
+        self.tf = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.img_out = nn.Linear(text_dim, c)
+        nn.init.zeros_(self.img_out.weight)
+        nn.init.zeros_(self.img_out.bias)
+
+    def forward(
+        self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        b, c = x.shape[:2]
+        pooled = F.adaptive_avg_pool3d(x, 5)
+        img = self.img_in(pooled.flatten(2).transpose(1, 2)) + self.pos + self.kind[0]
+        txt = tokens + self.kind[1]
+        seq = torch.cat([img, txt], 1)
+        pad = torch.cat([torch.zeros(b, img.shape[1], dtype=torch.bool, device=x.device), ~mask], 1)
+        out = self.tf(seq, src_key_padding_mask=pad)
+        img_out = self.img_out(out[:, : img.shape[1]]).transpose(1, 2).reshape(b, c, 5, 5, 5)
+        cls = out[:, : img.shape[1]].mean(1)
+        return x + F.interpolate(img_out, size=x.shape[2:], mode="trilinear", align_corners=False), cls
+
+
+class MedFusionNet(nn.Module):
+    """CT (+ MR) volumes and notes → segmentation logits (B, K, z, y, x) and score logits (B, S)."""
+
+    architecture = "medfusion-unet-v1"
+
+    def __init__(self, cfg: NetConfig, vocab: Vocabulary, text: TextEncoder | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.channels
+        self.per_modality = cfg.fusion in ("feature_concat", "feature_gated")
+        if self.per_modality:
+            self.enc_ct = Encoder(cfg.ct_channels, ch)
+            self.enc_mr = Encoder(cfg.mr_channels, ch)
+            merge = GatedMerge if cfg.fusion == "feature_gated" else ConcatMerge
+            self.merges = nn.ModuleList([merge(c) for c in ch])
+            self.mr_missing = nn.ParameterList([nn.Parameter(torch.zeros(1, c, 1, 1, 1)) for c in ch])
+        else:
+            self.enc = Encoder(cfg.ct_channels + cfg.mr_channels, ch)
+            self.mr_missing_input = nn.Parameter(torch.zeros(1, cfg.mr_channels, 1, 1, 1))
+        self.text = text or GRUTextEncoder(vocab, cfg.text_dim)
+        self.sequence = (
+            SequenceFusion(ch[-1], cfg.text_dim, cfg.transformer_layers, cfg.transformer_heads)
+            if cfg.fusion == "sequence"
+            else None
+        )
+        self.decoder = Decoder(ch, cfg.text_dim, film=cfg.fusion == "film")
+        self.seg_head = nn.Conv3d(ch[0], cfg.n_classes, 1)
+        n_in = (
+            ch[-1]
+            + ch[0]
+            + (cfg.n_classes - 1)
+            + cfg.text_dim
+            + (cfg.text_dim if self.sequence is not None else 0)
+        )
+        self.score_head = nn.Sequential(
+            nn.Linear(n_in, 64), nn.PReLU(), nn.Dropout(cfg.dropout), nn.Linear(64, cfg.n_scores)
+        )
+        self.register_buffer("temperature", torch.ones(cfg.n_scores))
+
+    # --- Forward ---
+
+    def forward(
+        self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.cfg
+        if not cfg.use_ct:
+            ct = torch.zeros_like(ct)
+        present = has_mr.to(ct.dtype).view(-1, 1, 1, 1, 1) * float(cfg.use_mr)
+        if not cfg.use_note:
+            notes = [""] * len(notes)
+        tokens, tmask, tvec = self.text(notes)
+        if self.per_modality:
+            f_ct = self.enc_ct(ct)
+            f_mr = self.enc_mr(mr)
+            feats = [
+                m(a, present * b + (1 - present) * p.expand_as(b))
+                for m, a, b, p in zip(self.merges, f_ct, f_mr, self.mr_missing, strict=True)
+            ]
+        else:
+            mr_in = present * mr + (1 - present) * self.mr_missing_input.expand_as(mr)
+            feats = self.enc(torch.cat([ct, mr_in], 1))
+        extra: list[torch.Tensor] = []
+        if self.sequence is not None:
+            feats[-1], cls = self.sequence(feats[-1], tokens, tmask)
+            extra.append(cls)
+        dec = self.decoder(feats, tvec if cfg.fusion == "film" else None)
+        seg = self.seg_head(dec)
+        soft = torch.softmax(seg, 1)
+        lesion = soft[:, 1:].sum(1, keepdim=True)
+        lesion_feat = (dec * lesion).sum((2, 3, 4)) / lesion.sum((2, 3, 4)).clamp(min=1.0)
+        log_vol = torch.log1p(soft[:, 1:].sum((2, 3, 4)))
+        pooled = feats[-1].mean((2, 3, 4))
+        if not (cfg.use_ct or cfg.use_mr):
+            pooled, lesion_feat, log_vol = (
+                torch.zeros_like(pooled),
+                torch.zeros_like(lesion_feat),
+                torch.zeros_like(log_vol),
+            )
+        scores = self.score_head(torch.cat([pooled, lesion_feat, log_vol, tvec, *extra], 1))
+        return seg, scores
+
+    def calibrated(self, score_logits: torch.Tensor) -> torch.Tensor:
+        """Probabilities after temperature scaling."""
+        return torch.sigmoid(score_logits / self.temperature)

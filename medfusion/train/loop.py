@@ -1,0 +1,379 @@
+"""The training loop: Dice+CE segmentation loss and BCE diagnosis loss, validation by patient,
+best-checkpoint selection, early stopping, resume, temperature calibration, DDP through torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from monai.losses import DiceCELoss
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import roc_auc_score
+
+from medfusion.config import PreprocessConfig
+from medfusion.io.atomic import atomic_path, write_json
+from medfusion.models.network import MedFusionNet, NetConfig
+from medfusion.models.package import pick_device, save_package
+from medfusion.synth.notes import SCORE_NAMES
+from medfusion.synth.phantom import CLASS_NAMES
+from medfusion.text.encoders import Vocabulary
+from medfusion.train.data import (
+    build_cache,
+    image_augment,
+    load_cached,
+    note_augment,
+    read_labels_csv,
+    to_tensor,
+)
+
+# --- Config ---
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    patients: str
+    labels: str
+    cache: str = "runs/cache"
+    val_fraction: float = Field(0.2, gt=0, lt=1)
+    limit: int | None = None
+
+
+class AugmentConfig(_Strict):
+    flip: bool = True
+    rotate_deg: float = 8.0
+    noise: float = 0.03
+    intensity_scale: float = 0.1
+    sentence_shuffle: bool = True
+    sentence_drop: float = 0.1
+    modality_dropout: float = 0.1
+    lesion_crop_prob: float = 0.75
+
+
+class TrainConfig(_Strict):
+    name: str = "medfusion-default"
+    version: str = "0.1.0"
+    data: DataConfig
+    network: NetConfig = NetConfig()
+    preprocess: PreprocessConfig = PreprocessConfig()
+    augment: AugmentConfig = AugmentConfig()
+    epochs: int = 30
+    steps_per_epoch: int | None = None
+    batch_size: int = 2
+    crop_size: list[int] = [48, 48, 48]
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seg_weight: float = 1.0
+    score_weight: float = 0.5
+    patience: int = 8
+    seed: int = 0
+    workers: int = 2
+    threads: int = 2
+    device: str = "auto"
+    class_names: list[str] = list(CLASS_NAMES)
+    score_names: list[str] = list(SCORE_NAMES)
+
+
+# --- Helpers ---
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def split_patients(pids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    rng = np.random.default_rng(seed)
+    order = sorted(pids)
+    rng.shuffle(order)  # type: ignore[arg-type]
+    n_val = max(1, int(round(len(order) * val_fraction)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
+    """Dice per foreground class; NaN when both are empty (left out of means, and counted)."""
+    out = []
+    for k in range(1, n_classes):
+        a, b = pred == k, ref == k
+        den = a.sum() + b.sum()
+        out.append(float(2 * (a & b).sum() / den) if den else float("nan"))
+    return out
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Per-score temperature minimising the validation negative log-likelihood (grid + refine)."""
+    temps = []
+    for s in range(logits.shape[1]):
+        z, y = logits[:, s], labels[:, s]
+        grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 200))
+
+        def nll(t: float, z: np.ndarray = z, y: np.ndarray = y) -> float:
+            p = 1 / (1 + np.exp(-z / t))
+            p = np.clip(p, 1e-7, 1 - 1e-7)
+            return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+        temps.append(float(min(grid, key=nll)))
+    return np.asarray(temps, np.float32)
+
+
+# --- Loop ---
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out: Path) -> None:
+        self.cfg = cfg
+        self.out = out
+        self.device = pick_device(cfg.device)
+        torch.set_num_threads(max(1, cfg.threads))
+
+    def log(self, rec: dict[str, Any]) -> None:
+        if _rank() != 0:
+            return
+        with open(self.out / "train.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def prepare(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Vocabulary]:
+        cfg = self.cfg
+        patients = Path(cfg.data.patients)
+        folders = sorted(p for p in patients.iterdir() if p.is_dir())
+        if cfg.data.limit:
+            folders = folders[: cfg.data.limit]
+        labels = read_labels_csv(Path(cfg.data.labels) / "labels.csv", cfg.score_names)
+        cache = Path(cfg.data.cache)
+        if _rank() == 0:
+            recs = build_cache(folders, Path(cfg.data.labels), cfg.preprocess, cache, cfg.workers)
+            failed = [r for r in recs if "error" in r]
+            for r in failed:
+                print(f"skipped {r['patient_id']}: {r['error']}")
+        if _world() > 1:
+            dist.barrier()
+        pids = [f.name for f in folders if (cache / f"{f.name}.npz").exists() and f.name in labels]
+        train_ids, val_ids = split_patients(pids, cfg.data.val_fraction, cfg.seed)
+        load = lambda pid: {
+            **load_cached(cache, pid),
+            "scores": np.array([labels[pid][s] for s in cfg.score_names], np.float32),
+        }  # noqa: E731
+        train = [load(p) for p in train_ids]
+        val = [load(p) for p in val_ids]
+        vocab = Vocabulary.fit([r["note"] for r in train])
+        return train, val, vocab
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        seed_everything(cfg.seed)
+        train, val, vocab = self.prepare()
+        model = MedFusionNet(cfg.network, vocab).to(self.device)
+        ddp_model: torch.nn.Module = model
+        if _world() > 1:
+            ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * _world()))
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.1
+        )
+        seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False)
+        bce = torch.nn.BCEWithLogitsLoss()
+        start_epoch, best, bad = 0, -np.inf, 0
+        ckpt = self.out / "checkpoint"
+        if resume and (ckpt / "state.json").exists():
+            model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            state = json.loads((ckpt / "state.json").read_text())
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            sched.load_state_dict(state["scheduler"])
+            start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
+        aug = image_augment(
+            cfg.crop_size,
+            cfg.augment.flip,
+            cfg.augment.rotate_deg,
+            cfg.augment.noise,
+            cfg.augment.intensity_scale,
+            cfg.augment.lesion_crop_prob,
+            cfg.seed + _rank(),
+        )
+        rng = np.random.default_rng(cfg.seed + 1000 * _rank())
+        use_amp = self.device.type == "cuda"
+        summary: dict[str, Any] = {}
+        for epoch in range(start_epoch, cfg.epochs):
+            seed_everything(cfg.seed + epoch * 7919 + _rank())
+            model.train()
+            t0 = time.perf_counter()
+            losses = []
+            order = rng.permutation(len(train))
+            order = order[_rank() :: _world()]
+            for step in range(steps):
+                idx = [order[(step * cfg.batch_size + b) % len(order)] for b in range(cfg.batch_size)]
+                batch = self._batch([train[i] for i in idx], aug, rng)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    seg, sc = ddp_model(batch["ct"], batch["mr"], batch["has_mr"], batch["notes"])
+                    loss = cfg.seg_weight * seg_loss(seg.float(), batch["label"]) + cfg.score_weight * bce(
+                        sc.float(), batch["scores"]
+                    )
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                opt.step()
+                sched.step()
+                losses.append(float(loss))
+                self._progress(epoch, step, steps, float(np.mean(losses)))
+            metrics = self.validate(model, val) if _rank() == 0 else {}
+            rec = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "seconds": round(time.perf_counter() - t0, 1),
+                **{k: v for k, v in metrics.items() if k != "logits"},
+            }
+            self.log(rec)
+            if _rank() == 0:
+                print(json.dumps(rec))
+                score = float(np.nanmean(metrics["dice"])) + float(np.nan_to_num(metrics["auroc"]))
+                if score > best:
+                    best, bad = score, 0
+                    self._save_weights(model, self.out / "best.safetensors")
+                else:
+                    bad += 1
+                self._checkpoint(model, opt, sched, epoch, best, bad)
+                summary = rec
+            if _world() > 1:
+                flag = torch.tensor([bad], dtype=torch.long)
+                dist.broadcast(flag, 0)
+                bad = int(flag.item())
+            if bad >= cfg.patience:
+                break
+        if _rank() == 0:
+            model.load_state_dict(load_file(str(self.out / "best.safetensors")))
+            final = self.validate(model, val)
+            temps = fit_temperature(final["logits"], np.stack([v["scores"] for v in val]))
+            model.temperature.copy_(torch.from_numpy(temps))
+            calibrated = self.validate(model, val)
+            metrics_out = {k: v for k, v in calibrated.items() if k != "logits"}
+            save_package(
+                model.cpu(),
+                self.out / "package",
+                cfg.preprocess,
+                name=cfg.name,
+                version=cfg.version,
+                class_names=cfg.class_names,
+                score_names=cfg.score_names,
+                training={
+                    "config": cfg.model_dump(),
+                    "n_train": len(train),
+                    "n_val": len(val),
+                    "temperature": temps.tolist(),
+                },
+                metrics={"validation": metrics_out},
+            )
+            summary = {
+                "validation": metrics_out,
+                "temperature": temps.tolist(),
+                "package": str(self.out / "package"),
+            }
+            write_json(self.out / "summary.json", summary)
+        return summary
+
+    def _progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
+            print(f"\repoch {epoch} step {step + 1}/{steps} loss {loss:.4f}", end="", flush=True)
+            if step + 1 == steps:
+                print()
+
+    def _batch(self, recs: list[dict[str, Any]], aug: Any, rng: np.random.Generator) -> dict[str, Any]:
+        cts, mrs, labels, has, notes, scores = [], [], [], [], [], []
+        a = self.cfg.augment
+        for r in recs:
+            image = np.concatenate([r["ct"], r["mr"]], 0).astype(np.float32)
+            out = aug({"image": image, "label": r["target"][None].astype(np.float32)})
+            out = out[0] if isinstance(out, list) else out
+            img = torch.as_tensor(out["image"]).float()
+            nct = r["ct"].shape[0]
+            cts.append(img[:nct])
+            mrs.append(img[nct:])
+            labels.append(torch.as_tensor(out["label"]).round().long())
+            present = bool(r["has_mr"]) and rng.random() >= a.modality_dropout
+            has.append(present)
+            note = note_augment(r["note"], rng, a.sentence_shuffle, a.sentence_drop)
+            notes.append("" if rng.random() < a.modality_dropout else note)
+            scores.append(to_tensor(r["scores"]))
+        dev = self.device
+        return {
+            "ct": torch.stack(cts).to(dev),
+            "mr": torch.stack(mrs).to(dev),
+            "label": torch.stack(labels).to(dev),
+            "has_mr": torch.tensor(has, device=dev),
+            "notes": notes,
+            "scores": torch.stack(scores).to(dev),
+        }
+
+    @torch.inference_mode()
+    def validate(self, model: MedFusionNet, val: list[dict[str, Any]]) -> dict[str, Any]:
+        model.eval()
+        dices, logits, ys = [], [], []
+        for r in val:
+            ct = to_tensor(r["ct"])[None].to(self.device)
+            mr = to_tensor(r["mr"])[None].to(self.device)
+            seg, sc = model(ct, mr, torch.tensor([bool(r["has_mr"])], device=self.device), [r["note"]])
+            pred = seg.argmax(1)[0].cpu().numpy()
+            dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
+            logits.append((sc / model.temperature).cpu().numpy()[0])
+            ys.append(r["scores"])
+        model.train()
+        d = np.array(dices)
+        lg, y = np.array(logits), np.array(ys)
+        try:
+            auroc = float(np.mean([roc_auc_score(y[:, s], lg[:, s]) for s in range(y.shape[1])]))
+        except ValueError:
+            auroc = float("nan")
+        p = 1 / (1 + np.exp(-lg))
+        return {
+            "dice": [float(x) for x in np.nanmean(d, 0)],
+            "auroc": auroc,
+            "brier": float(np.mean((p - y) ** 2)),
+            "logits": lg,
+        }
+
+    def _save_weights(self, model: MedFusionNet, path: Path) -> None:
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+
+    def _checkpoint(
+        self, model: MedFusionNet, opt: torch.optim.Optimizer, sched: Any, epoch: int, best: float, bad: int
+    ) -> None:
+        ckpt = self.out / "checkpoint"
+        ckpt.mkdir(exist_ok=True)
+        self._save_weights(model, ckpt / "model.safetensors")
+        with atomic_path(ckpt / "optimizer.pt") as tmp:
+            torch.save(opt.state_dict(), tmp)
+        write_json(
+            ckpt / "state.json", {"epoch": epoch, "best": best, "bad": bad, "scheduler": sched.state_dict()}
+        )
+
+
+def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    try:
+        return Trainer(cfg, Path(out)).run(resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
