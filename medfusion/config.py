@@ -57,7 +57,7 @@ class PipelineConfig(_Strict):
     outputs: OutputConfig = OutputConfig()
 
 
-def load_yaml_model(path: str | Path, model: type[_Strict]) -> Any:
+def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:
     """Read and validate a YAML file into `model`; errors name the file and the bad keys."""
     path = Path(path)
     try:

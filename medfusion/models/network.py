@@ -228,4 +228,4 @@ class MedFusionNet(nn.Module):
 
     def calibrated(self, score_logits: torch.Tensor) -> torch.Tensor:
         """Probabilities after temperature scaling."""
-        return torch.sigmoid(score_logits / self.temperature)
+        return torch.sigmoid(score_logits / self.temperature)  # type: ignore[operator]

@@ -53,7 +53,7 @@ def save_package(
         "class_names": class_names,
         "score_names": score_names,
         "preprocess": preprocess.model_dump(),
-        "vocabulary": model.text.vocab.words[2:] if hasattr(model.text, "vocab") else [],
+        "vocabulary": list(getattr(model.text, "vocab").words[2:]) if hasattr(model.text, "vocab") else [],  # noqa: B009
         "weights_sha256": sha256_of(out / "weights.safetensors"),
         "training": training or {},
         "metrics": metrics or {},

@@ -168,10 +168,13 @@ class Trainer:
             dist.barrier()
         pids = [f.name for f in folders if (cache / f"{f.name}.npz").exists() and f.name in labels]
         train_ids, val_ids = split_patients(pids, cfg.data.val_fraction, cfg.seed)
-        load = lambda pid: {
-            **load_cached(cache, pid),
-            "scores": np.array([labels[pid][s] for s in cfg.score_names], np.float32),
-        }  # noqa: E731
+
+        def load(pid: str) -> dict[str, Any]:
+            return {
+                **load_cached(cache, pid),
+                "scores": np.array([labels[pid][s] for s in cfg.score_names], np.float32),
+            }
+
         train = [load(p) for p in train_ids]
         val = [load(p) for p in val_ids]
         vocab = Vocabulary.fit([r["note"] for r in train])
@@ -263,7 +266,7 @@ class Trainer:
             model.load_state_dict(load_file(str(self.out / "best.safetensors")))
             final = self.validate(model, val)
             temps = fit_temperature(final["logits"], np.stack([v["scores"] for v in val]))
-            model.temperature.copy_(torch.from_numpy(temps))
+            model.temperature.copy_(torch.from_numpy(temps))  # type: ignore[operator]
             calibrated = self.validate(model, val)
             metrics_out = {k: v for k, v in calibrated.items() if k != "logits"}
             save_package(
