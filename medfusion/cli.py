@@ -205,6 +205,101 @@ def train(
         Console().print(f"package written to {summary.get('package')}")
 
 
+# --- run ---
+
+DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "default.yaml"
+
+
+@app.command()
+def run(
+    patients: Annotated[
+        list[Path], typer.Argument(help="Patient folder(s) or folder(s) of patient folders.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output folder (default: a new folder under reports/).")
+    ] = None,
+    pipeline: Annotated[
+        Path | None, typer.Option(help="Pipeline YAML (default: pipelines/default.yaml).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Model package folder (default: the shipped one).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
+    workers: Annotated[
+        int, typer.Option(min=0, help="Dask LocalCluster worker processes (0/1: in-process).")
+    ] = 0,
+    cluster: Annotated[str | None, typer.Option(help="Address of an existing Dask scheduler.")] = None,
+    resume: Annotated[bool, typer.Option(help="Skip patients whose outputs are complete.")] = False,
+    only: Annotated[str | None, typer.Option(help="Comma-separated patient ids to run.")] = None,
+    modality: Annotated[
+        list[str] | None, typer.Option(help="NAME=CT|MR for NIfTI files whose modality is not evident.")
+    ] = None,
+) -> None:
+    """Segment, score and report every patient; write OUT/<id>/…, OUT/summary.csv and OUT/run.json."""
+    import datetime as dt
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medfusion.config import PipelineConfig, load_yaml_model
+    from medfusion.io.case import find_patient_folders
+    from medfusion.run.pipeline import RunOptions, run_cohort
+
+    try:
+        cfg = (
+            load_yaml_model(pipeline or DEFAULT_PIPELINE, PipelineConfig)
+            if (pipeline or DEFAULT_PIPELINE.exists())
+            else PipelineConfig()
+        )
+        folders = find_patient_folders(patients)
+    except (ValueError, InputError) as exc:
+        _fail(exc)
+    if device:
+        cfg.infer.device = device
+    out = out or Path("reports") / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    opts = RunOptions(
+        out=out,
+        pipeline=cfg,
+        model=str(model) if model else None,
+        device=cfg.infer.device,
+        workers=workers,
+        cluster=cluster,
+        resume=resume,
+        only=only.split(",") if only else None,
+        modality_map=_parse_map(modality),
+    )
+    n = len([f for f in folders if not opts.only or f.name in opts.only])
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    ) as bar:
+        task = bar.add_task("patients", total=n)
+
+        def _tick(row: dict[str, Any]) -> None:
+            stages = " ".join(f"{k[2:]} {v:.1f}s" for k, v in row.items() if k.startswith("t_"))
+            status = row["status"] if row["status"] != "failed" else f"[red]failed[/red]: {row.get('error')}"
+            bar.console.print(f"{row['patient_id']}: {status} {stages}")
+            bar.advance(task)
+
+        try:
+            result = run_cohort(folders, opts, _tick)
+        except (ValueError, InputError) as exc:
+            _fail(exc)
+    first = next(
+        (out / r.name / "report.pdf" for r in sorted(folders) if (out / r.name / "report.pdf").exists()), None
+    )
+    Console().print(
+        f"outputs in {out}/ (summary.csv, run.json)" + (f"; first report: {first}" if first else "")
+    )
+    if result["failures"]:
+        console.print(
+            f"[red]{len(result['failures'])} patient(s) failed[/red]; see error.json in their folders"
+        )
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 

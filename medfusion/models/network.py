@@ -189,6 +189,13 @@ class MedFusionNet(nn.Module):
     def forward(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        seg, head_in = self.encode(ct, mr, has_mr, notes)
+        return seg, self.score_head(head_in)
+
+    def encode(
+        self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation logits and the fused vector the score head reads (for MC-dropout sampling)."""
         cfg = self.cfg
         if not cfg.use_ct:
             ct = torch.zeros_like(ct)
@@ -223,8 +230,7 @@ class MedFusionNet(nn.Module):
                 torch.zeros_like(lesion_feat),
                 torch.zeros_like(log_vol),
             )
-        scores = self.score_head(torch.cat([pooled, lesion_feat, log_vol, tvec, *extra], 1))
-        return seg, scores
+        return seg, torch.cat([pooled, lesion_feat, log_vol, tvec, *extra], 1)
 
     def calibrated(self, score_logits: torch.Tensor) -> torch.Tensor:
         """Probabilities after temperature scaling."""

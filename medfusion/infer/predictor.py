@@ -1,0 +1,109 @@
+"""Inference: one model per process, test-time flip augmentation, MC-dropout score uncertainty."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medfusion.models.network import MedFusionNet
+from medfusion.models.package import load_package, pick_device
+from medfusion.preprocess.prepare import CaseTensors
+
+
+@dataclasses.dataclass
+class Prediction:
+    probs_grid: np.ndarray  # (K, z, y, x) on the model grid
+    probs_ct: np.ndarray  # (K, z, y, x) on the CT grid
+    labels_ct: np.ndarray  # (z, y, x) uint8 on the CT grid
+    scores: dict[str, float]  # calibrated probabilities
+    uncertainty: dict[str, float]  # std of the calibrated probability over MC-dropout and TTA samples
+
+
+class Predictor:
+    """Loads a model package once; `predict` maps one CaseTensors to a Prediction.
+
+    Examples:
+        >>> Predictor.__name__
+        'Predictor'
+    """
+
+    def __init__(
+        self,
+        package: str | Path | None = None,
+        device: str = "auto",
+        tta: bool = True,
+        mc_samples: int = 8,
+        amp: bool = True,
+    ) -> None:
+        self.device = pick_device(device)
+        self.model, self.meta = load_package(package, self.device)
+        self.tta = tta
+        self.mc_samples = mc_samples
+        self.amp = amp and self.device.type == "cuda"
+        self.class_names: list[str] = list(self.meta["class_names"])
+        self.score_names: list[str] = list(self.meta["score_names"])
+
+    @property
+    def net(self) -> MedFusionNet:
+        return self.model
+
+    def _passes(
+        self, ct: torch.Tensor, mr: torch.Tensor, has: torch.Tensor, note: str
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        flips: list[tuple[int, ...]] = [()] + ([(4,)] if self.tta else [])
+        probs, heads = [], []
+        for f in flips:
+            c, m = (ct.flip(f), mr.flip(f)) if f else (ct, mr)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                seg, head_in = self.model.encode(c, m, has, [note])
+            p = torch.softmax(seg.float(), 1)
+            probs.append(p.flip(f) if f else p)
+            heads.append(head_in.float())
+        return torch.stack(probs).mean(0), heads
+
+    @torch.inference_mode()
+    def predict(self, t: CaseTensors) -> Prediction:
+        dev = self.device
+        ct = torch.from_numpy(t.ct).float()[None].to(dev)
+        mr = torch.from_numpy(t.mr).float()[None].to(dev)
+        has = torch.tensor([t.has_mr], device=dev)
+        self.model.eval()
+        probs, heads = self._passes(ct, mr, has, t.note)
+        samples = [self.model.calibrated(self.model.score_head(h)) for h in heads]
+        if self.mc_samples > 0:
+            self.model.score_head.train()  # dropout on, for Monte-Carlo sampling of the score head only
+            gen_state = torch.random.get_rng_state()
+            torch.manual_seed(0)  # the same case gives the same uncertainty
+            for _ in range(self.mc_samples):
+                for h in heads:
+                    samples.append(self.model.calibrated(self.model.score_head(h)))
+            torch.random.set_rng_state(gen_state)
+            self.model.score_head.eval()
+        point = (
+            self.model.calibrated(torch.stack([self.model.score_head(h) for h in heads]).mean(0))[0]
+            .cpu()
+            .numpy()
+        )
+        spread = torch.cat(samples).std(0).cpu().numpy()
+        pg = probs[0].cpu().numpy()
+        pct = t.to_ct_grid(pg)
+        labels = pct.argmax(0).astype(np.uint8)
+        return Prediction(
+            pg,
+            pct,
+            labels,
+            {n: float(point[i]) for i, n in enumerate(self.score_names)},
+            {n: float(spread[i]) for i, n in enumerate(self.score_names)},
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.meta.get("name"),
+            "version": self.meta.get("version"),
+            "architecture": self.meta.get("architecture"),
+            "weights_sha256": self.meta.get("weights_sha256"),
+        }

@@ -1,0 +1,351 @@
+"""The per-patient pipeline (load → register → infer → write → report) and the cohort runner.
+
+Each patient's outputs are written into a hidden folder and renamed into place when complete, so
+`OUT/<patient_id>/` either holds a whole result or does not exist. A failed patient gets
+`OUT/<patient_id>/error.json` and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion import __version__
+from medfusion.config import PipelineConfig
+from medfusion.io.atomic import atomic_path, write_json
+from medfusion.io.case import load_case
+from medfusion.io.errors import InputError
+from medfusion.io.nifti import write_nifti
+from medfusion.models.package import preprocess_config
+
+log = logging.getLogger("medfusion.run")
+
+
+@dataclasses.dataclass
+class RunOptions:
+    out: Path
+    pipeline: PipelineConfig
+    model: str | None = None
+    device: str = "auto"
+    workers: int = 0
+    cluster: str | None = None
+    resume: bool = False
+    only: list[str] | None = None
+    modality_map: dict[str, str] | None = None
+
+
+# --- One patient ---
+
+
+def _provenance(case: Any) -> dict[str, Any]:
+    def vol_info(v: Any) -> dict[str, Any]:
+        if v is None:
+            return {}
+        info = {
+            "modality": v.modality,
+            "format": v.meta.get("format"),
+            "series_description": v.meta.get("series_description", ""),
+        }
+        if v.meta.get("format") == "dicom":
+            info["series_uid"] = v.meta.get("series_uid")
+            info["study_uid"] = v.meta.get("study_uid")
+        else:
+            src = Path(v.meta["source"])
+            info["file"] = src.name
+            info["sha256"] = hashlib.sha256(src.read_bytes()).hexdigest()
+        return info
+
+    return {
+        "ct": vol_info(case.ct),
+        "mr": [vol_info(m) for m in case.mr],
+        "note": case.note_path.name if case.note_path else None,
+        "study_date": case.ct.meta.get("study_date", "") if case.ct else "",
+    }
+
+
+def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, Any]:
+    """Run one patient; returns its summary row. Raises nothing for bad input: it writes error.json."""
+    from medfusion.preprocess.prepare import prepare_case
+    from medfusion.run.measure import measure
+
+    pid = folder.name
+    final = opts.out / pid
+    t: dict[str, float] = {}
+    stage = "load"
+    tmp = opts.out / f".tmp-{pid}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        t0 = time.perf_counter()
+        case = load_case(folder, opts.modality_map)
+        if case.ct is None:
+            detail = "; ".join(str(e) for e in case.errors[:3])
+            raise InputError(folder, "no usable CT volume" + (f" ({detail})" if detail else ""))
+        t["load"] = time.perf_counter() - t0
+        stage = "register"
+        cfg = opts.pipeline.preprocess or preprocess_config(predictor.meta)
+        tensors = prepare_case(case, cfg)
+        t["register"] = tensors.timings.get("register", 0.0)
+        t["resample"] = tensors.timings.get("resample", 0.0)
+        reg = tensors.registration
+        mr_used = tensors.has_mr
+        if reg is not None and not reg.passed:
+            tensors.has_mr = False  # a failed registration never reaches the model: MR is left out
+            mr_used = False
+        stage = "infer"
+        t1 = time.perf_counter()
+        pred = predictor.predict(tensors)
+        t["infer"] = time.perf_counter() - t1
+        stage = "write"
+        t2 = time.perf_counter()
+        class_names = predictor.class_names
+        seg = case.ct.with_array(pred.labels_ct.astype(np.int16), "SEG")
+        write_nifti(seg, tmp / "segmentation.nii.gz")
+        write_json(
+            tmp / "segmentation.json",
+            {
+                "labels": {str(k): n for k, n in enumerate(class_names)},
+                "geometry": "the CT's own grid (same shape and affine)",
+            },
+        )
+        if opts.pipeline.outputs.dicom_seg and case.ct.meta.get("format") == "dicom":
+            from medfusion.io.seg import write_dicom_seg
+
+            write_dicom_seg(
+                seg,
+                case.ct,
+                class_names,
+                tmp / "segmentation.dcm",
+                model_name=str(predictor.meta.get("name")),
+                model_version=str(predictor.meta.get("version")),
+            )
+        meas = measure(seg, class_names)
+        predicted = {n: bool(p >= 0.5) for n, p in pred.scores.items()}
+        qc = {
+            "patient_id": pid,
+            "inputs": {
+                "ct": case.ct.summary(),
+                "mr": [m.summary() for m in case.mr],
+                "note_chars": len(case.note),
+                "unreadable_files": [str(e) for e in case.errors],
+                "skipped_objects": [{"path": p, "why": w} for p, w in case.skipped],
+                "choices": case.choices,
+            },
+            "registration": reg.to_json() if reg is not None else {"mode": "none", "reason": "no MR volume"},
+            "mr_used_by_model": mr_used,
+            "verdict": "pass"
+            if (reg is None or reg.passed) and not case.errors
+            else ("fail" if reg is not None and not reg.passed else "warn"),
+        }
+        write_json(tmp / "qc.json", qc)
+        scores = {
+            "patient_id": pid,
+            "probabilities": pred.scores,
+            "predicted": predicted,
+            "threshold": 0.5,
+            "uncertainty": pred.uncertainty,
+            "measurements": meas,
+            "model": predictor.describe(),
+            "inputs": _provenance(case),
+            "qc_verdict": qc["verdict"],
+            "timings_s": {k: round(v, 3) for k, v in t.items()},
+        }
+        t["write"] = time.perf_counter() - t2
+        if opts.pipeline.outputs.report:
+            stage = "report"
+            t3 = time.perf_counter()
+            from medfusion.report.pdf import write_report
+
+            write_report(tmp / "report.pdf", case, tensors, pred, scores, qc, class_names)
+            t["report"] = time.perf_counter() - t3
+        scores["timings_s"] = {k: round(v, 3) for k, v in t.items()}
+        write_json(tmp / "scores.json", scores)
+        _publish(tmp, final)
+        row = {"patient_id": pid, "status": "ok", "qc_verdict": qc["verdict"]}
+        row.update({f"p_{k}": round(v, 4) for k, v in pred.scores.items()})
+        row.update({f"pred_{k}": int(v) for k, v in predicted.items()})
+        row.update({f"u_{k}": round(v, 4) for k, v in pred.uncertainty.items()})
+        row.update({f"vol_{k}_ml": v for k, v in meas["volumes_ml"].items()})
+        row["lesion_count"] = meas["lesion_count"]
+        row["largest_diameter_mm"] = meas["largest_diameter_mm"]
+        row.update({f"t_{k}": round(v, 2) for k, v in t.items()})
+        return row
+    except Exception as exc:
+        reason = str(exc) if isinstance(exc, InputError | ValueError) else f"{type(exc).__name__}: {exc}"
+        log.debug("patient %s failed", pid, exc_info=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write_json(
+            tmp / "error.json",
+            {
+                "patient_id": pid,
+                "stage": stage,
+                "error": reason.splitlines()[0],
+                "traceback": traceback.format_exc(limit=6),
+            },
+        )
+        _publish(tmp, final)
+        return {
+            "patient_id": pid,
+            "status": "failed",
+            "qc_verdict": "",
+            "error": reason.splitlines()[0],
+            "stage": stage,
+        }
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def is_done(out: Path, pid: str) -> bool:
+    return (out / pid / "scores.json").exists()
+
+
+# --- Cohort ---
+
+_WORKER_PREDICTOR: dict[tuple[Any, ...], Any] = {}
+
+
+def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
+    """Dask task: each worker process loads the model once and keeps it."""
+    from medfusion.infer.predictor import Predictor
+
+    key = (opts.model, opts.device, opts.pipeline.infer.tta, opts.pipeline.infer.mc_samples)
+    if key not in _WORKER_PREDICTOR:
+        import torch
+
+        torch.set_num_threads(1)
+        _WORKER_PREDICTOR[key] = Predictor(
+            opts.model,
+            opts.device,
+            opts.pipeline.infer.tta,
+            opts.pipeline.infer.mc_samples,
+            opts.pipeline.infer.amp,
+        )
+    return process_case(Path(folder), opts, _WORKER_PREDICTOR[key])
+
+
+def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> dict[str, Any]:
+    """Run every patient folder; write summary.csv and run.json. Returns run.json's content."""
+    opts.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    if opts.only:
+        wanted = set(opts.only)
+        folders = [f for f in folders if f.name in wanted]
+    todo = [f for f in folders if not (opts.resume and is_done(opts.out, f.name))]
+    skipped = [f.name for f in folders if f not in todo]
+    rows: list[dict[str, Any]] = []
+    model_info: dict[str, Any] = {}
+    if opts.workers > 1 or opts.cluster:
+        from dask.distributed import Client, LocalCluster, as_completed
+
+        cluster = (
+            None
+            if opts.cluster
+            else LocalCluster(
+                n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None
+            )
+        )
+        with Client(opts.cluster or cluster) as client:
+            futs = [client.submit(_worker_run, str(f), opts, pure=False, retries=1) for f in todo]
+            for fut in as_completed(futs):
+                rows.append(fut.result())
+                if progress:
+                    progress(rows[-1])
+        if cluster is not None:
+            cluster.close()
+        from medfusion.models.package import DEFAULT_PACKAGE, read_meta
+
+        meta = read_meta(opts.model or DEFAULT_PACKAGE)
+        model_info = {
+            "name": meta.get("name"),
+            "version": meta.get("version"),
+            "weights_sha256": meta.get("weights_sha256"),
+        }
+    else:
+        from medfusion.infer.predictor import Predictor
+
+        predictor = Predictor(
+            opts.model,
+            opts.device,
+            opts.pipeline.infer.tta,
+            opts.pipeline.infer.mc_samples,
+            opts.pipeline.infer.amp,
+        )
+        model_info = predictor.describe()
+        for f in todo:
+            rows.append(process_case(f, opts, predictor))
+            if progress:
+                progress(rows[-1])
+    for pid in skipped:
+        prev = json.loads((opts.out / pid / "scores.json").read_text())
+        rows.append(
+            {
+                "patient_id": pid,
+                "status": "ok (resumed)",
+                "qc_verdict": prev.get("qc_verdict", ""),
+                **{f"p_{k}": round(v, 4) for k, v in prev["probabilities"].items()},
+            }
+        )
+    rows.sort(key=lambda r: r["patient_id"])
+    _write_summary(opts.out / "summary.csv", rows)
+    failures = [r for r in rows if r["status"] == "failed"]
+    stage_keys = sorted({k for r in rows for k in r if k.startswith("t_")})
+    run = {
+        "medfusion_version": __version__,
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "versions": _versions(),
+        "config": opts.pipeline.model_dump(),
+        "model": model_info,
+        "device": opts.device,
+        "workers": opts.workers,
+        "patients": len(folders),
+        "processed": len(todo),
+        "resumed": skipped,
+        "failures": [
+            {"patient_id": r["patient_id"], "stage": r.get("stage"), "error": r.get("error")}
+            for r in failures
+        ],
+        "seconds_total": round(time.perf_counter() - started, 2),
+        "median_stage_seconds": {k[2:]: float(np.median([r[k] for r in rows if k in r])) for k in stage_keys},
+    }
+    write_json(opts.out / "run.json", run)
+    return run
+
+
+def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    cols: list[str] = []
+    for r in rows:
+        cols += [k for k in r if k not in cols]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {}
+    for pkg in ("torch", "monai", "SimpleITK", "pydicom", "nibabel", "highdicom", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
