@@ -300,6 +300,72 @@ def run(
         raise typer.Exit(1)
 
 
+# --- evaluate ---
+
+
+@app.command()
+def evaluate(
+    pred: Annotated[Path, typer.Option("--pred", help="Output folder of `medfusion run`.")],
+    labels: Annotated[
+        Path,
+        typer.Option(
+            "--labels", help="Labels folder (labels/<id>/segmentation.nii.gz + labels.csv) or a labels CSV."
+        ),
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Evaluation folder (default: PRED/evaluation).")
+    ] = None,
+    classes: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated class names, background first (default: from the run)."),
+    ] = None,
+    nsd_tolerance_mm: Annotated[
+        float, typer.Option("--nsd-tolerance-mm", help="Surface Dice tolerance.")
+    ] = 2.0,
+    bootstrap: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the CIs.")] = 2000,
+    threshold: Annotated[float | None, typer.Option(help="A second operating threshold to report.")] = None,
+    subgroup: Annotated[
+        list[str] | None, typer.Option(help="labels.csv column(s) to break the diagnosis metrics down by.")
+    ] = None,
+) -> None:
+    """Segmentation and diagnosis metrics with bootstrap CIs, plots and evaluation.pdf."""
+    from medfusion.evaluate.cohort import evaluate as run_eval
+
+    try:
+        summary = run_eval(
+            pred,
+            labels,
+            out or pred / "evaluation",
+            classes.split(",") if classes else None,
+            nsd_tolerance_mm,
+            bootstrap,
+            threshold,
+            subgroup,
+        )
+    except (ValueError, InputError) as exc:
+        _fail(exc)
+    t = Table(title="segmentation")
+    for col in ("class", "Dice", "HD95 mm (median)", "NSD", "empty (both/ref/pred)"):
+        t.add_column(col)
+    for c, b in summary["segmentation"].items():
+        f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+        t.add_row(
+            c,
+            f(b["dice"]["mean"]),
+            f(b["hd95_mm"]["median"]),
+            f(b["nsd"]["mean"]),
+            f"{b['n_both_empty']}/{b['n_ref_empty']}/{b['n_pred_empty']}",
+        )
+    out_c = Console()
+    out_c.print(t)
+    if "diagnosis" in summary:
+        for k in ("auroc", "auprc", "brier", "ece"):
+            v = summary["diagnosis"][k]
+            if v["value"] is not None:
+                out_c.print(f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})")
+    out_c.print(f"written to {out or pred / 'evaluation'}")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,169 @@
+"""`medfusion evaluate`: pair a run's outputs with labels, compute per-case and cohort metrics,
+write CSV/JSON, plots and a PDF."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medfusion.evaluate.diagnosis import diagnosis_metrics
+from medfusion.evaluate.segmentation import case_metrics
+from medfusion.io.atomic import atomic_path, write_json
+from medfusion.io.case import load_label_map
+from medfusion.io.errors import InputError
+from medfusion.io.nifti import read_nifti
+from medfusion.io.volume import Volume
+from medfusion.preprocess.resample import resample
+
+
+def _labels_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if "patient_id" not in (reader.fieldnames or []):
+            raise InputError(path, "labels CSV needs a patient_id column")
+        return list(reader), list(reader.fieldnames or [])
+
+
+def align_reference(ref: Volume, pred: Volume) -> tuple[Volume, str]:
+    """The reference on the prediction's grid: as is, or resampled (nearest) with a note."""
+    if ref.same_grid(pred, tol=1e-3):
+        return ref, ""
+    overlap = pred.world_to_index(ref.index_to_world(np.array([[0.0, 0, 0], np.array(ref.size_xyz) - 1.0])))
+    if np.all(overlap.max(0) < 0) or np.any(overlap.min(0) > np.array(pred.size_xyz)):
+        msg = "reference label map does not overlap the prediction's space"
+        raise ValueError(msg)
+    return (
+        resample(ref, pred, label=True),
+        f"reference resampled (nearest) from spacing {tuple(round(s, 3) for s in ref.spacing)} to {tuple(round(s, 3) for s in pred.spacing)}",
+    )
+
+
+def evaluate(
+    pred_dir: Path,
+    labels: Path,
+    out: Path,
+    classes: list[str] | None = None,
+    tolerance_mm: float = 2.0,
+    n_boot: int = 2000,
+    threshold: float | None = None,
+    subgroups: list[str] | None = None,
+) -> dict[str, Any]:
+    labels_dir = labels if labels.is_dir() else labels.parent
+    csv_path = labels if labels.suffix == ".csv" else labels / "labels.csv"
+    patients = sorted(p.name for p in pred_dir.iterdir() if (p / "scores.json").exists())
+    if not patients:
+        raise InputError(pred_dir, "no patient outputs (OUT/<id>/scores.json) found")
+    rows: list[dict[str, Any]] = []
+    notes: dict[str, str] = {}
+    scores: dict[str, dict[str, Any]] = {}
+    for pid in patients:
+        sc = json.loads((pred_dir / pid / "scores.json").read_text())
+        scores[pid] = sc
+        seg_path = pred_dir / pid / "segmentation.nii.gz"
+        class_names = classes or list(
+            json.loads((pred_dir / pid / "segmentation.json").read_text())["labels"].values()
+        )
+        ref = load_label_map(labels_dir / pid)
+        if ref is None or not seg_path.exists():
+            continue
+        pred = read_nifti(seg_path, modality="SEG")
+        ref, note = align_reference(ref, pred)
+        if note:
+            notes[pid] = note
+        for r in case_metrics(
+            pred.array.astype(np.int16), ref.array.astype(np.int16), pred.spacing, class_names, tolerance_mm
+        ):
+            rows.append({"patient_id": pid, **r})
+    out.mkdir(parents=True, exist_ok=True)
+    cols = [
+        "patient_id",
+        "class",
+        "dice",
+        "iou",
+        "hd95_mm",
+        "assd_mm",
+        "nsd",
+        "volume_pred_ml",
+        "volume_ref_ml",
+        "volume_abs_error_ml",
+        "volume_rel_error",
+        "lesions_tp",
+        "lesions_fn",
+        "lesions_fp",
+        "empty",
+    ]
+    with atomic_path(out / "metrics_per_case.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)
+    summary: dict[str, Any] = {
+        "n_patients_predicted": len(patients),
+        "n_patients_with_reference": len({r["patient_id"] for r in rows}),
+        "nsd_tolerance_mm": tolerance_mm,
+        "resampled_references": notes,
+        "segmentation": {},
+    }
+    for cname in sorted({r["class"] for r in rows}, key=lambda c: [r["class"] for r in rows].index(c)):
+        rs = [r for r in rows if r["class"] == cname]
+        both = [r for r in rs if r["empty"] == "both"]
+        scored = [r for r in rs if r["empty"] != "both"]
+        block: dict[str, Any] = {
+            "n_cases": len(rs),
+            "n_both_empty": len(both),
+            "n_ref_empty": sum(r["empty"] == "ref" for r in rs),
+            "n_pred_empty": sum(r["empty"] == "pred" for r in rs),
+        }
+        for m in ("dice", "iou", "hd95_mm", "assd_mm", "nsd", "volume_abs_error_ml"):
+            vals = np.array([r[m] for r in scored], float)
+            block[m] = {
+                "mean": float(vals.mean()) if len(vals) else None,
+                "median": float(np.median(vals)) if len(vals) else None,
+                "n": len(vals),
+                "note": "cases where both masks are empty are excluded from the mean and counted in n_both_empty",
+            }
+        tp, fn, fp = (sum(r[k] for r in rs) for k in ("lesions_tp", "lesions_fn", "lesions_fp"))
+        block["lesion_detection"] = {
+            "tp": tp,
+            "fn": fn,
+            "fp": fp,
+            "sensitivity": tp / (tp + fn) if tp + fn else None,
+        }
+        summary["segmentation"][cname] = block
+    table, fields = _labels_table(csv_path) if csv_path.exists() else ([], [])
+    score_names = sorted({k for sc in scores.values() for k in sc.get("probabilities", {})} & set(fields))
+    diag: dict[str, Any] = {}
+    by_pid = {r["patient_id"]: r for r in table}
+    pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for s in score_names:
+        ids = [p for p in patients if p in by_pid and by_pid[p].get(s, "") != ""]
+        y = np.array([int(float(by_pid[p][s])) for p in ids])
+        pr = np.array([scores[p]["probabilities"][s] for p in ids])
+        model_t = float(scores[ids[0]].get("threshold", 0.5)) if ids else 0.5
+        ths = {"model": model_t}
+        if threshold is not None:
+            ths["chosen"] = threshold
+        diag[s] = diagnosis_metrics(y, pr, ths, n_boot)
+        pairs[s] = (y, pr)
+        for col in subgroups or []:
+            if col not in fields:
+                raise InputError(csv_path, f"no column {col!r} for the subgroup breakdown")
+            groups = {}
+            for g in sorted({by_pid[p][col] for p in ids}):
+                m = np.array([by_pid[p][col] == g for p in ids])
+                groups[g] = diagnosis_metrics(y[m], pr[m], ths, min(n_boot, 500))
+            diag[s].setdefault("subgroups", {})[col] = groups
+    if diag:
+        first = diag[score_names[0]]
+        summary["diagnosis"] = {
+            **{k: first[k] for k in ("auroc", "auprc", "brier", "ece")},
+            "per_score": diag,
+        }
+    write_json(out / "metrics_summary.json", summary)
+    from medfusion.evaluate.plots import write_plots_and_pdf
+
+    write_plots_and_pdf(out, rows, pairs, summary)
+    return summary

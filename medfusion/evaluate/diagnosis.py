@@ -1,0 +1,99 @@
+"""Diagnosis metrics with percentile-bootstrap 95 % confidence intervals.
+
+AUROC and AUPRC (average precision) are scikit-learn's; accuracy, sensitivity (recall of
+positives), specificity, PPV, NPV and F1 are taken at a probability threshold (p ≥ t is positive);
+Brier = mean (p − y)²; ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b| over 10 equal-width bins.
+A metric that is undefined on a sample (e.g. AUROC with one class) is NaN there and bootstrap
+resamples where it is undefined are dropped (their count is reported).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+
+def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            total += m.mean() * abs(y[m].mean() - p[m].mean())
+    return float(total)
+
+
+def _safe(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np.ndarray, np.ndarray], float]:
+    def inner(y: np.ndarray, p: np.ndarray) -> float:
+        if len(np.unique(y)) < 2:
+            return float("nan")
+        return float(fn(y, p))
+
+    return inner
+
+
+def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
+    yhat = p >= t
+    tp = float(np.sum(yhat & (y == 1)))
+    tn = float(np.sum(~yhat & (y == 0)))
+    fp = float(np.sum(yhat & (y == 0)))
+    fn = float(np.sum(~yhat & (y == 1)))
+
+    def div(a: float, b: float) -> float:
+        return a / b if b else float("nan")
+
+    sens, ppv = div(tp, tp + fn), div(tp, tp + fp)
+    return {
+        "accuracy": div(tp + tn, len(y)),
+        "sensitivity": sens,
+        "specificity": div(tn, tn + fp),
+        "ppv": ppv,
+        "npv": div(tn, tn + fn),
+        "f1": div(2 * sens * ppv, sens + ppv) if not np.isnan(sens + ppv) else float("nan"),
+    }
+
+
+METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "auroc": _safe(roc_auc_score),
+    "auprc": _safe(average_precision_score),
+    "brier": lambda y, p: float(np.mean((p - y) ** 2)),
+    "ece": ece,
+}
+
+
+def diagnosis_metrics(
+    y: np.ndarray, p: np.ndarray, thresholds: dict[str, float], n_boot: int = 2000, seed: int = 0
+) -> dict[str, Any]:
+    """Point values and 95 % CIs of every metric; threshold metrics at each named threshold."""
+    y = np.asarray(y, int)
+    p = np.asarray(p, float)
+
+    def all_metrics(yy: np.ndarray, pp: np.ndarray) -> dict[str, float]:
+        out = {k: f(yy, pp) for k, f in METRICS.items()}
+        for name, t in thresholds.items():
+            out.update({f"{k}@{name}": v for k, v in threshold_metrics(yy, pp, t).items()})
+        return out
+
+    point = all_metrics(y, p)
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list[float]] = {k: [] for k in point}
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        for k, v in all_metrics(y[i], p[i]).items():
+            boots[k].append(v)
+    result: dict[str, Any] = {"n": int(len(y)), "n_positive": int(y.sum()), "thresholds": thresholds}
+    for k, v in point.items():
+        b = np.asarray(boots[k])
+        ok = b[~np.isnan(b)]
+        lo, hi = np.percentile(ok, [2.5, 97.5]) if len(ok) else (np.nan, np.nan)
+        result[k] = {
+            "value": None if np.isnan(v) else v,
+            "ci_low": None if np.isnan(lo) else float(lo),
+            "ci_high": None if np.isnan(hi) else float(hi),
+            "bootstrap_undefined": int(len(b) - len(ok)),
+        }
+    return result

@@ -1,0 +1,127 @@
+"""Segmentation metrics, each with its definition, units and its value for empty masks.
+
+Surfaces are the mask voxels that have a face-neighbour outside the mask (mask XOR its erosion with
+the 6-connected structuring element), as in MONAI's `get_mask_edges`. Distances are Euclidean in mm
+between voxel centres (`scipy.ndimage.distance_transform_edt` with the voxel spacing), computed only
+on the bounding box of both masks plus a margin, which is where the speed comes from.
+
+Empty masks (Metrics Reloaded, Maier-Hein et al. 2024, recommends reporting them explicitly):
+
+| metric | both empty | one empty |
+| --- | --- | --- |
+| Dice, IoU, NSD | 1.0 | 0.0 |
+| HD95, ASSD (mm) | 0.0 | the diagonal of the image in mm (worst possible), flagged |
+
+Every empty case is counted in the summary (`n_ref_empty`, `n_pred_empty`, `n_both_empty`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage
+
+_CROSS = ndimage.generate_binary_structure(3, 1)
+
+
+def dice(pred: np.ndarray, ref: np.ndarray) -> float:
+    """2|P∩R| / (|P|+|R|); 1.0 when both are empty."""
+    den = int(pred.sum()) + int(ref.sum())
+    return 1.0 if den == 0 else float(2 * np.logical_and(pred, ref).sum() / den)
+
+
+def iou(pred: np.ndarray, ref: np.ndarray) -> float:
+    """|P∩R| / |P∪R|; 1.0 when both are empty."""
+    union = int(np.logical_or(pred, ref).sum())
+    return 1.0 if union == 0 else float(np.logical_and(pred, ref).sum() / union)
+
+
+def _edges(mask: np.ndarray) -> np.ndarray:
+    return mask & ~ndimage.binary_erosion(mask, structure=_CROSS)
+
+
+def surface_distances(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Directed distances (mm): from each pred surface voxel to the ref surface, and the reverse.
+
+    `spacing` is per array axis (z, y, x order of the array). Both masks must be non-empty.
+    """
+    both = pred | ref
+    idx = np.argwhere(both)
+    lo = np.maximum(idx.min(0) - 2, 0)
+    hi = np.minimum(idx.max(0) + 3, both.shape)
+    sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    p, r = pred[sl], ref[sl]
+    ep, er = _edges(p), _edges(r)
+    dt_r = ndimage.distance_transform_edt(~er, sampling=spacing)
+    dt_p = ndimage.distance_transform_edt(~ep, sampling=spacing)
+    return np.asarray(dt_r[ep]), np.asarray(dt_p[er])
+
+
+def _diagonal(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> float:
+    return float(np.linalg.norm(np.asarray(shape) * np.asarray(spacing)))
+
+
+def surface_metrics(
+    pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float], tolerance_mm: float = 2.0
+) -> dict[str, Any]:
+    """HD95 = max of the two directed 95th percentiles (MONAI's definition); ASSD = mean of the
+    pooled directed distances; NSD = share of both surfaces within `tolerance_mm` of the other."""
+    pe, re_ = bool(pred.any()), bool(ref.any())
+    if not pe and not re_:
+        return {"hd95_mm": 0.0, "assd_mm": 0.0, "nsd": 1.0, "empty": "both"}
+    if not pe or not re_:
+        worst = _diagonal(pred.shape, spacing)
+        return {"hd95_mm": worst, "assd_mm": worst, "nsd": 0.0, "empty": "pred" if not pe else "ref"}
+    d_pr, d_rp = surface_distances(pred, ref, spacing)
+    hd95 = max(float(np.percentile(d_pr, 95)), float(np.percentile(d_rp, 95)))
+    assd = float((d_pr.sum() + d_rp.sum()) / (len(d_pr) + len(d_rp)))
+    nsd = float(((d_pr <= tolerance_mm).sum() + (d_rp <= tolerance_mm).sum()) / (len(d_pr) + len(d_rp)))
+    return {"hd95_mm": hd95, "assd_mm": assd, "nsd": nsd, "empty": ""}
+
+
+def lesion_detection(pred: np.ndarray, ref: np.ndarray) -> dict[str, int]:
+    """Connected components (26-connectivity): a reference lesion is detected (TP) when any predicted
+    voxel overlaps it, missed (FN) otherwise; a predicted component touching no reference is FP."""
+    s = np.ones((3, 3, 3))
+    rl, nr = ndimage.label(ref, structure=s)
+    pl, npd = ndimage.label(pred, structure=s)
+    tp = len(set(np.unique(rl[pred & ref])) - {0})
+    fp = npd - len(set(np.unique(pl[pred & ref])) - {0})
+    return {"lesions_tp": tp, "lesions_fn": nr - tp, "lesions_fp": fp}
+
+
+def case_metrics(
+    pred_labels: np.ndarray,
+    ref_labels: np.ndarray,
+    spacing_xyz: tuple[float, float, float],
+    class_names: list[str],
+    tolerance_mm: float = 2.0,
+) -> list[dict[str, Any]]:
+    """One row per foreground class. Arrays are (z, y, x); spacing is given as (x, y, z) like Volume."""
+    if pred_labels.shape != ref_labels.shape:
+        msg = f"prediction {pred_labels.shape} and reference {ref_labels.shape} differ in shape"
+        raise ValueError(msg)
+    spacing = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
+    vml = float(np.prod(spacing_xyz)) / 1000.0
+    rows = []
+    for k, name in enumerate(class_names):
+        if k == 0:
+            continue
+        p, r = pred_labels == k, ref_labels == k
+        vp, vr = float(p.sum()) * vml, float(r.sum()) * vml
+        row: dict[str, Any] = {"class": name, "dice": dice(p, r), "iou": iou(p, r)}
+        row.update(surface_metrics(p, r, spacing, tolerance_mm))
+        row.update(
+            {
+                "volume_pred_ml": vp,
+                "volume_ref_ml": vr,
+                "volume_abs_error_ml": abs(vp - vr),
+                "volume_rel_error": (vp - vr) / vr if vr > 0 else None,
+            }
+        )
+        row.update(lesion_detection(p, r))
+        rows.append(row)
+    return rows
