@@ -153,8 +153,8 @@ def evaluate(
                 raise InputError(csv_path, f"no column {col!r} for the subgroup breakdown")
             groups = {}
             for g in sorted({by_pid[p][col] for p in ids}):
-                m = np.array([by_pid[p][col] == g for p in ids])
-                groups[g] = diagnosis_metrics(y[m], pr[m], ths, min(n_boot, 500))
+                sel = np.array([by_pid[p][col] == g for p in ids])
+                groups[g] = diagnosis_metrics(y[sel], pr[sel], ths, min(n_boot, 500))
             diag[s].setdefault("subgroups", {})[col] = groups
     if diag:
         first = diag[score_names[0]]

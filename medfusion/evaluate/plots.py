@@ -131,8 +131,8 @@ def write_plots_and_pdf(
                     ]
                 )
         story += [Paragraph("Diagnosis", styles["Heading2"]), _table(drows, [30, 40, 25, 40])]
-    for p in paths:
-        img = Image(str(p))
+    for png in paths:
+        img = Image(str(png))
         img.drawWidth, img.drawHeight = 180 * mm, 180 * mm * img.imageHeight / img.imageWidth
         story += [Spacer(1, 4 * mm), img]
     with atomic_path(out / "evaluation.pdf") as tmp:
