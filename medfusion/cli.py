@@ -120,6 +120,52 @@ def inspect(
             out.print(f"  [red]error:[/red] {err}")
 
 
+# --- register ---
+
+
+@app.command()
+def register(
+    patient: Annotated[Path, typer.Argument(help="One patient folder (a CT and an MR).")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for transform.json, mr_in_ct.nii.gz, qc.json.")],
+    affine: Annotated[bool, typer.Option(help="Add an affine stage after the rigid one.")] = False,
+    no_check: Annotated[
+        bool, typer.Option("--no-check", help="Skip the reverse-registration consistency check.")
+    ] = False,
+) -> None:
+    """Co-register the MR onto the CT only (no model)."""
+    from medfusion.config import RegistrationConfig
+    from medfusion.io.atomic import write_json
+    from medfusion.io.case import load_case
+    from medfusion.io.nifti import write_nifti
+    from medfusion.preprocess.registration import register as do_register
+    from medfusion.preprocess.resample import resample
+
+    try:
+        case = load_case(patient)
+        if case.ct is None or not case.mr:
+            raise InputError(patient, "needs one CT and at least one MR volume")
+        res = do_register(
+            case.ct, case.mr[0], RegistrationConfig(affine=affine, consistency_check=not no_check)
+        )
+    except (InputError, ValueError) as exc:
+        _fail(exc)
+    write_json(out / "transform.json", res.to_json())
+    write_nifti(resample(case.mr[0], case.ct, res.matrix, default=0.0), out / "mr_in_ct.nii.gz")
+    write_json(
+        out / "qc.json",
+        {
+            "patient_id": case.patient_id,
+            **res.to_json()["qc"],
+            "seconds": round(res.seconds, 2),
+            "metric_mattes_mi": res.metric,
+        },
+    )
+    verdict = "passed" if res.passed else "FAILED"
+    Console().print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
+    if not res.passed:
+        raise typer.Exit(1)
+
+
 # --- synth ---
 
 
@@ -133,12 +179,25 @@ def synth(
     ] = "standard",
     workers: Annotated[int, typer.Option(min=1, help="Processes.")] = 2,
     start: Annotated[int, typer.Option(min=0, help="First patient index (to extend a cohort).")] = 0,
+    sample_plan: Annotated[
+        bool,
+        typer.Option(
+            "--sample-plan",
+            help="Force the sample_data mix: DICOM and NIfTI MR, one patient without lesion, one note without the key facts.",
+        ),
+    ] = False,
 ) -> None:
     """Generate synthetic head patients (CT DICOM, MR DICOM/NIfTI, notes) with labels and truth."""
     from medfusion.synth.generate import generate_cohort
 
     try:
-        rows = generate_cohort(out, n, seed, size, workers, start=start, progress=True)
+        plan = None
+        if sample_plan:
+            plan = {start + i: {"mr_format": "dicom" if i % 2 == 0 else "nifti"} for i in range(n)}
+            plan[start]["n_lesions"] = 0
+            if n > 1:
+                plan[start + 1].update({"course_stated": False, "history_stated": False})
+        rows = generate_cohort(out, n, seed, size, workers, start=start, progress=True, plan=plan)
     except ValueError as exc:
         _fail(exc)
     pos = sum(r["malignant"] for r in rows)

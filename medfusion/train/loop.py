@@ -191,9 +191,16 @@ class Trainer:
             ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * _world()))
-        sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps, pct_start=0.1
-        )
+        total_steps = cfg.epochs * steps
+        warm = max(1, total_steps // 10)
+
+        def lr_factor(step: int) -> float:  # linear warm-up, then cosine decay to 2 % of the peak
+            if step < warm:
+                return (step + 1) / warm
+            frac = min(1.0, (step - warm) / max(1, total_steps - warm))
+            return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False)
         bce = torch.nn.BCEWithLogitsLoss()
         start_epoch, best, bad = 0, -np.inf, 0
@@ -202,8 +209,11 @@ class Trainer:
             model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
             state = json.loads((ckpt / "state.json").read_text())
             opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-            sched.load_state_dict(state["scheduler"])
             start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
+            # the schedule is a function of the step: recompute it for this run's length
+            for group in opt.param_groups:
+                group.setdefault("initial_lr", cfg.lr)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor, last_epoch=start_epoch * steps - 1)
         aug = image_augment(
             cfg.crop_size,
             cfg.augment.flip,
@@ -262,6 +272,13 @@ class Trainer:
                 bad = int(flag.item())
             if bad >= cfg.patience:
                 break
+        if _world() > 1:
+            # every rank must hold the same parameters after DDP; rank 0 records the check
+            total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+            sums = [torch.zeros(1, dtype=torch.float64) for _ in range(_world())]
+            dist.all_gather(sums, total)
+            if _rank() == 0:
+                write_json(self.out / "ddp_check.json", {"parameter_sums": [float(x) for x in sums]})
         if _rank() == 0:
             model.load_state_dict(load_file(str(self.out / "best.safetensors")))
             final = self.validate(model, val)
@@ -365,9 +382,7 @@ class Trainer:
         self._save_weights(model, ckpt / "model.safetensors")
         with atomic_path(ckpt / "optimizer.pt") as tmp:
             torch.save(opt.state_dict(), tmp)
-        write_json(
-            ckpt / "state.json", {"epoch": epoch, "best": best, "bad": bad, "scheduler": sched.state_dict()}
-        )
+        write_json(ckpt / "state.json", {"epoch": epoch, "best": best, "bad": bad})
 
 
 def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:

@@ -1,0 +1,177 @@
+"""Metrics against independent references (MONAI, scikit-learn), empty cases, and the command."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score
+from typer.testing import CliRunner
+
+from medfusion.cli import app
+from medfusion.evaluate.diagnosis import diagnosis_metrics, ece
+from medfusion.evaluate.segmentation import case_metrics, dice, surface_metrics
+
+
+def _blob(shape: tuple[int, int, int], centre: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
+    z, y, x = np.indices(shape)
+    d = np.sqrt(((z - centre[0]) * 1.0) ** 2 + (y - centre[1]) ** 2 + (x - centre[2]) ** 2)
+    return d < r + rng.normal(0, 0.8, shape)
+
+
+def _monai_onehot(m: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(m[None, None].astype(np.float32))
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_dice_hd95_nsd_match_monai(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (30, 34, 38)
+    a = _blob(shape, np.array([15, 17, 19]), 8, rng)
+    b = _blob(shape, np.array([15, 18, 18]) + rng.integers(-2, 3, 3), 7, rng)
+    spacing = (3.0, 0.8, 1.1)  # z, y, x; anisotropic
+    ours = surface_metrics(a, b, spacing, tolerance_mm=2.0)
+    hd = float(
+        compute_hausdorff_distance(_monai_onehot(a), _monai_onehot(b), percentile=95, spacing=list(spacing))[
+            0, 0
+        ]
+    )
+    nsd = float(
+        compute_surface_dice(
+            _monai_onehot(a),
+            _monai_onehot(b),
+            class_thresholds=[2.0],
+            spacing=list(spacing),
+            include_background=True,
+        )[0, 0]
+    )
+    # MONAI returns float32 tensors: agreement is to float32 precision (relative 1e-6)
+    assert ours["hd95_mm"] == pytest.approx(hd, rel=1e-6)
+    assert ours["nsd"] == pytest.approx(nsd, rel=1e-6)
+    inter = np.logical_and(a, b).sum()
+    assert dice(a, b) == pytest.approx(2 * inter / (a.sum() + b.sum()), abs=1e-12)
+
+
+def test_empty_cases_have_documented_values() -> None:
+    z = np.zeros((10, 10, 10), bool)
+    m = z.copy()
+    m[3:6, 3:6, 3:6] = True
+    both = surface_metrics(z, z, (1.0, 1.0, 1.0))
+    assert both == {"hd95_mm": 0.0, "assd_mm": 0.0, "nsd": 1.0, "empty": "both"}
+    miss = surface_metrics(z, m, (1.0, 1.0, 2.0))
+    assert miss["empty"] == "pred" and miss["nsd"] == 0.0
+    assert miss["hd95_mm"] == pytest.approx(np.linalg.norm([10, 10, 20]))  # image diagonal in mm
+    assert dice(z, z) == 1.0 and dice(z, m) == 0.0
+    rows = case_metrics(m.astype(np.int16), z.astype(np.int16), (1.0, 1.0, 1.0), ["bg", "a"])
+    assert rows[0]["empty"] == "ref" and rows[0]["volume_rel_error"] is None and rows[0]["lesions_fp"] == 1
+
+
+def test_diagnosis_metrics_match_sklearn() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p = np.clip(y * 0.3 + rng.uniform(0, 0.7, 200), 0, 1)
+    d = diagnosis_metrics(y, p, {"model": 0.5}, n_boot=200)
+    assert d["auroc"]["value"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert d["auprc"]["value"] == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    assert d["brier"]["value"] == pytest.approx(brier_score_loss(y, p), abs=1e-12)
+    assert d["auroc"]["ci_low"] < d["auroc"]["value"] < d["auroc"]["ci_high"]
+    yhat = p >= 0.5
+    assert d["sensitivity@model"]["value"] == pytest.approx(np.sum(yhat & (y == 1)) / np.sum(y == 1))
+    assert ece(np.array([1, 0]), np.array([1.0, 0.0])) == 0.0
+
+
+def _fake_run(cohort: Path, out: Path) -> None:
+    """A `medfusion run`-shaped folder whose predictions are the labels, slightly eroded."""
+    from scipy import ndimage
+
+    from medfusion.io.nifti import read_nifti, write_nifti
+
+    labels = {r["patient_id"]: r for r in csv.DictReader(open(cohort / "labels" / "labels.csv"))}
+    for i, pid in enumerate(sorted(labels)):
+        ref = read_nifti(cohort / "labels" / pid / "segmentation.nii.gz")
+        arr = ref.array.copy()
+        arr[(arr == 2) & ~ndimage.binary_erosion(arr == 2)] = 0
+        (out / pid).mkdir(parents=True)
+        write_nifti(ref.with_array(arr), out / pid / "segmentation.nii.gz")
+        (out / pid / "segmentation.json").write_text(
+            json.dumps(
+                {"labels": {"0": "background", "1": "tumour_core", "2": "oedema", "3": "calcification"}}
+            )
+        )
+        p = 0.8 if labels[pid]["malignant"] == "1" else 0.3 - 0.1 * i
+        (out / pid / "scores.json").write_text(
+            json.dumps({"probabilities": {"malignant": p}, "threshold": 0.5})
+        )
+
+
+def test_evaluate_command(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    res = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            "--pred",
+            str(run),
+            "--labels",
+            str(cohort / "labels"),
+            "--bootstrap",
+            "100",
+            "--subgroup",
+            "sex",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    ev = run / "evaluation"
+    rows = list(csv.DictReader(open(ev / "metrics_per_case.csv")))
+    assert {
+        "patient_id",
+        "class",
+        "dice",
+        "iou",
+        "hd95_mm",
+        "assd_mm",
+        "nsd",
+        "volume_pred_ml",
+        "volume_ref_ml",
+    } <= set(rows[0])
+    core = [float(r["dice"]) for r in rows if r["class"] == "tumour_core" and r["empty"] != "both"]
+    assert core and min(core) == 1.0  # core untouched
+    summary = json.loads((ev / "metrics_summary.json").read_text())
+    assert summary["segmentation"]["oedema"]["dice"]["mean"] < 1.0
+    assert {"auroc", "auprc", "brier", "ece"} <= set(summary["diagnosis"])
+    assert {"value", "ci_low", "ci_high"} <= set(summary["diagnosis"]["brier"])
+    assert (ev / "evaluation.pdf").stat().st_size > 1000 and (ev / "segmentation.png").exists()
+
+
+def test_reference_in_other_geometry_is_resampled(cohort: Path, tmp_path: Path) -> None:
+    from medfusion.io.nifti import read_nifti, write_nifti
+
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    labels = tmp_path / "labels"
+    shutil.copytree(cohort / "labels", labels)
+    pid = sorted(p.name for p in run.iterdir())[0]
+    ref = read_nifti(labels / pid / "segmentation.nii.gz")
+    # the same label map, written with doubled in-plane sampling
+    up = np.repeat(np.repeat(ref.array, 2, axis=1), 2, axis=2)
+    fine = type(ref)(
+        up,
+        (ref.spacing[0] / 2, ref.spacing[1] / 2, ref.spacing[2]),
+        tuple(ref.index_to_world(np.array([[-0.25, -0.25, 0.0]]))[0]),
+        ref.direction,
+        "SEG",
+    )
+    write_nifti(fine, labels / pid / "segmentation.nii.gz")
+    res = CliRunner().invoke(
+        app, ["evaluate", "--pred", str(run), "--labels", str(labels), "--bootstrap", "50"]
+    )
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
+    assert pid in summary["resampled_references"]

@@ -1,0 +1,144 @@
+"""The network: shapes for every fusion, missing inputs, gradients, determinism, packages."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medfusion.config import PreprocessConfig
+from medfusion.models.network import MedFusionNet, NetConfig
+from medfusion.models.package import PackageError, load_package, pick_device, save_package
+from medfusion.text.encoders import GRUTextEncoder, Vocabulary
+from medfusion.text.negation import mark_negations, tokenize
+
+FUSIONS = ["spatial", "feature_concat", "feature_gated", "sequence", "film"]
+NOTES = ["No history of malignancy. Headache for two weeks.", "Known breast cancer. Rapid worsening."]
+
+
+def _net(fusion: str, seed: int = 0) -> MedFusionNet:
+    torch.manual_seed(seed)
+    return MedFusionNet(NetConfig(fusion=fusion, channels=[4, 8, 16, 32]), Vocabulary.fit(NOTES, min_count=1))
+
+
+def _inputs(b: int = 2, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, 2, n, n, n, generator=g), torch.randn(b, 1, n, n, n, generator=g)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("has_mr", [True, False])
+@pytest.mark.parametrize("notes", [NOTES, ["", ""]])
+def test_shapes_with_and_without_mr_and_note(fusion: str, has_mr: bool, notes: list[str]) -> None:
+    net = _net(fusion).eval()
+    ct, mr = _inputs()
+    seg, sc = net(ct, mr, torch.tensor([has_mr, has_mr]), notes)
+    assert seg.shape == (2, 4, 16, 16, 16) and sc.shape == (2, 1)
+    assert torch.isfinite(seg).all() and torch.isfinite(sc).all()
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_gradients_reach_every_parameter(fusion: str) -> None:
+    net = _net(fusion).train()
+    ct, mr = _inputs()
+    # one case with MR and note, one without: every placeholder and branch gets a gradient
+    seg, sc = net(ct, mr, torch.tensor([True, False]), [NOTES[0], ""])
+    (seg.square().mean() + sc.square().mean()).backward()
+    missing = [
+        n
+        for n, p in net.named_parameters()
+        if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))
+    ]
+    # the transformer's output projection starts at zero by design (residual), so its own input side
+    # gets no gradient on the first step; everything else must
+    allowed = ("sequence.tf", "sequence.img_in", "sequence.pos", "sequence.kind")
+    assert [n for n in missing if not n.startswith(allowed)] == []
+
+
+def test_missing_mr_changes_output() -> None:
+    net = _net("feature_gated").eval()
+    ct, mr = _inputs(1)
+    a, _ = net(ct, mr, torch.tensor([True]), [""])
+    b, _ = net(ct, mr, torch.tensor([False]), [""])
+    c, _ = net(ct, mr * 0 + 5, torch.tensor([False]), [""])
+    assert not torch.allclose(a, b)
+    assert torch.allclose(b, c)  # without MR, the MR tensor's content is ignored
+
+
+def test_deterministic_for_a_seed() -> None:
+    ct, mr = _inputs()
+    outs = [_net("sequence", seed=3).eval()(ct, mr, torch.tensor([True, True]), NOTES)[1] for _ in range(2)]
+    assert torch.equal(outs[0], outs[1])
+
+
+def test_package_round_trip_and_refusals(tmp_path: Path) -> None:
+    net = _net("sequence").eval()
+    net.temperature.fill_(1.7)  # type: ignore[operator]
+    pkg = save_package(
+        net,
+        tmp_path / "pkg",
+        PreprocessConfig(),
+        name="t",
+        version="0",
+        class_names=["bg", "a", "b", "c"],
+        score_names=["malignant"],
+    )
+    back, meta = load_package(pkg)
+    ct, mr = _inputs()
+    with torch.inference_mode():
+        assert torch.equal(
+            net(ct, mr, torch.tensor([True, False]), NOTES)[0],
+            back(ct, mr, torch.tensor([True, False]), NOTES)[0],
+        )
+    assert float(back.temperature[0]) == pytest.approx(1.7)
+    assert meta["score_names"] == ["malignant"]
+    # tampered weights
+    w = pkg / "weights.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-10] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(PackageError, match="altered"):
+        load_package(pkg)
+    # unknown architecture
+    save_package(
+        net,
+        tmp_path / "pkg2",
+        PreprocessConfig(),
+        name="t",
+        version="0",
+        class_names=["bg", "a", "b", "c"],
+        score_names=["m"],
+    )
+    meta2 = json.loads((tmp_path / "pkg2" / "model.json").read_text())
+    meta2["architecture"] = "resnet-from-the-internet"
+    (tmp_path / "pkg2" / "model.json").write_text(json.dumps(meta2))
+    with pytest.raises(PackageError, match="unknown architecture"):
+        load_package(tmp_path / "pkg2")
+
+
+def test_forward_on_available_device() -> None:
+    dev = pick_device("auto")
+    net = _net("film").to(dev).eval()
+    ct, mr = _inputs()
+    with torch.inference_mode():
+        seg, _ = net(ct.to(dev), mr.to(dev), torch.tensor([True, True], device=dev), NOTES)
+    assert seg.device.type == dev.type
+
+
+def test_negation_marking() -> None:
+    toks = mark_negations(tokenize("No history of malignancy. History of melanoma."))
+    assert "neg_malignancy" in toks and "melanoma" in toks and "neg_melanoma" not in toks
+    assert "neg_cancer" in mark_negations(tokenize("Denies any prior cancer"))
+    assert "cancer" in mark_negations(tokenize("Known breast cancer, no fever"))
+
+
+def test_gru_encoder_tells_negated_from_affirmed() -> None:
+    vocab = Vocabulary.fit(["no history of malignancy", "history of malignancy"], min_count=1)
+    assert vocab.encode("no history of malignancy") != vocab.encode("history of malignancy")
+    enc = GRUTextEncoder(vocab)
+    _, mask, pooled = enc(["", "history of malignancy"])
+    assert not mask[0].any() and torch.equal(pooled[0], enc.empty.detach())
+    assert np.isfinite(pooled.detach().numpy()).all()

@@ -1,0 +1,116 @@
+"""Registration accuracy against the generator's truth, a QC verdict that can fail, grids and labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from medfusion.cli import app
+from medfusion.config import PreprocessConfig, RegistrationConfig
+from medfusion.io.case import load_case
+from medfusion.preprocess.intensity import ct_windows, mr_robust_z
+from medfusion.preprocess.prepare import prepare_case
+from medfusion.preprocess.registration import (
+    quality_check,
+    read_transform,
+    register,
+    target_registration_error,
+)
+from medfusion.preprocess.resample import model_grid, resample
+from medfusion.synth.generate import rotation_matrix
+
+
+def _truth(cohort: Path, pid: str) -> np.ndarray:
+    return np.array(
+        json.loads((cohort / "labels" / pid / "truth.json").read_text())["registration"]["matrix_lps"]
+    )
+
+
+@pytest.fixture(scope="module")
+def registered(cohort: Path) -> dict[str, object]:
+    pid = sorted(p.name for p in (cohort / "patients").iterdir())[0]
+    case = load_case(cohort / "patients" / pid, labels_dir=cohort / "labels")
+    res = register(case.ct, case.mr[0], RegistrationConfig())  # type: ignore[arg-type]
+    return {"case": case, "res": res, "truth": _truth(cohort, pid)}
+
+
+def test_registration_accuracy(registered: dict) -> None:
+    case, res, truth = registered["case"], registered["res"], registered["truth"]
+    tre = target_registration_error(res.matrix, truth, case.ct, n=20)
+    print(f"TRE median {np.median(tre):.2f} mm, max {tre.max():.2f} mm, {res.seconds:.1f} s")
+    assert np.median(tre) < 2.5 and tre.max() < 4.0
+    assert res.qc["passed"]
+
+
+def test_qc_fails_on_a_wrong_transform(registered: dict) -> None:
+    case, truth = registered["case"], registered["truth"]
+    wrong = truth.copy()
+    wrong[:3, :3] = wrong[:3, :3] @ rotation_matrix(np.array([12.0, 0.0, 8.0]))
+    wrong[:3, 3] += [10.0, -8.0, 6.0]
+    qc = quality_check(case.ct, case.mr[0], wrong, RegistrationConfig())
+    assert not qc["passed"]
+    assert qc["consistency_mm"]["mean"] > 3.0
+
+
+def test_registration_from_file_and_skip(registered: dict, tmp_path: Path, cohort: Path) -> None:
+    case = registered["case"]
+    pid = case.patient_id
+    res = register(
+        case.ct,
+        case.mr[0],
+        RegistrationConfig(mode="file", transform_file=str(cohort / "labels" / pid / "truth.json")),
+    )
+    assert np.allclose(res.matrix, registered["truth"]) and res.qc["passed"]
+    assert np.allclose(read_transform(cohort / "labels" / pid / "truth.json"), registered["truth"])
+    skip = register(case.ct, case.mr[0], RegistrationConfig(mode="skip", consistency_check=False))
+    assert np.allclose(skip.matrix, np.eye(4))
+
+
+def test_resample_round_trip_and_integer_labels(registered: dict) -> None:
+    case = registered["case"]
+    grid = model_grid(case.ct, 2.1, [96, 96, 64])  # same spacing and size as the small CT: identity
+    assert np.allclose(grid.affine, case.ct.affine, atol=1e-6)
+    back = resample(case.labels, grid, label=True)
+    assert back.array.dtype == case.labels.array.dtype and np.array_equal(back.array, case.labels.array)
+    coarse = resample(case.labels, model_grid(case.ct, 3.3, [60, 60, 60]), label=True)
+    assert np.issubdtype(coarse.array.dtype, np.integer)
+    assert set(np.unique(coarse.array)) <= set(np.unique(case.labels.array))
+
+
+def test_prepare_and_inverse_mapping(registered: dict) -> None:
+    case = registered["case"]
+    cfg = PreprocessConfig(target_spacing_mm=2.5, target_size=[80, 80, 80])
+    t = prepare_case(case, cfg, registration=registered["res"])
+    assert t.image().shape == (3, 80, 80, 80) and t.target is not None
+    onehot = np.stack([(t.target == k).astype(np.float32) for k in range(4)])
+    back = t.to_ct_grid(onehot).argmax(0)
+    assert back.shape == case.ct.shape
+    ref = case.labels.array
+    both = (back == 2) & (ref == 2)
+    assert 2 * both.sum() / ((back == 2).sum() + (ref == 2).sum()) > 0.85  # oedema survives the round trip
+
+
+def test_intensity() -> None:
+    hu = np.array([-1000.0, -20, 40, 100, 2000])
+    w = ct_windows(hu, [[-20, 100]])
+    assert w.min() == 0 and w.max() == 1 and w[0, 2] == pytest.approx(0.5)
+    rng = np.random.default_rng(0)
+    mr = rng.normal(300, 50, (10, 10, 10))
+    z = mr_robust_z(mr, np.ones_like(mr, bool), [1, 99])
+    assert abs(np.median(z)) < 0.05
+
+
+def test_register_command(cohort: Path, tmp_path: Path) -> None:
+    pid = sorted(p.name for p in (cohort / "patients").iterdir())[1]
+    res = CliRunner().invoke(
+        app, ["register", str(cohort / "patients" / pid), "--out", str(tmp_path / "reg")]
+    )
+    assert res.exit_code == 0, res.output
+    m = read_transform(tmp_path / "reg" / "transform.json")
+    ct = load_case(cohort / "patients" / pid).ct
+    assert np.median(target_registration_error(m, _truth(cohort, pid), ct)) < 2.5
+    assert (tmp_path / "reg" / "mr_in_ct.nii.gz").exists() and (tmp_path / "reg" / "qc.json").exists()

@@ -1,0 +1,106 @@
+"""Training: a tiny run whose loss falls and whose package reloads; DDP with 2 gloo processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from medfusion.models.package import load_package
+from medfusion.train.loop import TrainConfig, fit_temperature, split_patients, train
+
+
+def _cfg(cohort: Path, cache: Path, **kw: object) -> dict:
+    cfg = {
+        "name": "tiny",
+        "data": {
+            "patients": str(cohort / "patients"),
+            "labels": str(cohort / "labels"),
+            "cache": str(cache),
+            "val_fraction": 0.34,
+        },
+        "network": {"fusion": "sequence", "channels": [4, 8, 16, 32]},
+        "preprocess": {
+            "target_spacing_mm": 4.0,
+            "target_size": [48, 48, 48],
+            "registration": {"consistency_check": False},
+        },
+        "epochs": 4,
+        "steps_per_epoch": 4,
+        "batch_size": 2,
+        "crop_size": [32, 32, 32],
+        "lr": 0.003,
+        "workers": 1,
+        "threads": 1,
+    }
+    cfg.update(kw)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def cache(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cache")
+
+
+def test_tiny_training_loss_falls_and_package_reloads(cohort: Path, cache: Path, tmp_path: Path) -> None:
+    os.environ["MEDFUSION_QUIET"] = "1"
+    cfg = TrainConfig.model_validate(_cfg(cohort, cache))
+    summary = train(cfg, tmp_path / "run")
+    log = [json.loads(line) for line in (tmp_path / "run" / "train.jsonl").read_text().splitlines()]
+    print("losses", [round(r["loss"], 3) for r in log])
+    assert log[-1]["loss"] < log[0]["loss"]
+    model, meta = load_package(summary["package"])
+    assert meta["name"] == "tiny" and meta["preprocess"]["target_size"] == [48, 48, 48]
+    assert "history" in meta["vocabulary"]
+
+
+def test_resume_continues_from_checkpoint(cohort: Path, cache: Path, tmp_path: Path) -> None:
+    os.environ["MEDFUSION_QUIET"] = "1"
+    train(TrainConfig.model_validate(_cfg(cohort, cache, epochs=2)), tmp_path / "r")
+    train(TrainConfig.model_validate(_cfg(cohort, cache, epochs=3)), tmp_path / "r", resume=True)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "r" / "train.jsonl").read_text().splitlines()]
+    assert epochs == [0, 1, 2]
+
+
+def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, tmp_path: Path) -> None:
+    cfg_path = tmp_path / "ddp.yaml"
+    cfg_path.write_text(yaml.safe_dump(_cfg(cohort, cache, epochs=1, steps_per_epoch=3, batch_size=1)))
+    env = {**os.environ, "MEDFUSION_QUIET": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medfusion.cli",
+            "train",
+            "--config",
+            str(cfg_path),
+            "--out",
+            str(tmp_path / "ddp"),
+            "--nproc-per-node",
+            "2",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    sums = json.loads((tmp_path / "ddp" / "ddp_check.json").read_text())["parameter_sums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    assert (tmp_path / "ddp" / "package" / "weights.safetensors").exists()
+
+
+def test_split_and_temperature() -> None:
+    tr, va = split_patients([f"p{i}" for i in range(10)], 0.2, 0)
+    assert len(va) == 2 and not set(tr) & set(va)
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, 4000)  # calibrated logits
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(float)
+    t = fit_temperature((z * 3)[:, None], y[:, None])  # logits 3× too confident
+    assert 2.6 < t[0] < 3.4
