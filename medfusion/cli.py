@@ -150,6 +150,7 @@ def register(
     except (InputError, ValueError) as exc:
         _fail(exc)
     write_json(out / "transform.json", res.to_json())
+    assert case.ct is not None
     write_nifti(resample(case.mr[0], case.ct, res.matrix, default=0.0), out / "mr_in_ct.nii.gz")
     write_json(
         out / "qc.json",
@@ -191,7 +192,7 @@ def synth(
     from medfusion.synth.generate import generate_cohort
 
     try:
-        plan = None
+        plan: dict[int, dict[str, Any]] | None = None
         if sample_plan:
             plan = {start + i: {"mr_format": "dicom" if i % 2 == 0 else "nifti"} for i in range(n)}
             plan[start]["n_lesions"] = 0
