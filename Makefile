@@ -25,7 +25,9 @@ dicom3tools:
 	    || echo "note: dicom3tools not installed; dciodvfy tests will be skipped" )
 
 demo: venv
-	$(VENV)/bin/medfusion run sample_data/patients --out reports/demo --labels sample_data/labels
+	$(VENV)/bin/medfusion run sample_data/patients --out reports/demo
+	$(VENV)/bin/medfusion evaluate --pred reports/demo --labels sample_data/labels --bootstrap 500
+	@echo "reports: reports/demo/<patient_id>/report.pdf (first: $$(ls -d reports/demo/*/report.pdf | head -1))"
 
 lint: venv
 	$(VENV)/bin/ruff check medfusion tests benchmarks
@@ -42,7 +44,7 @@ test-all: venv dicom3tools lint typecheck
 
 sample-data: venv
 	rm -rf sample_data/patients sample_data/labels
-	$(VENV)/bin/medfusion synth --n 6 --seed 2026 --out sample_data --size small
+	$(VENV)/bin/medfusion synth --n 7 --seed 2026 --out sample_data --size small --sample-plan
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

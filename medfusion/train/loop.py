@@ -74,6 +74,8 @@ class TrainConfig(_Strict):
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seg_weight: float = 1.0
+    dice_batch: bool = True  # Dice over the whole batch: rare classes are not lost in empty crops
+    ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
     seed: int = 0
@@ -201,7 +203,13 @@ class Trainer:
             return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        seg_loss = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False)
+        seg_loss = DiceCELoss(
+            to_onehot_y=True,
+            softmax=True,
+            include_background=False,
+            batch=cfg.dice_batch,
+            weight=torch.tensor(cfg.ce_class_weights, device=self.device) if cfg.ce_class_weights else None,
+        )
         bce = torch.nn.BCEWithLogitsLoss()
         start_epoch, best, bad = 0, -np.inf, 0
         ckpt = self.out / "checkpoint"

@@ -1,0 +1,107 @@
+"""`medfusion run` end to end with the shipped model: outputs, geometry, DICOM SEG, PDF, failures, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pytest
+from pypdf import PdfReader
+from typer.testing import CliRunner
+
+from medfusion.cli import app
+from medfusion.io.case import load_case
+from medfusion.io.nifti import read_nifti
+from medfusion.io.seg import read_dicom_seg
+from medfusion.preprocess.resample import resample
+
+
+@pytest.fixture(scope="module")
+def run_out(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, object]:
+    tmp = tmp_path_factory.mktemp("run")
+    patients = tmp / "patients"
+    shutil.copytree(cohort / "patients", patients)
+    bad = patients / "BROKEN01"
+    bad.mkdir()
+    (bad / "slice1.dcm").write_bytes(b"\x00" * 300)
+    (bad / "note.txt").write_text("No history of malignancy.\n")
+    out = tmp / "out"
+    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu"])
+    return patients, out, res
+
+
+def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
+    patients, out, res = run_out
+    assert res.exit_code == 1, res.output  # one patient failed
+    err = json.loads((out / "BROKEN01" / "error.json").read_text())
+    assert "no usable CT" in err["error"] and "BROKEN01" in err["error"]
+    rows = {r["patient_id"]: r for r in csv.DictReader(open(out / "summary.csv"))}
+    assert rows["BROKEN01"]["status"] == "failed"
+    good = [p for p in rows if p != "BROKEN01"]
+    assert len(good) == 3 and all(rows[p]["status"] == "ok" for p in good)
+    run = json.loads((out / "run.json").read_text())
+    assert run["failures"][0]["patient_id"] == "BROKEN01" and run["config"]["name"] == "default"
+    for pid in good:
+        for name in ("segmentation.nii.gz", "segmentation.json", "scores.json", "qc.json", "report.pdf"):
+            assert (out / pid / name).exists(), (pid, name)
+        scores = json.loads((out / pid / "scores.json").read_text())
+        assert 0 <= scores["probabilities"]["malignant"] <= 1 and "malignant" in scores["uncertainty"]
+        assert scores["model"]["name"] and set(scores["measurements"]["volumes_ml"]) == {
+            "tumour_core",
+            "oedema",
+            "calcification",
+        }
+    assert not list(out.glob(".tmp-*"))
+
+
+def test_outputs_are_in_the_ct_geometry_and_seg_matches(run_out: tuple) -> None:
+    patients, out, _ = run_out
+    pid = sorted(p.name for p in patients.iterdir() if p.name != "BROKEN01")[0]
+    ct = load_case(patients / pid).ct
+    seg = read_nifti(out / pid / "segmentation.nii.gz")
+    assert seg.shape == ct.shape and np.allclose(seg.affine, ct.affine, atol=1e-4)
+    ds = hd.seg.segread(str(out / pid / "segmentation.dcm"))
+    assert ds.SegmentationType == "BINARY"
+    assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.meta["series_uid"]
+    if seg.array.any():
+        back = resample(read_dicom_seg(out / pid / "segmentation.dcm"), ct, label=True)
+        assert np.array_equal(back.array, seg.array)
+
+
+def test_pdf_has_pages_and_scores(run_out: tuple) -> None:
+    patients, out, _ = run_out
+    pid = sorted(p.name for p in patients.iterdir() if p.name != "BROKEN01")[0]
+    reader = PdfReader(str(out / pid / "report.pdf"))
+    assert len(reader.pages) >= 2
+    text = " ".join(p.extract_text() for p in reader.pages)
+    p = json.loads((out / pid / "scores.json").read_text())["probabilities"]["malignant"]
+    assert f"{p:.2f}" in text and pid in text and "RESEARCH USE ONLY" in text
+
+
+def test_resume_does_no_work(run_out: tuple) -> None:
+    patients, out, _ = run_out
+    shutil.rmtree(patients / "BROKEN01")
+    shutil.rmtree(out / "BROKEN01")
+    before = {p: (out / p / "scores.json").stat().st_mtime_ns for p in [d.name for d in patients.iterdir()]}
+    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--resume", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    run = json.loads((out / "run.json").read_text())
+    assert run["processed"] == 0 and len(run["resumed"]) == 3
+    assert before == {p: (out / p / "scores.json").stat().st_mtime_ns for p in before}
+
+
+@pytest.mark.slow
+def test_dask_workers_give_the_same_scores(run_out: tuple, tmp_path: Path) -> None:
+    patients, out, _ = run_out
+    res = CliRunner().invoke(
+        app, ["run", str(patients), "--out", str(tmp_path / "dask"), "--workers", "2", "--device", "cpu"]
+    )
+    assert res.exit_code == 0, res.output
+    for pid in [d.name for d in patients.iterdir()]:
+        a = json.loads((out / pid / "scores.json").read_text())["probabilities"]
+        b = json.loads((tmp_path / "dask" / pid / "scores.json").read_text())["probabilities"]
+        assert a == pytest.approx(b, abs=1e-4)
