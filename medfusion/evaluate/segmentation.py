@@ -2,8 +2,9 @@
 
 Surfaces are the mask voxels that have a face-neighbour outside the mask (mask XOR its erosion with
 the 6-connected structuring element), as in MONAI's `get_mask_edges`. Distances are Euclidean in mm
-between voxel centres (`scipy.ndimage.distance_transform_edt` with the voxel spacing), computed only
-on the bounding box of both masks plus a margin, which is where the speed comes from.
+between surface voxel centres, found with a k-d tree (`scipy.spatial.cKDTree`) over the surface
+points in mm — the same values a Euclidean distance transform with the voxel spacing gives (MONAI's
+route), without transforming the whole volume.
 
 Empty masks (Metrics Reloaded, Maier-Hein et al. 2024, recommends reporting them explicitly):
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
@@ -44,20 +46,23 @@ def _edges(mask: np.ndarray) -> np.ndarray:
 def surface_distances(
     pred: np.ndarray, ref: np.ndarray, spacing: tuple[float, float, float]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Directed distances (mm): from each pred surface voxel to the ref surface, and the reverse.
+    """Directed distances (mm): from each pred surface voxel to the nearest ref surface voxel, and the reverse.
 
-    `spacing` is per array axis (z, y, x order of the array). Both masks must be non-empty.
+    `spacing` is per array axis (z, y, x order of the array). Both masks must be non-empty. The
+    nearest-neighbour query runs on a k-d tree of surface voxel centres in mm, which gives exactly
+    the distances a Euclidean distance transform of the other surface would, at a fraction of the cost.
     """
     both = pred | ref
     idx = np.argwhere(both)
-    lo = np.maximum(idx.min(0) - 2, 0)
-    hi = np.minimum(idx.max(0) + 3, both.shape)
+    lo = np.maximum(idx.min(0) - 1, 0)
+    hi = np.minimum(idx.max(0) + 2, both.shape)
     sl = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
-    p, r = pred[sl], ref[sl]
-    ep, er = _edges(p), _edges(r)
-    dt_r = ndimage.distance_transform_edt(~er, sampling=spacing)
-    dt_p = ndimage.distance_transform_edt(~ep, sampling=spacing)
-    return np.asarray(dt_r[ep]), np.asarray(dt_p[er])
+    sp = np.asarray(spacing, float)
+    pts_p = np.argwhere(_edges(pred[sl])) * sp
+    pts_r = np.argwhere(_edges(ref[sl])) * sp
+    d_pr, _ = cKDTree(pts_r).query(pts_p, workers=-1)
+    d_rp, _ = cKDTree(pts_p).query(pts_r, workers=-1)
+    return np.asarray(d_pr), np.asarray(d_rp)
 
 
 def _diagonal(shape: tuple[int, ...], spacing: tuple[float, float, float]) -> float:

@@ -68,6 +68,7 @@ class DicomFile:
     slope: float
     intercept: float
     bits_allocated: int
+    bits_stored: int
     pixel_representation: int
     samples: int
     transfer_syntax: str
@@ -211,6 +212,7 @@ def read_header(path: Path) -> DicomFile:
         slope=slope,
         intercept=intercept,
         bits_allocated=bits,
+        bits_stored=int(ds.get("BitsStored", bits) or bits),
         pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
         samples=samples,
         transfer_syntax=tsyntax,
@@ -372,10 +374,24 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
     n, rows, cols = len(files), first.rows, first.columns
     if n * rows * cols > MAX_VOXELS:
         raise InputError(first.path, f"series of {n}×{rows}×{cols} voxels exceeds the {MAX_VOXELS} limit")
-    stored = np.empty((n, rows, cols), dtype=dtype)
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        list(pool.map(lambda i: _read_frame_into(files[i], stored[i]), range(n)))
-    data = _rescale(stored, [f.slope for f in files], [f.intercept for f in files])
+    fast = _direct_int16(files)
+    if fast is not None:
+        # one pass: each thread reads a slice's bytes straight into the int16 output and adds the
+        # intercept in place (BitsStored ≤ 15 unsigned values read as int16 unchanged)
+        data = np.empty((n, rows, cols), dtype=np.int16)
+
+        def _one(i: int) -> None:
+            _read_frame_into(files[i], data[i].view(dtype))
+            if fast:
+                data[i] += np.int16(fast)
+
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(_one, range(n)))
+    else:
+        stored = np.empty((n, rows, cols), dtype=dtype)
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            list(pool.map(lambda i: _read_frame_into(files[i], stored[i]), range(n)))
+        data = _rescale(stored, [f.slope for f in files], [f.intercept for f in files])
     if len(steps) and np.max(np.abs(steps - nominal)) > 0.01 * nominal + 1e-3:
         missing = int(round(float(np.sum(np.round(steps / nominal) - 1))))
         where = int(np.argmax(steps)) if missing else int(np.argmax(np.abs(steps - nominal)))
@@ -397,6 +413,24 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
     vol.meta["sop_instance_uids"] = [f.sop_uid for f in files]
     vol.warnings.extend(warnings)
     return vol
+
+
+def _direct_int16(files: list[DicomFile]) -> int | None:
+    """The common intercept when every file is uncompressed 16-bit with slope 1, an integer
+    intercept, and a stored range that cannot overflow int16 after rescale; else None."""
+    f0 = files[0]
+    if any(f.pixel_offset is None or f.samples != 1 or f.bits_allocated != 16 for f in files):
+        return None
+    if any(f.slope != 1.0 or f.intercept != f0.intercept for f in files) or f0.intercept != int(f0.intercept):
+        return None
+    inter = int(f0.intercept)
+    if f0.pixel_representation:
+        lo, hi = -(2 ** (f0.bits_stored - 1)) + inter, 2 ** (f0.bits_stored - 1) - 1 + inter
+    else:
+        if f0.bits_stored > 15:
+            return None
+        lo, hi = inter, 2**f0.bits_stored - 1 + inter
+    return inter if -32768 <= lo and hi <= 32767 else None
 
 
 def _rescale(stored: np.ndarray, slopes: list[float], intercepts: list[float]) -> np.ndarray:
