@@ -280,6 +280,8 @@ class Trainer:
                 bad = int(flag.item())
             if bad >= cfg.patience:
                 break
+            if (self.out / "STOP").exists():  # a graceful stop: package the best checkpoint so far
+                break
         if _world() > 1:
             # every rank must hold the same parameters after DDP; rank 0 records the check
             total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
