@@ -1,0 +1,105 @@
+"""MR→CT registration on synthetic pairs with known truth: medfusion vs the SimpleITK tutorial recipe
+(Mattes MI, 1 % random sampling, plain gradient descent, geometry-centred start), same pairs, same
+error measure (TRE at 20 random points inside the CT head mask).
+
+    python benchmarks/registration.py --cohort DIR [--n 10]
+
+ANTsPy and itk-elastix are not installed in medfusion's environment (≈ 650 MB and ≈ 1.6 GB); the
+issue's figures for them are quoted in benchmarks/RESULTS.md, not re-measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from medfusion.config import RegistrationConfig
+from medfusion.io.case import load_case
+from medfusion.preprocess.registration import register, sitk_to_matrix, target_registration_error
+
+
+def tutorial_recipe(ct: sitk.Image, mr: sitk.Image) -> np.ndarray:
+    fixed, moving = sitk.Cast(ct, sitk.sitkFloat32), sitk.Cast(mr, sitk.sitkFloat32)
+    init = sitk.CenteredTransformInitializer(
+        fixed, moving, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.GEOMETRY
+    )
+    reg = sitk.ImageRegistrationMethod()
+    reg.SetMetricAsMattesMutualInformation(50)
+    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingPercentage(0.01, 1)
+    reg.SetInterpolator(sitk.sitkLinear)
+    reg.SetOptimizerAsGradientDescent(
+        learningRate=1.0, numberOfIterations=100, convergenceMinimumValue=1e-6, convergenceWindowSize=10
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel([4, 2, 1])
+    reg.SetSmoothingSigmasPerLevel([2, 1, 0])
+    reg.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    reg.SetInitialTransform(init, inPlace=False)
+    return sitk_to_matrix(reg.Execute(fixed, moving))
+
+
+def run_method(name: str, case: Any) -> Any:
+    if name == "medfusion":
+        return register(case.ct, case.mr[0], RegistrationConfig(consistency_check=False)).matrix
+    if name == "medfusion (+QC)":
+        return register(case.ct, case.mr[0], RegistrationConfig())
+    return tutorial_recipe(case.ct.to_sitk(), case.mr[0].to_sitk())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cohort", type=Path, required=True)
+    ap.add_argument("--n", type=int, default=10)
+    args = ap.parse_args()
+    pids = sorted(p.name for p in (args.cohort / "patients").iterdir())[: args.n]
+    res: dict[str, dict[str, list[float]]] = {
+        "medfusion": {"err": [], "worst": [], "s": []},
+        "medfusion (+QC)": {"err": [], "worst": [], "s": []},
+        "SimpleITK tutorial": {"err": [], "worst": [], "s": []},
+    }
+    fails = 0
+    for pid in pids:
+        case = load_case(args.cohort / "patients" / pid)
+        truth = np.array(
+            json.loads((args.cohort / "labels" / pid / "truth.json").read_text())["registration"][
+                "matrix_lps"
+            ]
+        )
+        assert case.ct is not None
+        for name in res:
+            t = time.perf_counter()
+            out = run_method(name, case)
+            dt = time.perf_counter() - t
+            if name == "medfusion (+QC)":
+                fails += int(not out.passed)
+                m = out.matrix
+            else:
+                m = out
+            e = target_registration_error(m, truth, case.ct, n=20)
+            res[name]["err"].append(float(np.mean(e)))
+            res[name]["worst"].append(float(np.max(e)))
+            res[name]["s"].append(dt)
+        print(pid, {k: round(v["err"][-1], 2) for k, v in res.items()}, flush=True)
+    print(f"\n{len(pids)} pairs; TRE = mean over 20 head points per pair")
+    print(f"{'method':22s} {'median TRE':>10s} {'p95 TRE':>8s} {'worst pt':>9s} {'median s':>9s}")
+    for k, v in res.items():
+        print(
+            f"{k:22s} {statistics.median(v['err']):10.2f} {np.percentile(v['err'], 95):8.2f} {max(v['worst']):9.2f} {statistics.median(v['s']):9.2f}"
+        )
+    base = res["SimpleITK tutorial"]
+    ours = res["medfusion"]
+    print(
+        f"tutorial / medfusion: error {statistics.median(base['err']) / statistics.median(ours['err']):.1f}×, time {statistics.median(base['s']) / statistics.median(ours['s']):.2f}×; QC failures flagged: {fails}"
+    )
+
+
+if __name__ == "__main__":
+    main()
