@@ -52,6 +52,9 @@ class OutputConfig(_Strict):
 
 class PipelineConfig(_Strict):
     name: str = "default"
+    # the reverse-registration consistency check is QC, not a model input: on by default at run time
+    # whatever the package's training preprocessing said
+    registration_consistency_check: bool = True
     preprocess: PreprocessConfig | None = None  # None: the model package's own preprocessing
     infer: InferConfig = InferConfig()
     outputs: OutputConfig = OutputConfig()

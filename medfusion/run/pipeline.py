@@ -95,7 +95,8 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             raise InputError(folder, "no usable CT volume" + (f" ({detail})" if detail else ""))
         t["load"] = time.perf_counter() - t0
         stage = "register"
-        cfg = opts.pipeline.preprocess or preprocess_config(predictor.meta)
+        cfg = (opts.pipeline.preprocess or preprocess_config(predictor.meta)).model_copy(deep=True)
+        cfg.registration.consistency_check = opts.pipeline.registration_consistency_check
         tensors = prepare_case(case, cfg)
         t["register"] = tensors.timings.get("register", 0.0)
         t["resample"] = tensors.timings.get("resample", 0.0)

@@ -25,19 +25,26 @@ PAD, UNK = 0, 1
 class Vocabulary:
     """Word → id, fitted on notes. Ids 0 and 1 are padding and unknown."""
 
-    def __init__(self, words: list[str]) -> None:
+    def __init__(self, words: list[str], negation: bool = True) -> None:
         self.words = ["<pad>", "<unk>", *words]
         self.index = {w: i for i, w in enumerate(self.words)}
+        self.negation = negation
+
+    def tokens(self, note: str) -> list[str]:
+        toks = tokenize(note)
+        return mark_negations(toks) if self.negation else toks
 
     @classmethod
-    def fit(cls, notes: list[str], min_count: int = 2, max_size: int = 4000) -> Vocabulary:
-        counts = Counter(t for n in notes for t in mark_negations(tokenize(n)))
+    def fit(
+        cls, notes: list[str], min_count: int = 2, max_size: int = 4000, negation: bool = True
+    ) -> Vocabulary:
+        vocab = cls([], negation)
+        counts = Counter(t for n in notes for t in vocab.tokens(n))
         words = [w for w, c in counts.most_common(max_size) if c >= min_count]
-        return cls(sorted(words))
+        return cls(sorted(words), negation)
 
     def encode(self, note: str, max_len: int = 128) -> list[int]:
-        ids = [self.index.get(t, UNK) for t in mark_negations(tokenize(note))][:max_len]
-        return ids
+        return [self.index.get(t, UNK) for t in self.tokens(note)][:max_len]
 
     def batch(self, notes: list[str], max_len: int = 128) -> torch.Tensor:
         ids = [self.encode(n, max_len) for n in notes]

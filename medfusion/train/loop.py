@@ -254,7 +254,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
                 opt.step()
                 sched.step()
-                losses.append(float(loss))
+                losses.append(float(loss.detach()))
                 self._progress(epoch, step, steps, float(np.mean(losses)))
             metrics = self.validate(model, val) if _rank() == 0 else {}
             rec = {
