@@ -25,7 +25,7 @@ class RegistrationConfig(_Strict):
     histogram_bins: int = 32
     rotation_search_deg: float = 15.0
     consistency_check: bool = True
-    max_consistency_mm: float = 3.0
+    max_consistency_mm: float = 5.0
     min_head_dice: float = 0.85
     seed: int = 1
 

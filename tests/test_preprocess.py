@@ -53,7 +53,7 @@ def test_qc_fails_on_a_wrong_transform(registered: dict) -> None:
     wrong[:3, 3] += [10.0, -8.0, 6.0]
     qc = quality_check(case.ct, case.mr[0], wrong, RegistrationConfig())
     assert not qc["passed"]
-    assert qc["consistency_mm"]["mean"] > 3.0
+    assert qc["consistency_mm"]["mean"] > 5.0
 
 
 def test_registration_from_file_and_skip(registered: dict, tmp_path: Path, cohort: Path) -> None:
@@ -72,13 +72,21 @@ def test_registration_from_file_and_skip(registered: dict, tmp_path: Path, cohor
 
 def test_resample_round_trip_and_integer_labels(registered: dict) -> None:
     case = registered["case"]
-    grid = model_grid(case.ct, 2.1, [96, 96, 64])  # same spacing and size as the small CT: identity
-    assert np.allclose(grid.affine, case.ct.affine, atol=1e-6)
-    back = resample(case.labels, grid, label=True)
+    # onto its own grid, a label map comes back unchanged and keeps its integer type
+    back = resample(case.labels, case.ct, label=True)
     assert back.array.dtype == case.labels.array.dtype and np.array_equal(back.array, case.labels.array)
-    coarse = resample(case.labels, model_grid(case.ct, 3.3, [60, 60, 60]), label=True)
+    grid = model_grid(case.ct, 3.3, [60, 60, 60])
+    centre_ct = case.ct.index_to_world((np.array(case.ct.size_xyz, float)[None] - 1) / 2)
+    centre_grid = grid.index_to_world(np.full((1, 3), 29.5))
+    assert np.allclose(centre_ct, centre_grid, atol=1e-6)
+    coarse = resample(case.labels, grid, label=True)
     assert np.issubdtype(coarse.array.dtype, np.integer)
     assert set(np.unique(coarse.array)) <= set(np.unique(case.labels.array))
+    # model grid → CT grid → model grid: nearest-neighbour labels survive the round trip exactly
+    # wherever the CT grid is finer than the model grid
+    there = resample(coarse, case.ct, label=True)
+    again = resample(there, grid, label=True)
+    assert np.mean(again.array == coarse.array) > 0.99
 
 
 def test_prepare_and_inverse_mapping(registered: dict) -> None:
