@@ -9,11 +9,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
+    """Base of every config: unknown keys are errors."""
+
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
-class RegistrationConfig(_Strict):
+class RegistrationConfig(StrictModel):
     mode: Literal["auto", "skip", "file"] = "auto"
     transform_file: str | None = None
     affine: bool = False
@@ -30,7 +32,7 @@ class RegistrationConfig(_Strict):
     seed: int = 1
 
 
-class PreprocessConfig(_Strict):
+class PreprocessConfig(StrictModel):
     target_spacing_mm: float = 2.5
     target_size: list[int] = Field(default=[80, 80, 80], min_length=3, max_length=3)
     ct_windows: list[list[float]] = [[-20.0, 100.0], [-200.0, 1600.0]]
@@ -38,19 +40,19 @@ class PreprocessConfig(_Strict):
     registration: RegistrationConfig = RegistrationConfig()
 
 
-class InferConfig(_Strict):
+class InferConfig(StrictModel):
     device: str = "auto"
     tta: bool = True
     mc_samples: int = 8
     amp: bool = True
 
 
-class OutputConfig(_Strict):
+class OutputConfig(StrictModel):
     dicom_seg: bool = True
     report: bool = True
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     name: str = "default"
     # the reverse-registration consistency check is QC, not a model input: on by default at run time
     # whatever the package's training preprocessing said

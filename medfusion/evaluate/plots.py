@@ -17,7 +17,7 @@ from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer  # no
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from medfusion.io.atomic import atomic_path  # noqa: E402
-from medfusion.report.pdf import _table  # noqa: E402
+from medfusion.report.pdf import table  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -107,7 +107,7 @@ def write_plots_and_pdf(
         )
     story += [
         Paragraph("Segmentation", styles["Heading2"]),
-        _table(seg_rows, [30, 14, 20, 28, 20, 20, 18, 20]),
+        table(seg_rows, [30, 14, 20, 28, 20, 20, 18, 20]),
     ]
     if "diagnosis" in summary:
         drows = [["score", "metric", "value", "95 % CI"]]
@@ -130,7 +130,7 @@ def write_plots_and_pdf(
                         "—" if v["ci_low"] is None else f"{v['ci_low']:.3f} – {v['ci_high']:.3f}",
                     ]
                 )
-        story += [Paragraph("Diagnosis", styles["Heading2"]), _table(drows, [30, 40, 25, 40])]
+        story += [Paragraph("Diagnosis", styles["Heading2"]), table(drows, [30, 40, 25, 40])]
     for png in paths:
         img = Image(str(png))
         img.drawWidth, img.drawHeight = 180 * mm, 180 * mm * img.imageHeight / img.imageWidth

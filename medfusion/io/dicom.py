@@ -166,8 +166,6 @@ def read_header(path: Path) -> DicomFile:
         with open(path, "rb") as fp:
             ds = pydicom.dcmread(fp, stop_before_pixels=True, force=not _has_magic(path))
             offset = _pixel_value_offset(fp, ds)
-    except InputError:
-        raise
     except Exception as exc:
         raise InputError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
     if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
@@ -186,7 +184,7 @@ def read_header(path: Path) -> DicomFile:
     )
     sop_class = str(ds.get("SOPClassUID", ""))
     if rows and cols and non_image_kind(sop_class) is None:
-        if offset is None and "PixelData" not in ds and not _has_pixel_tag_after(path, ds):
+        if offset is None and "PixelData" not in ds and not _has_pixel_tag_after(path):
             raise InputError(path, "image header without pixel data (truncated file?)")
         if offset is not None and tsyntax in _UNCOMPRESSED_LE:
             need = rows * cols * frames * samples * (bits // 8)
@@ -242,7 +240,7 @@ def _pixel_value_offset(fp: Any, ds: Dataset) -> int | None:
     return None if length == 0xFFFFFFFF else pos + 8
 
 
-def _has_pixel_tag_after(path: Path, ds: Dataset) -> bool:
+def _has_pixel_tag_after(path: Path) -> bool:
     try:
         full = pydicom.dcmread(path, force=True, defer_size=64)
     except Exception:

@@ -21,17 +21,15 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit, UpSample
 from monai.networks.layers.factories import Norm
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from medfusion.config import StrictModel
 from medfusion.text.encoders import GRUTextEncoder, TextEncoder, Vocabulary
 
 Fusion = Literal["spatial", "feature_concat", "feature_gated", "sequence", "film"]
 
 
-class NetConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class NetConfig(StrictModel):
     fusion: Fusion = "sequence"
     channels: list[int] = [8, 16, 32, 64]
     ct_channels: int = 2

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from medfusion.config import PreprocessConfig
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig
-from medfusion.text.encoders import Vocabulary, sha256_of
+from medfusion.text.encoders import GRUTextEncoder, Vocabulary, sha256_of
 
 ARCHITECTURES: dict[str, type[MedFusionNet]] = {MedFusionNet.architecture: MedFusionNet}
 DEFAULT_PACKAGE = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -53,7 +53,8 @@ def save_package(
         "class_names": class_names,
         "score_names": score_names,
         "preprocess": preprocess.model_dump(),
-        "vocabulary": list(getattr(model.text, "vocab").words[2:]) if hasattr(model.text, "vocab") else [],  # noqa: B009
+        "vocabulary": model.text.vocab.words[2:] if isinstance(model.text, GRUTextEncoder) else [],
+        "vocabulary_negation": model.text.vocab.negation if isinstance(model.text, GRUTextEncoder) else True,
         "weights_sha256": sha256_of(out / "weights.safetensors"),
         "training": training or {},
         "metrics": metrics or {},
@@ -96,7 +97,9 @@ def load_package(
         raise PackageError(msg)
     try:
         cfg = NetConfig.model_validate(meta["network"])
-        model = ARCHITECTURES[arch](cfg, Vocabulary(list(meta.get("vocabulary", []))))
+        model = ARCHITECTURES[arch](
+            cfg, Vocabulary(list(meta.get("vocabulary", [])), bool(meta.get("vocabulary_negation", True)))
+        )
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)
     except Exception as exc:

@@ -168,13 +168,16 @@ def _refine(
     return float(reg.GetMetricValue()), iters[0]
 
 
+Masks = tuple[sitk.Image, sitk.Image]  # head masks of the (fixed, moving) pair
+
+
 def _estimate(
-    fixed_v: Volume, moving_v: Volume, cfg: RegistrationConfig, quick: bool = False
+    fixed_v: Volume, moving_v: Volume, cfg: RegistrationConfig, masks: Masks, quick: bool = False
 ) -> tuple[np.ndarray, float, int]:
     """The best of the top candidates after a short coarse refinement, refined at full resolution
     (`quick`: coarse levels only, as the independent reverse estimate of the QC)."""
     fixed, moving = _float(fixed_v), _float(moving_v)
-    fmask, mmask = head_mask(fixed_v), head_mask(moving_v)
+    fmask, mmask = masks
     init, ranked = _candidates(fixed, moving, fmask, mmask, cfg)
     coarse = slice(0, len(cfg.shrink_factors) - 1)
     best: tuple[float, sitk.Euler3DTransform] | None = None
@@ -210,6 +213,8 @@ def register(ct: Volume, mr: Volume, cfg: RegistrationConfig | None = None) -> R
     """Register `mr` onto `ct` as `cfg.mode` says, and attach the QC record."""
     cfg = cfg or RegistrationConfig()
     t0 = time.perf_counter()
+    needs_qc = cfg.mode != "skip" or cfg.consistency_check
+    masks = (head_mask(ct), head_mask(mr)) if needs_qc else None  # computed once, shared with the QC
     if cfg.mode == "skip":
         res = RegistrationResult(np.eye(4), float("nan"), 0, 0.0, "skip")
     elif cfg.mode == "file":
@@ -218,18 +223,22 @@ def register(ct: Volume, mr: Volume, cfg: RegistrationConfig | None = None) -> R
             raise ValueError(msg)
         res = RegistrationResult(read_transform(cfg.transform_file), float("nan"), 0, 0.0, "file")
     else:
-        matrix, metric, iters = _estimate(ct, mr, cfg)
+        assert masks is not None
+        matrix, metric, iters = _estimate(ct, mr, cfg, masks)
         res = RegistrationResult(matrix, metric, iters, time.perf_counter() - t0, "auto")
-    if cfg.mode != "skip" or cfg.consistency_check:
-        res.qc = quality_check(ct, mr, res.matrix, cfg)
+    if needs_qc:
+        res.qc = quality_check(ct, mr, res.matrix, cfg, masks)
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def quality_check(ct: Volume, mr: Volume, matrix: np.ndarray, cfg: RegistrationConfig) -> dict[str, Any]:
-    """Verdict on a transform: head-mask overlap, metric, and consistency with a reverse registration."""
-    fmask = head_mask(ct)
-    mmask = head_mask(mr)
+def quality_check(
+    ct: Volume, mr: Volume, matrix: np.ndarray, cfg: RegistrationConfig, masks: Masks | None = None
+) -> dict[str, Any]:
+    """Verdict on a transform: head-mask overlap, metric, and consistency with a reverse registration.
+
+    `masks` (CT, MR head masks) are reused when the caller already has them."""
+    fmask, mmask = masks or (head_mask(ct), head_mask(mr))
     warped = sitk.Resample(mmask, fmask, matrix_to_sitk(matrix), sitk.sitkNearestNeighbor, 0, sitk.sitkUInt8)
     f = sitk.GetArrayViewFromImage(fmask).astype(bool)
     w = sitk.GetArrayViewFromImage(warped).astype(bool)
@@ -237,7 +246,7 @@ def quality_check(ct: Volume, mr: Volume, matrix: np.ndarray, cfg: RegistrationC
     qc: dict[str, Any] = {"head_mask_dice": round(dice, 4), "checks": {}}
     qc["checks"]["head_overlap"] = dice >= cfg.min_head_dice
     if cfg.consistency_check:
-        back, _, _ = _estimate(mr, ct, cfg, quick=True)  # MR → CT points, from its own start
+        back, _, _ = _estimate(mr, ct, cfg, (mmask, fmask), quick=True)  # MR → CT points, its own start
         pts = _head_points(ct, fmask, 200, cfg.seed)
         fwd = _apply(matrix, pts)
         round_trip = _apply(back, fwd)

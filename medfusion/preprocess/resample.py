@@ -39,7 +39,7 @@ def resample(
         tx.SetMatrix(np.asarray(matrix[:3, :3], float).ravel().tolist())
         tx.SetTranslation(np.asarray(matrix[:3, 3], float).tolist())
     src = vol.to_sitk()
-    ref = reference.to_sitk() if reference.array.size else reference.to_sitk()
+    ref = reference.to_sitk()
     if label:
         out = sitk.Resample(src, ref, tx, sitk.sitkNearestNeighbor, 0, src.GetPixelID())
     else:
@@ -47,8 +47,7 @@ def resample(
         out = sitk.Resample(
             sitk.Cast(src, sitk.sitkFloat32), ref, tx, sitk.sitkLinear, fill, sitk.sitkFloat32
         )
-    res = Volume.from_sitk(out, vol.modality, dict(vol.meta))
-    return res
+    return Volume.from_sitk(out, vol.modality, dict(vol.meta))
 
 
 def probabilities_to_grid(probs: np.ndarray, source: Volume, target: Volume) -> np.ndarray:

@@ -42,7 +42,7 @@ def _img(png: bytes, width_mm: float) -> Image:
     return img
 
 
-def _table(rows: list[list[str]], widths: list[float]) -> Table:
+def table(rows: list[list[str]], widths: list[float]) -> Table:
     t = Table(rows, colWidths=[w * mm for w in widths])
     t.setStyle(
         TableStyle(
@@ -75,7 +75,7 @@ def write_report(
         Paragraph("medfusion — multimodal imaging report", styles["Title"]),
         Paragraph(DISCLAIMER, warn),
         Spacer(1, 3 * mm),
-        _table(
+        table(
             [
                 ["Patient ID", "Study date", "Modalities", "Model"],
                 [
@@ -107,7 +107,7 @@ def write_report(
         ["Lesions (tumour core components)", str(meas["lesion_count"])],
         ["Largest lesion diameter (mm)", f"{meas['largest_diameter_mm']:.1f}"],
     ]
-    story.append(_table(rows, [80, 40]))
+    story.append(table(rows, [80, 40]))
     story.append(Paragraph("Key sentences of the clinical note", styles["Heading2"]))
     sents = key_sentences(case.note) if case.note else []
     if sents:

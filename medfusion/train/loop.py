@@ -14,11 +14,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from monai.losses import DiceCELoss
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
-from medfusion.config import PreprocessConfig
+from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig
 from medfusion.models.package import pick_device, save_package
@@ -37,11 +37,7 @@ from medfusion.train.data import (
 # --- Config ---
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     patients: str
     labels: str
     cache: str = "runs/cache"
@@ -49,7 +45,7 @@ class DataConfig(_Strict):
     limit: int | None = None
 
 
-class AugmentConfig(_Strict):
+class AugmentConfig(StrictModel):
     flip: bool = True
     rotate_deg: float = 8.0
     noise: float = 0.03
@@ -60,7 +56,7 @@ class AugmentConfig(_Strict):
     lesion_crop_prob: float = 0.75
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     name: str = "medfusion-default"
     version: str = "0.1.0"
     data: DataConfig
