@@ -33,7 +33,9 @@ class RegistrationConfig(StrictModel):
 
 
 class PreprocessConfig(StrictModel):
-    target_spacing_mm: float = 2.5
+    # one value (isotropic) or x, y, z; matching the CT's own spacing and size makes the model grid the
+    # CT grid, so nothing is interpolated on the way back
+    target_spacing_mm: float | list[float] = 2.5
     target_size: list[int] = Field(default=[80, 80, 80], min_length=3, max_length=3)
     ct_windows: list[list[float]] = [[-20.0, 100.0], [-200.0, 1600.0]]
     mr_percentiles: list[float] = [1.0, 99.0]

@@ -55,6 +55,7 @@ def save_package(
         "preprocess": preprocess.model_dump(),
         "vocabulary": model.text.vocab.words[2:] if isinstance(model.text, GRUTextEncoder) else [],
         "vocabulary_negation": model.text.vocab.negation if isinstance(model.text, GRUTextEncoder) else True,
+        "vocabulary_numbers": model.text.vocab.numbers if isinstance(model.text, GRUTextEncoder) else False,
         "weights_sha256": sha256_of(out / "weights.safetensors"),
         "training": training or {},
         "metrics": metrics or {},
@@ -98,7 +99,12 @@ def load_package(
     try:
         cfg = NetConfig.model_validate(meta["network"])
         model = ARCHITECTURES[arch](
-            cfg, Vocabulary(list(meta.get("vocabulary", [])), bool(meta.get("vocabulary_negation", True)))
+            cfg,
+            Vocabulary(
+                list(meta.get("vocabulary", [])),
+                bool(meta.get("vocabulary_negation", True)),
+                bool(meta.get("vocabulary_numbers", False)),
+            ),
         )
         state = load_file(str(weights))
         model.load_state_dict(state, strict=True)

@@ -8,15 +8,20 @@ import SimpleITK as sitk
 from medfusion.io.volume import Volume
 
 
-def model_grid(ct: Volume, spacing_mm: float, size: list[int] | tuple[int, ...]) -> Volume:
-    """An isotropic grid of `size` (x, y, z) voxels, axis-aligned with the CT, centred on the CT's centre."""
+def model_grid(ct: Volume, spacing_mm: float | list[float], size: list[int] | tuple[int, ...]) -> Volume:
+    """A grid of `size` (x, y, z) voxels of `spacing_mm` (one value or x, y, z), axis-aligned with the
+    CT and centred on the CT's centre."""
     size_xyz = np.asarray(size, dtype=int)
+    spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+    if np.any(spacing <= 0):
+        msg = f"target spacing must be positive, got {spacing_mm}"
+        raise ValueError(msg)
     centre_idx = (np.asarray(ct.size_xyz, float) - 1) / 2.0
     centre = ct.index_to_world(centre_idx[None])[0]
-    half = ct.direction @ (spacing_mm * (size_xyz - 1) / 2.0)
+    half = ct.direction @ (spacing * (size_xyz - 1) / 2.0)
     return Volume(
         np.zeros(tuple(size_xyz[::-1]), np.float32),
-        (spacing_mm,) * 3,
+        (float(spacing[0]), float(spacing[1]), float(spacing[2])),
         tuple(centre - half),
         ct.direction.copy(),
         "GRID",

@@ -303,20 +303,42 @@ def _collect(futs: list[Any], progress: bool) -> list[dict[str, Any]]:
     return out
 
 
+def _merged_rows(path: Path, header: list[str], new: list[list[Any]]) -> list[list[Any]]:
+    """Rows of an existing table (from an earlier `--start`) with `new` replacing same-id rows."""
+    by_id: dict[str, list[Any]] = {}
+    if path.exists():
+        with open(path, newline="") as f:
+            reader = csv.reader(f)
+            if next(reader, None) == header:
+                by_id = {r[0]: r for r in reader if r}
+    by_id.update({str(r[0]): r for r in new})
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def _write_table(path: Path, header: list[str], new: list[list[Any]]) -> int:
+    rows = _merged_rows(path, header, new)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return len(rows)
+
+
 def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
-    with atomic_path(out / "labels" / "labels.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["patient_id", *notes.SCORE_NAMES, "sex", "mr_format", "n_lesions"])
-        for r in rows:
-            w.writerow([r["patient_id"], r["malignant"], r["sex"], r["mr_format"], r["n_lesions"]])
-    with atomic_path(out / "labels" / "oracle.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["patient_id", "p_all", "p_image", "p_note"])
-        for r in rows:
-            w.writerow([r["patient_id"], f"{r['p_all']:.6f}", f"{r['p_image']:.6f}", f"{r['p_note']:.6f}"])
+    """labels.csv / oracle.csv / cohort.json; extending a cohort (`start` > 0) keeps earlier rows."""
+    n = _write_table(
+        out / "labels" / "labels.csv",
+        ["patient_id", *notes.SCORE_NAMES, "sex", "mr_format", "n_lesions"],
+        [[r["patient_id"], r["malignant"], r["sex"], r["mr_format"], r["n_lesions"]] for r in rows],
+    )
+    _write_table(
+        out / "labels" / "oracle.csv",
+        ["patient_id", "p_all", "p_image", "p_note"],
+        [[r["patient_id"], f"{r['p_all']:.6f}", f"{r['p_image']:.6f}", f"{r['p_note']:.6f}"] for r in rows],
+    )
     write_json(
         out / "labels" / "cohort.json",
-        {"n": len(rows), "class_names": list(CLASS_NAMES), "score_names": list(notes.SCORE_NAMES)},
+        {"n": n, "class_names": list(CLASS_NAMES), "score_names": list(notes.SCORE_NAMES)},
     )
 
 

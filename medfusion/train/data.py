@@ -18,6 +18,7 @@ from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case
 from medfusion.io.errors import InputError
 from medfusion.preprocess.prepare import prepare_case
+from medfusion.preprocess.registration import RegistrationResult
 
 
 def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[str, int]]:
@@ -35,14 +36,34 @@ def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[
 
 
 def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> dict[str, Any]:
+    """One case into `cache_dir`; kept if it was made with the same preprocessing. When only the grid or
+    intensity settings changed, the stored registration is reused rather than run again."""
     cfg = PreprocessConfig.model_validate_json(cfg_json)
     pid = Path(folder).name
     target = Path(cache_dir) / f"{pid}.npz"
-    if target.exists() and (Path(cache_dir) / f"{pid}.json").exists():
-        return json.loads((Path(cache_dir) / f"{pid}.json").read_text())
+    meta_path = Path(cache_dir) / f"{pid}.json"
+    key = cfg.model_dump(mode="json")
+    old = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if old is not None and target.exists() and old.get("preprocess", key) == key:
+        return old  # records from before "preprocess" was stored are taken as they are
+    reuse = None
+    if (
+        old is not None
+        and old.get("registration")
+        and old.get("preprocess", {}).get("registration") == key.get("registration")
+    ):
+        r = old["registration"]
+        reuse = RegistrationResult(
+            np.asarray(r["matrix_lps"], float),
+            r["metric_mattes_mi"],
+            r["iterations"],
+            r["seconds"],
+            r["mode"],
+            r.get("qc", {}),
+        )
     try:
         case = load_case(folder, labels_dir=labels_dir)
-        ct = prepare_case(case, cfg)
+        ct = prepare_case(case, cfg, registration=reuse)
     except InputError as exc:
         return {"patient_id": pid, "error": str(exc)}
     if ct.target is None:
@@ -56,9 +77,11 @@ def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> d
         "note": ct.note,
         "has_mr": ct.has_mr,
         "registration_qc": ct.registration.qc if ct.registration else None,
+        "registration": ct.registration.to_json() if ct.registration else None,
+        "preprocess": key,
         "seconds": ct.timings,
     }
-    write_json(Path(cache_dir) / f"{pid}.json", rec)
+    write_json(meta_path, rec)
     return rec
 
 
@@ -91,23 +114,45 @@ def load_cached(cache_dir: Path, pid: str) -> dict[str, Any]:
 
 
 def image_augment(
-    crop: list[int], flip: bool, rotate_deg: float, noise: float, scale: float, lesion_prob: float, seed: int
+    crop: list[int],
+    flip: bool,
+    rotate_deg: float,
+    noise: float,
+    scale: float,
+    lesion_prob: float,
+    seed: int,
+    class_ratios: list[float] | None = None,
 ) -> mt.Compose:
-    """Lesion-biased crop, flips, small rotations, intensity noise/scale (MONAI dictionary transforms)."""
-    pos = max(lesion_prob, 1e-3)
-    neg = max(1.0 - lesion_prob, 1e-3)
-    ts: list[Any] = [
-        mt.RandCropByPosNegLabeld(
+    """Lesion-biased crop, flips, small rotations, intensity noise/scale (MONAI dictionary transforms).
+
+    With `class_ratios` (one weight per class, background first) crops are centred on a voxel of a class
+    drawn with those weights (classes absent from a case are skipped), so that a rare class such as a
+    few-millimetre calcification is seen in a fixed share of crops; otherwise a crop is centred on lesion
+    with probability `lesion_prob`.
+    """
+    crop_t: Any
+    if class_ratios:
+        crop_t = mt.RandCropByLabelClassesd(
             keys=["image", "label"],
             label_key="label",
             spatial_size=crop,
-            pos=pos,
-            neg=neg,
+            ratios=list(class_ratios),
+            num_classes=len(class_ratios),
             num_samples=1,
             allow_smaller=True,
-        ),
-        mt.SpatialPadd(keys=["image", "label"], spatial_size=crop),
-    ]
+            warn=False,
+        )
+    else:
+        crop_t = mt.RandCropByPosNegLabeld(
+            keys=["image", "label"],
+            label_key="label",
+            spatial_size=crop,
+            pos=max(lesion_prob, 1e-3),
+            neg=max(1.0 - lesion_prob, 1e-3),
+            num_samples=1,
+            allow_smaller=True,
+        )
+    ts: list[Any] = [crop_t, mt.SpatialPadd(keys=["image", "label"], spatial_size=crop)]
     if flip:
         ts.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2))
     if rotate_deg > 0:

@@ -43,6 +43,9 @@ class DataConfig(StrictModel):
     cache: str = "runs/cache"
     val_fraction: float = Field(0.2, gt=0, lt=1)
     limit: int | None = None
+    # per-epoch model selection scores this many validation cases (None: all); the temperature is
+    # always fitted on the whole validation split
+    val_per_epoch: int | None = None
 
 
 class AugmentConfig(StrictModel):
@@ -54,6 +57,8 @@ class AugmentConfig(StrictModel):
     sentence_drop: float = 0.1
     modality_dropout: float = 0.1
     lesion_crop_prob: float = 0.75
+    # crop-centre class weights (background first); None: lesion_crop_prob decides
+    class_crop_ratios: list[float] | None = None
 
 
 class TrainConfig(StrictModel):
@@ -226,6 +231,7 @@ class Trainer:
             cfg.augment.intensity_scale,
             cfg.augment.lesion_crop_prob,
             cfg.seed + _rank(),
+            cfg.augment.class_crop_ratios,
         )
         rng = np.random.default_rng(cfg.seed + 1000 * _rank())
         use_amp = self.device.type == "cuda"
@@ -252,7 +258,7 @@ class Trainer:
                 sched.step()
                 losses.append(float(loss.detach()))
                 self._progress(epoch, step, steps, float(np.mean(losses)))
-            metrics = self.validate(model, val) if _rank() == 0 else {}
+            metrics = self.validate(model, val[: cfg.data.val_per_epoch]) if _rank() == 0 else {}
             rec = {
                 "epoch": epoch,
                 "loss": float(np.mean(losses)),
