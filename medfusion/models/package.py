@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from medfusion.config import PreprocessConfig
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig
-from medfusion.text.encoders import GRUTextEncoder, Vocabulary, sha256_of
+from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, Vocabulary, sha256_of
 
 ARCHITECTURES: dict[str, type[MedFusionNet]] = {MedFusionNet.architecture: MedFusionNet}
 DEFAULT_PACKAGE = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -41,7 +41,11 @@ def save_package(
 ) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = {
+        k: v.detach().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k not in external_weights(model)
+    }
     with atomic_path(out / "weights.safetensors") as tmp:
         save_file(state, str(tmp))
     meta = {
@@ -62,6 +66,14 @@ def save_package(
     }
     write_json(out / "model.json", meta)
     return out
+
+
+def external_weights(model: MedFusionNet) -> set[str]:
+    """State keys not stored in the package: a frozen pretrained note encoder, which is rebuilt from its
+    own (hash-checked) files; a fine-tuned one is stored whole."""
+    if isinstance(model.text, HFTextEncoder) and model.text.finetune_layers == 0:
+        return {f"text.model.{k}" for k in model.text.model.state_dict()}
+    return set()
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -107,7 +119,11 @@ def load_package(
             ),
         )
         state = load_file(str(weights))
-        model.load_state_dict(state, strict=True)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        absent = sorted(set(missing) - external_weights(model))
+        if absent or unexpected:
+            msg = f"missing {absent[:3]}, unexpected {unexpected[:3]}"
+            raise KeyError(msg)
     except Exception as exc:
         msg = f"{path}: cannot build the network from the package ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         raise PackageError(msg) from exc

