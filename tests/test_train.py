@@ -104,3 +104,41 @@ def test_split_and_temperature() -> None:
     y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(float)
     t = fit_temperature((z * 3)[:, None], y[:, None])  # logits 3× too confident
     assert 2.6 < t[0] < 3.4
+
+
+def test_cache_keeps_registration_when_the_grid_changes_and_rereads_notes(
+    cohort: Path, cache: Path, tmp_path: Path
+) -> None:
+    """A new grid rebuilds the tensors without registering again (in place, or from another cache
+    folder); an edited note reaches the cache; a registration setting change registers again."""
+    import shutil
+
+    from medfusion.config import PreprocessConfig
+    from medfusion.train.data import build_cache, load_cached
+
+    folder = cohort / "patients" / "SYN00110001"
+    work = tmp_path / "patients"
+    shutil.copytree(folder, work / folder.name)
+    pid = folder.name
+    a = PreprocessConfig.model_validate(_cfg(cohort, cache)["preprocess"])
+    first = build_cache([work / pid], cohort / "labels", a, tmp_path / "a", workers=1)[0]
+
+    def registered(rec: dict) -> bool:  # a real registration takes seconds; a reused one, microseconds
+        return rec["seconds"].get("register", 0.0) > 0.3
+
+    assert registered(first) and first["registration"]["matrix_lps"]
+    b = a.model_copy(update={"target_size": [40, 40, 40]})
+    for cache_dir, donor in ((tmp_path / "a", None), (tmp_path / "b", tmp_path / "a")):
+        rec = build_cache([work / pid], cohort / "labels", b, cache_dir, workers=1, registration_from=donor)[
+            0
+        ]
+        assert not registered(rec), "the stored registration should have been reused"
+        assert rec["registration"]["matrix_lps"] == first["registration"]["matrix_lps"]
+        assert load_cached(cache_dir, pid)["ct"].shape[1:] == (40, 40, 40)
+    (work / pid / "note.txt").write_text("No known melanoma.\n")
+    assert build_cache([work / pid], cohort / "labels", b, tmp_path / "b", workers=1)[0]["note"] == (
+        "No known melanoma."
+    )
+    c = b.model_copy(update={"registration": b.registration.model_copy(update={"candidates": 1})})
+    rec = build_cache([work / pid], cohort / "labels", c, tmp_path / "b", workers=1)[0]
+    assert registered(rec)

@@ -35,9 +35,12 @@ def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[
     return out
 
 
-def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> dict[str, Any]:
+def _cache_one(
+    folder: str, labels_dir: str, cfg_json: str, cache_dir: str, registration_from: str | None = None
+) -> dict[str, Any]:
     """One case into `cache_dir`; kept if it was made with the same preprocessing. When only the grid or
-    intensity settings changed, the stored registration is reused rather than run again."""
+    intensity settings changed, the stored registration is reused rather than run again; so is one stored
+    for the same case in the cache folder `registration_from` (another grid's cache)."""
     cfg = PreprocessConfig.model_validate_json(cfg_json)
     pid = Path(folder).name
     target = Path(cache_dir) / f"{pid}.npz"
@@ -53,12 +56,21 @@ def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> d
             write_json(meta_path, old)
         return old
     reuse = None
-    if (
-        old is not None
-        and old.get("registration")
-        and old.get("preprocess", {}).get("registration") == key.get("registration")
-    ):
-        r = old["registration"]
+    donors = [old]
+    if registration_from and (Path(registration_from) / f"{pid}.json").exists():
+        donors.append(json.loads((Path(registration_from) / f"{pid}.json").read_text()))
+    donor = next(
+        (
+            d
+            for d in donors
+            if d is not None
+            and d.get("registration")
+            and d.get("preprocess", {}).get("registration") == key.get("registration")
+        ),
+        None,
+    )
+    if donor is not None:
+        r = donor["registration"]
         reuse = RegistrationResult(
             np.asarray(r["matrix_lps"], float),
             r["metric_mattes_mi"],
@@ -92,14 +104,25 @@ def _cache_one(folder: str, labels_dir: str, cfg_json: str, cache_dir: str) -> d
 
 
 def build_cache(
-    folders: list[Path], labels_dir: Path, cfg: PreprocessConfig, cache_dir: Path, workers: int = 2
+    folders: list[Path],
+    labels_dir: Path,
+    cfg: PreprocessConfig,
+    cache_dir: Path,
+    workers: int = 2,
+    registration_from: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Preprocess every case once (in parallel through Dask's process scheduler) into `cache_dir`."""
     import dask
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     tasks = [
-        dask.delayed(_cache_one)(str(f), str(labels_dir), cfg.model_dump_json(), str(cache_dir))
+        dask.delayed(_cache_one)(
+            str(f),
+            str(labels_dir),
+            cfg.model_dump_json(),
+            str(cache_dir),
+            str(registration_from) if registration_from else None,
+        )
         for f in folders
     ]
     if workers > 1:

@@ -41,6 +41,8 @@ class DataConfig(StrictModel):
     patients: str
     labels: str
     cache: str = "runs/cache"
+    # another cache folder whose stored registrations may be reused (same registration settings)
+    registration_from: str | None = None
     val_fraction: float = Field(0.2, gt=0, lt=1)
     limit: int | None = None
     # per-epoch model selection scores this many validation cases (None: all); the temperature is
@@ -163,7 +165,14 @@ class Trainer:
         labels = read_labels_csv(Path(cfg.data.labels) / "labels.csv", cfg.score_names)
         cache = Path(cfg.data.cache)
         if _rank() == 0:
-            recs = build_cache(folders, Path(cfg.data.labels), cfg.preprocess, cache, cfg.workers)
+            recs = build_cache(
+                folders,
+                Path(cfg.data.labels),
+                cfg.preprocess,
+                cache,
+                cfg.workers,
+                Path(cfg.data.registration_from) if cfg.data.registration_from else None,
+            )
             failed = [r for r in recs if "error" in r]
             for r in failed:
                 print(f"skipped {r['patient_id']}: {r['error']}")
