@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfusion.models.network import MedFusionNet
+from medfusion.models.network import MedFusionNet, channels_last
 from medfusion.models.package import load_package, pick_device
 from medfusion.preprocess.prepare import CaseTensors
 
@@ -41,6 +41,7 @@ class Predictor:
     ) -> None:
         self.device = pick_device(device)
         self.model, self.meta = load_package(package, self.device)
+        self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.tta = tta
         self.mc_samples = mc_samples
         self.amp = amp and self.device.type == "cuda"
@@ -68,8 +69,8 @@ class Predictor:
     @torch.inference_mode()
     def predict(self, t: CaseTensors) -> Prediction:
         dev = self.device
-        ct = torch.from_numpy(t.ct).float()[None].to(dev)
-        mr = torch.from_numpy(t.mr).float()[None].to(dev)
+        ct = channels_last(torch.from_numpy(t.ct).float()[None].to(dev))
+        mr = channels_last(torch.from_numpy(t.mr).float()[None].to(dev))
         has = torch.tensor([t.has_mr], device=dev)
         self.model.eval()
         probs, heads = self._passes(ct, mr, has, t.note)

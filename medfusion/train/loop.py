@@ -20,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 
 from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.io.atomic import atomic_path, write_json
-from medfusion.models.network import MedFusionNet, NetConfig
+from medfusion.models.network import MedFusionNet, NetConfig, channels_last
 from medfusion.models.package import pick_device, save_package
 from medfusion.synth.notes import SCORE_NAMES
 from medfusion.synth.phantom import CLASS_NAMES
@@ -84,6 +84,7 @@ class TrainConfig(StrictModel):
     seed: int = 0
     workers: int = 2
     threads: int = 2
+    channels_last: bool = True  # channels_last_3d tensors: faster 3-D convolutions on CPU and GPU
     device: str = "auto"
     class_names: list[str] = list(CLASS_NAMES)
     score_names: list[str] = list(SCORE_NAMES)
@@ -198,6 +199,8 @@ class Trainer:
         seed_everything(cfg.seed)
         train, val, vocab = self.prepare()
         model = MedFusionNet(cfg.network, vocab).to(self.device)
+        if cfg.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         ddp_model: torch.nn.Module = model
         if _world() > 1:
             ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
@@ -356,21 +359,24 @@ class Trainer:
             scores.append(to_tensor(r["scores"]))
         dev = self.device
         return {
-            "ct": torch.stack(cts).to(dev),
-            "mr": torch.stack(mrs).to(dev),
+            "ct": self._layout(torch.stack(cts).to(dev)),
+            "mr": self._layout(torch.stack(mrs).to(dev)),
             "label": torch.stack(labels).to(dev),
             "has_mr": torch.tensor(has, device=dev),
             "notes": notes,
             "scores": torch.stack(scores).to(dev),
         }
 
+    def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_last(x) if self.cfg.channels_last else x
+
     @torch.inference_mode()
     def validate(self, model: MedFusionNet, val: list[dict[str, Any]]) -> dict[str, Any]:
         model.eval()
         dices, logits, ys = [], [], []
         for r in val:
-            ct = to_tensor(r["ct"])[None].to(self.device)
-            mr = to_tensor(r["mr"])[None].to(self.device)
+            ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
+            mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
             seg, sc = model(ct, mr, torch.tensor([bool(r["has_mr"])], device=self.device), [r["note"]])
             pred = seg.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
