@@ -2,7 +2,9 @@
 
     python benchmarks/model.py [--size 96] [--repeats 3]
 
-Baseline in the same run: MONAI's BasicUNet with the same input channels, classes and width.
+Baseline in the same run: MONAI's BasicUNet with the same input channels, classes and width (in both
+memory layouts). Fusion rows use channels_last_3d, as training and inference do; one row repeats
+`sequence` in the default contiguous layout and one with a single convolution per residual unit.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import torch
 from monai.networks.nets import BasicUNet
 
-from medfusion.models.network import MedFusionNet, NetConfig
+from medfusion.models.network import MedFusionNet, NetConfig, channels_last
 from medfusion.text.encoders import Vocabulary
 
 NOTES = [
@@ -44,40 +46,56 @@ def main() -> None:
     has = torch.tensor([True])
     vocab = Vocabulary.fit(NOTES, min_count=1)
     rows = []
-    base = BasicUNet(3, 3, 4, features=(8, 16, 32, 64, 128, 8))
-    opt_b = torch.optim.AdamW(base.parameters())
     x = torch.cat([ct, mr], 1)
 
-    def base_step() -> None:
-        opt_b.zero_grad()
-        base(x).mean().backward()
-        opt_b.step()
+    def add(name: str, net: torch.nn.Module, layout: bool, fwd_fn, step_fn) -> None:  # type: ignore[no-untyped-def]
+        net.eval()
+        with torch.inference_mode():
+            fwd = time_it(fwd_fn, args.repeats)
+        net.train()
+        rows.append((name, sum(p.numel() for p in net.parameters()), fwd, time_it(step_fn, args.repeats)))
 
-    with torch.inference_mode():
-        fwd_b = time_it(lambda: base(x), args.repeats)
-    rows.append(
-        (
-            "MONAI BasicUNet (baseline)",
-            sum(p.numel() for p in base.parameters()),
-            fwd_b,
-            time_it(base_step, args.repeats),
-        )
-    )
-    for fusion in ("spatial", "feature_concat", "feature_gated", "sequence", "film"):
-        net = MedFusionNet(NetConfig(fusion=fusion), vocab)
+    for layout in (False, True):
+        base = BasicUNet(3, 3, 4, features=(8, 16, 32, 64, 128, 8))
+        xb = channels_last(x) if layout else x
+        if layout:
+            base = base.to(memory_format=torch.channels_last_3d)
+        opt_b = torch.optim.AdamW(base.parameters())
+
+        def base_step(
+            base: torch.nn.Module = base, opt_b: torch.optim.Optimizer = opt_b, xb: torch.Tensor = xb
+        ) -> None:
+            opt_b.zero_grad()
+            base(xb).mean().backward()
+            opt_b.step()
+
+        name = "MONAI BasicUNet" + (", channels_last" if layout else " (baseline)")
+        add(name, base, layout, lambda base=base, xb=xb: base(xb), base_step)
+
+    variants = [
+        (f, {"fusion": f}, True) for f in ("spatial", "feature_concat", "feature_gated", "sequence", "film")
+    ]
+    variants += [("sequence, contiguous", {"fusion": "sequence"}, False)]
+    variants += [("sequence, subunits 1", {"fusion": "sequence", "subunits": 1}, True)]
+    for name, kw, layout in variants:
+        net = MedFusionNet(NetConfig(**kw), vocab)
+        c, m = (channels_last(ct), channels_last(mr)) if layout else (ct, mr)
+        if layout:
+            net = net.to(memory_format=torch.channels_last_3d)
         opt = torch.optim.AdamW(net.parameters())
 
-        def step(net: MedFusionNet = net, opt: torch.optim.Optimizer = opt) -> None:
+        def step(
+            net: MedFusionNet = net,
+            opt: torch.optim.Optimizer = opt,
+            c: torch.Tensor = c,
+            m: torch.Tensor = m,
+        ) -> None:
             opt.zero_grad()
-            seg, sc = net(ct, mr, has, NOTES[:1])
+            seg, sc = net(c, m, has, NOTES[:1])
             (seg.mean() + sc.mean()).backward()
             opt.step()
 
-        net.eval()
-        with torch.inference_mode():
-            fwd = time_it(lambda net=net: net(ct, mr, has, NOTES[:1]), args.repeats)
-        net.train()
-        rows.append((fusion, sum(p.numel() for p in net.parameters()), fwd, time_it(step, args.repeats)))
+        add(name, net, layout, lambda net=net, c=c, m=m: net(c, m, has, NOTES[:1]), step)
     print(f"{n}³ input, batch 1, CPU {torch.get_num_threads()} threads, median of {args.repeats}")
     print(f"{'model':28s} {'params':>9s} {'forward s':>10s} {'train step s':>13s} {'step / baseline':>16s}")
     for name, p, f, s in rows:
