@@ -25,6 +25,10 @@ class RegistrationConfig(StrictModel):
     iterations: int = 200
     candidates: int = 3
     histogram_bins: int = 32
+    sampling_strategy: Literal["random", "regular"] = "random"
+    # the metric's fixed mask is the CT head mask grown by this much, so that the skin-air edge is
+    # sampled from both sides (0: the head mask itself)
+    mask_dilation_mm: float = Field(default=0.0, ge=0.0)
     rotation_search_deg: float = 15.0
     consistency_check: bool = True
     max_consistency_mm: float = 5.0

@@ -103,7 +103,7 @@ def _method(
 ) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
     reg.SetMetricAsMattesMutualInformation(cfg.histogram_bins)
-    reg.SetMetricSamplingStrategy(reg.RANDOM)
+    reg.SetMetricSamplingStrategy(reg.REGULAR if cfg.sampling_strategy == "regular" else reg.RANDOM)
     reg.SetMetricSamplingPercentagePerLevel(sampling, cfg.seed)
     reg.SetMetricFixedMask(fmask)
     reg.SetInterpolator(sitk.sitkLinear)
@@ -178,6 +178,9 @@ def _estimate(
     (`quick`: coarse levels only, as the independent reverse estimate of the QC)."""
     fixed, moving = _float(fixed_v), _float(moving_v)
     fmask, mmask = masks
+    if cfg.mask_dilation_mm > 0:
+        radius = [max(1, int(round(cfg.mask_dilation_mm / sp))) for sp in fmask.GetSpacing()]
+        fmask = sitk.BinaryDilate(fmask, radius)
     init, ranked = _candidates(fixed, moving, fmask, mmask, cfg)
     coarse = slice(0, len(cfg.shrink_factors) - 1)
     best: tuple[float, sitk.Euler3DTransform] | None = None

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-from medfusion.config import PreprocessConfig
+from medfusion.config import PreprocessConfig, RegistrationConfig, StrictModel
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
@@ -35,6 +35,19 @@ def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[
     return out
 
 
+def _same(
+    stored: dict[str, Any] | None, key: dict[str, Any], model: type[StrictModel] = PreprocessConfig
+) -> bool:
+    """Settings stored by an earlier version equal `key` once fields added since take their defaults
+    (None, from before settings were stored, counts as equal)."""
+    if stored is None:
+        return True
+    try:
+        return model.model_validate(stored).model_dump(mode="json") == key
+    except ValueError:
+        return False
+
+
 def _cache_one(
     folder: str, labels_dir: str, cfg_json: str, cache_dir: str, registration_from: str | None = None
 ) -> dict[str, Any]:
@@ -47,7 +60,7 @@ def _cache_one(
     meta_path = Path(cache_dir) / f"{pid}.json"
     key = cfg.model_dump(mode="json")
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if old is not None and target.exists() and old.get("preprocess", key) == key:
+    if old is not None and target.exists() and _same(old.get("preprocess"), key):
         # records from before "preprocess" was stored are taken as they are; the note is cheap to
         # read and is read again, so that an edited note never trains from a stale copy
         note = read_note(Path(folder))[0]
@@ -65,7 +78,8 @@ def _cache_one(
             for d in donors
             if d is not None
             and d.get("registration")
-            and d.get("preprocess", {}).get("registration") == key.get("registration")
+            and d.get("preprocess")
+            and _same(d["preprocess"].get("registration"), key["registration"], RegistrationConfig)
         ),
         None,
     )
