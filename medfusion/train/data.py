@@ -53,7 +53,8 @@ def _cache_one(
 ) -> dict[str, Any]:
     """One case into `cache_dir`; kept if it was made with the same preprocessing. When only the grid or
     intensity settings changed, the stored registration is reused rather than run again; so is one stored
-    for the same case in the cache folder `registration_from` (another grid's cache)."""
+    for the same case in `registration_from`: another cache folder (when its registration settings are
+    the same) or a `medfusion run` output folder (its per-patient qc.json)."""
     cfg = PreprocessConfig.model_validate_json(cfg_json)
     pid = Path(folder).name
     target = Path(cache_dir) / f"{pid}.npz"
@@ -72,6 +73,12 @@ def _cache_one(
     donors = [old]
     if registration_from and (Path(registration_from) / f"{pid}.json").exists():
         donors.append(json.loads((Path(registration_from) / f"{pid}.json").read_text()))
+    elif registration_from and (Path(registration_from) / pid / "qc.json").exists():
+        # a `medfusion run` output folder: its qc.json holds the registration it used; asking for it
+        # by name is taken as saying its settings are the ones wanted
+        qc = json.loads((Path(registration_from) / pid / "qc.json").read_text())
+        if qc.get("registration", {}).get("mode") == "auto":
+            donors.append({"registration": qc["registration"], "preprocess": key})
     donor = next(
         (
             d
