@@ -218,6 +218,12 @@ def train(
     labels: Annotated[Path | None, typer.Option(help="Override data.labels.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Override epochs.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from OUT/checkpoint.")] = False,
+    package_only: Annotated[
+        bool,
+        typer.Option(
+            help="No training: package OUT/best.safetensors again (temperature refitted on the validation split)."
+        ),
+    ] = False,
     nproc_per_node: Annotated[
         int, typer.Option("--nproc-per-node", min=1, help="Processes (torchrun + DDP).")
     ] = 1,
@@ -260,7 +266,7 @@ def train(
         if resume:
             cmd.append("--resume")
         raise typer.Exit(subprocess.call(cmd))
-    summary = run_training(cfg, out, resume)
+    summary = run_training(cfg, out, resume, package_only)
     if summary:
         Console().print(f"package written to {summary.get('package')}")
 

@@ -51,6 +51,8 @@ class InferConfig(StrictModel):
     tta: bool = True
     mc_samples: int = 8
     amp: bool = True
+    # segment with windows of the model's training crop size (False: the whole volume in one pass)
+    sliding_window: bool = True
 
 
 class OutputConfig(StrictModel):

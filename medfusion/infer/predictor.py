@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.models.network import MedFusionNet, channels_last
 from medfusion.models.package import load_package, pick_device
 from medfusion.preprocess.prepare import CaseTensors
@@ -38,6 +39,7 @@ class Predictor:
         tta: bool = True,
         mc_samples: int = 8,
         amp: bool = True,
+        sliding_window: bool = True,
     ) -> None:
         self.device = pick_device(device)
         self.model, self.meta = load_package(package, self.device)
@@ -45,6 +47,8 @@ class Predictor:
         self.tta = tta
         self.mc_samples = mc_samples
         self.amp = amp and self.device.type == "cuda"
+        # windows of the training crop size, as the network was trained (see infer/windowed.py)
+        self.roi = package_roi(self.meta) if sliding_window else None
         self.class_names: list[str] = list(self.meta["class_names"])
         self.score_names: list[str] = list(self.meta["score_names"])
 
@@ -56,15 +60,7 @@ class Predictor:
         self, ct: torch.Tensor, mr: torch.Tensor, has: torch.Tensor, note: str
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         flips: list[tuple[int, ...]] = [()] + ([(4,)] if self.tta else [])
-        probs, heads = [], []
-        for f in flips:
-            c, m = (ct.flip(f), mr.flip(f)) if f else (ct, mr)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp):
-                seg, head_in = self.model.encode(c, m, has, [note])
-            p = torch.softmax(seg.float(), 1)
-            probs.append(p.flip(f) if f else p)
-            heads.append(head_in.float())
-        return torch.stack(probs).mean(0), heads
+        return forward_case(self.model, ct, mr, has, note, self.roi, flips, self.amp)
 
     @torch.inference_mode()
     def predict(self, t: CaseTensors) -> Prediction:

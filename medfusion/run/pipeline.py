@@ -226,7 +226,13 @@ def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
     """Dask task: each worker process loads the model once and keeps it."""
     from medfusion.infer.predictor import Predictor
 
-    key = (opts.model, opts.device, opts.pipeline.infer.tta, opts.pipeline.infer.mc_samples)
+    key = (
+        opts.model,
+        opts.device,
+        opts.pipeline.infer.tta,
+        opts.pipeline.infer.mc_samples,
+        opts.pipeline.infer.sliding_window,
+    )
     if key not in _WORKER_PREDICTOR:
         import torch
 
@@ -237,6 +243,7 @@ def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
             opts.pipeline.infer.tta,
             opts.pipeline.infer.mc_samples,
             opts.pipeline.infer.amp,
+            opts.pipeline.infer.sliding_window,
         )
     return process_case(Path(folder), opts, _WORKER_PREDICTOR[key])
 
@@ -287,6 +294,7 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
             opts.pipeline.infer.tta,
             opts.pipeline.infer.mc_samples,
             opts.pipeline.infer.amp,
+            opts.pipeline.infer.sliding_window,
         )
         model_info = predictor.describe()
         for f in todo:

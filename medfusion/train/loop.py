@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from sklearn.metrics import roc_auc_score
 
 from medfusion.config import PreprocessConfig, StrictModel
+from medfusion.infer.windowed import forward_case
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig, channels_last
 from medfusion.models.package import pick_device, save_package
@@ -193,7 +194,9 @@ class Trainer:
         vocab = Vocabulary.fit([r["note"] for r in train])
         return train, val, vocab
 
-    def run(self, resume: bool = False) -> dict[str, Any]:
+    def run(self, resume: bool = False, package_only: bool = False) -> dict[str, Any]:
+        """Train, then package the best checkpoint with a temperature fitted on the validation split.
+        `package_only`: skip training and (re)package OUT/best.safetensors."""
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
         seed_everything(cfg.seed)
@@ -248,6 +251,11 @@ class Trainer:
         rng = np.random.default_rng(cfg.seed + 1000 * _rank())
         use_amp = self.device.type == "cuda"
         summary: dict[str, Any] = {}
+        if package_only:
+            if not (self.out / "best.safetensors").exists():
+                msg = f"{self.out}: no best.safetensors to package"
+                raise FileNotFoundError(msg)
+            start_epoch = cfg.epochs
         for epoch in range(start_epoch, cfg.epochs):
             seed_everything(cfg.seed + epoch * 7919 + _rank())
             model.train()
@@ -372,15 +380,18 @@ class Trainer:
 
     @torch.inference_mode()
     def validate(self, model: MedFusionNet, val: list[dict[str, Any]]) -> dict[str, Any]:
+        """Validation the way inference runs: windows of the crop size, the score from the
+        lesion-centred window (infer/windowed.py), no test-time flips."""
         model.eval()
         dices, logits, ys = [], [], []
         for r in val:
             ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
-            seg, sc = model(ct, mr, torch.tensor([bool(r["has_mr"])], device=self.device), [r["note"]])
-            pred = seg.argmax(1)[0].cpu().numpy()
+            has = torch.tensor([bool(r["has_mr"])], device=self.device)
+            probs, heads = forward_case(model, ct, mr, has, r["note"], self.cfg.crop_size, [()])
+            pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
-            logits.append((sc / model.temperature).cpu().numpy()[0])
+            logits.append((model.score_head(heads[0]) / model.temperature).cpu().numpy()[0])
             ys.append(r["scores"])
         model.train()
         d = np.array(dices)
@@ -412,13 +423,15 @@ class Trainer:
         write_json(ckpt / "state.json", {"epoch": epoch, "best": best, "bad": bad})
 
 
-def train(cfg: TrainConfig, out: str | Path, resume: bool = False) -> dict[str, Any]:
+def train(
+    cfg: TrainConfig, out: str | Path, resume: bool = False, package_only: bool = False
+) -> dict[str, Any]:
     """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
     try:
-        return Trainer(cfg, Path(out)).run(resume)
+        return Trainer(cfg, Path(out)).run(resume, package_only)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,0 +1,98 @@
+"""One forward pass over a case the way the network was trained: on windows of the training crop size.
+
+A network trained on crops (instance normalisation, pooled features) sees other statistics when run on
+the whole volume at once; on the 1.6 mm grid this cost the tumour core most of its Dice (0.05 against
+0.75 on the same validation cases). So segmentation runs as a Gaussian-weighted sliding window of the
+crop size (MONAI `sliding_window_inference`), and the diagnosis head reads one window centred on the
+predicted lesion — what most training crops were — or on the volume's centre when none is predicted.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+from medfusion.models.network import MedFusionNet
+
+
+def lesion_window(probs: torch.Tensor, roi: list[int]) -> tuple[slice, ...]:
+    """Slices (z, y, x) of a `roi` window centred on the predicted lesion's mass (probability of any
+    foreground class above 0.5), or on the volume's centre; kept inside the volume."""
+    shape = probs.shape[-3:]
+    fg = (1.0 - probs[0, 0]) > 0.5
+    if bool(fg.any()):
+        weights = (1.0 - probs[0, 0]) * fg
+        grids = torch.meshgrid(
+            *[torch.arange(s, device=probs.device, dtype=probs.dtype) for s in shape], indexing="ij"
+        )
+        centre = [float((g * weights).sum() / weights.sum()) for g in grids]
+    else:
+        centre = [(s - 1) / 2.0 for s in shape]
+    out = []
+    for c, r, s in zip(centre, roi, shape, strict=True):
+        r = min(r, s)
+        start = int(np.clip(round(c - r / 2.0), 0, s - r))
+        out.append(slice(start, start + r))
+    return tuple(out)
+
+
+def forward_case(
+    model: MedFusionNet,
+    ct: torch.Tensor,
+    mr: torch.Tensor,
+    has_mr: torch.Tensor,
+    note: str,
+    roi: list[int] | None,
+    flips: list[tuple[int, ...]],
+    amp: bool = False,
+    overlap: float = 0.25,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Class probabilities (1, K, z, y, x) averaged over `flips`, and the score head's input per flip.
+
+    `roi` None (or at least the volume's size) runs the whole volume at once."""
+    dev = ct.device.type
+    nct = ct.shape[1]
+
+    def seg_probs(x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            seg, _ = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
+        return torch.softmax(seg.float(), 1)
+
+    whole = roi is None or all(r >= s for r, s in zip(roi, ct.shape[-3:], strict=True))
+    probs, heads = [], []
+    for f in flips:
+        x = torch.cat([ct, mr], 1)
+        x = x.flip(f) if f else x
+        if whole:
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+                seg, head_in = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
+            p = torch.softmax(seg.float(), 1)
+            heads.append(head_in.float())
+        else:
+            assert roi is not None
+            out = sliding_window_inference(x, roi, 1, seg_probs, overlap=overlap, mode="gaussian")
+            assert isinstance(out, torch.Tensor)
+            p = out
+        probs.append(p.flip(f) if f else p)
+    mean = torch.stack(probs).mean(0)
+    if not whole:
+        assert roi is not None
+        win = (slice(None), slice(None), *lesion_window(mean, roi))
+        for f in flips:
+            x = torch.cat([ct, mr], 1)[win]
+            x = x.flip(f) if f else x
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+                _, head_in = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
+            heads.append(head_in.float())
+    return mean, heads
+
+
+def package_roi(meta: dict[str, object]) -> list[int] | None:
+    """The training crop size recorded in a package (None for packages that do not record one)."""
+    training = meta.get("training")
+    if isinstance(training, dict):
+        cfg = training.get("config")
+        if isinstance(cfg, dict) and isinstance(cfg.get("crop_size"), list):
+            return [int(v) for v in cfg["crop_size"]]
+    return None
