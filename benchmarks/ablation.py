@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=80)
     ap.add_argument("--crop", type=int, default=48)
     ap.add_argument("--rows", nargs="*", default=list(ROWS))
+    ap.add_argument(
+        "--threads", type=int, default=2, help="torch threads (1 when another job shares the cores)"
+    )
     ap.add_argument("--train-registrations", type=Path, help="a training cache whose registrations to reuse")
     ap.add_argument("--test-registrations", type=Path, help="a test cache whose registrations to reuse")
     ap.add_argument("--package", type=Path, help="score this package only (no training)")
@@ -137,7 +140,15 @@ def main() -> None:
         "cache": str(args.out / f"train-cache-{args.spacing}mm-{args.size}"),
         "registration_from": str(args.train_registrations) if args.train_registrations else None,
     }
-    base.update({"epochs": args.epochs, "steps_per_epoch": args.steps, "crop_size": [args.crop] * 3})
+    base.update(
+        {
+            "epochs": args.epochs,
+            "steps_per_epoch": args.steps,
+            "crop_size": [args.crop] * 3,
+            "threads": args.threads,
+        }
+    )
+    torch.set_num_threads(args.threads)
     base.get("augment", {}).pop("class_crop_ratios", None)  # 48³ crops at 2.5 mm: lesion-biased crops
     probe = TrainConfig.model_validate(base)
     tcache = args.out / f"test-cache-{args.spacing}mm-{args.size}"
