@@ -316,8 +316,11 @@ class Trainer:
             final = self.validate(model, val)
             temps = fit_temperature(final["logits"], np.stack([v["scores"] for v in val]))
             model.temperature.copy_(torch.from_numpy(temps))  # type: ignore[operator]
-            calibrated = self.validate(model, val)
-            metrics_out = {k: v for k, v in calibrated.items() if k != "logits"}
+            # temperature changes neither the segmentation nor the ranking: only the Brier score moves
+            y_val = np.stack([v["scores"] for v in val])
+            p_cal = 1 / (1 + np.exp(-final["logits"] / temps))
+            metrics_out = {k: v for k, v in final.items() if k != "logits"}
+            metrics_out["brier"] = float(np.mean((p_cal - y_val) ** 2))
             save_package(
                 model.cpu(),
                 self.out / "package",
