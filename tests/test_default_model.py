@@ -50,6 +50,7 @@ def test_default_model_on_fresh_cohort(tmp_path: Path) -> None:
         json.dumps({c: b["dice"]["mean"] for c, b in s["segmentation"].items()}),
         s["diagnosis"]["auroc"]["value"],
     )
-    assert s["segmentation"]["tumour_core"]["dice"]["mean"] > 0.45
+    # 0.2.0 on the 100-patient test cohort: core 0.80, oedema 0.72, AUROC 0.765 (docs/model-card.md)
+    assert s["segmentation"]["tumour_core"]["dice"]["mean"] > 0.65
     assert s["segmentation"]["oedema"]["dice"]["mean"] > 0.55
-    assert s["diagnosis"]["auroc"]["value"] > 0.70
+    assert s["diagnosis"]["auroc"]["value"] > 0.65
