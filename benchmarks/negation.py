@@ -76,6 +76,44 @@ def minimal_pairs(n: int, seed: int) -> tuple[list[str], np.ndarray]:
     return notes, np.array(y)
 
 
+def fit_probe(
+    enc: torch.nn.Module,
+    head: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    train: list[str],
+    ytr: np.ndarray,
+    epochs: int,
+    batch: int,
+    seed: int,
+) -> None:
+    """Train a note encoder + linear head on `prior_cancer` with BCE, shuffled mini-batches."""
+    y = torch.tensor(ytr, dtype=torch.float32)
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        for idx in np.array_split(rng.permutation(len(train)), len(train) // batch):
+            _, _, v = enc([train[i] for i in idx])
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(v)[:, 0], y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def predict_probe(
+    enc: torch.nn.Module, head: torch.nn.Module, tests: list[list[str]], chunk: int | None = None
+) -> list[np.ndarray]:
+    """0/1 predictions per test set (in chunks of `chunk` notes, or all at once)."""
+    enc.eval()
+    outs = []
+    with torch.inference_mode():
+        for t in tests:
+            step = chunk or max(1, len(t))
+            parts = [
+                (head(enc(t[i : i + step])[2])[:, 0] > 0).numpy().astype(int) for i in range(0, len(t), step)
+            ]
+            outs.append(np.concatenate(parts))
+    return outs
+
+
 def gru_probe(
     train: list[str], ytr: np.ndarray, tests: list[list[str]], negation: bool, seed: int = 0
 ) -> list[np.ndarray]:
@@ -84,18 +122,8 @@ def gru_probe(
     enc = GRUTextEncoder(vocab, dim=32, embed=32)
     head = torch.nn.Linear(32, 1)
     opt = torch.optim.Adam([*enc.parameters(), *head.parameters()], lr=3e-3)
-    y = torch.tensor(ytr, dtype=torch.float32)
-    rng = np.random.default_rng(seed)
-    for _ in range(2):
-        for idx in np.array_split(rng.permutation(len(train)), len(train) // 32):
-            _, _, v = enc([train[i] for i in idx])
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(head(v)[:, 0], y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    enc.eval()
-    with torch.inference_mode():
-        return [(head(enc(t)[2])[:, 0] > 0).numpy().astype(int) for t in tests]
+    fit_probe(enc, head, opt, train, ytr, epochs=2, batch=32, seed=seed)
+    return predict_probe(enc, head, tests)
 
 
 def minilm_probe(train: list[str], ytr: np.ndarray, tests: list[list[str]]) -> list[np.ndarray]:
@@ -131,28 +159,9 @@ def minilm_finetune_probe(
     pre = [p for n, p in enc.named_parameters() if p.requires_grad and n.startswith("model.")]
     new = [p for n, p in enc.named_parameters() if p.requires_grad and not n.startswith("model.")]
     opt = torch.optim.AdamW([{"params": pre, "lr": 5e-5}, {"params": [*new, *head.parameters()], "lr": 2e-3}])
-    y = torch.tensor(ytr, dtype=torch.float32)
-    rng = np.random.default_rng(seed)
     enc.train()
-    for idx in np.array_split(rng.permutation(len(train)), len(train) // 16):
-        _, _, v = enc([train[i] for i in idx])
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(head(v)[:, 0], y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    enc.eval()
-    outs = []
-    with torch.inference_mode():
-        for t in tests:
-            outs.append(
-                np.concatenate(
-                    [
-                        (head(enc(t[i : i + 64])[2])[:, 0] > 0).numpy().astype(int)
-                        for i in range(0, len(t), 64)
-                    ]
-                )
-            )
-    return outs
+    fit_probe(enc, head, opt, train, ytr, epochs=1, batch=16, seed=seed)
+    return predict_probe(enc, head, tests, chunk=64)
 
 
 def bow_probe(train: list[str], ytr: np.ndarray, test: list[str], negation: bool) -> np.ndarray:
