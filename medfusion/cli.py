@@ -187,10 +187,21 @@ def synth(
             help="Force the sample_data mix: DICOM and NIfTI MR, one patient without lesion, one note without the key facts.",
         ),
     ] = False,
+    notes_only: Annotated[
+        bool,
+        typer.Option(
+            "--notes-only",
+            help="Write only OUT/notes.csv: notes and diagnoses, no images (a corpus to pre-train the note path).",
+        ),
+    ] = False,
 ) -> None:
     """Generate synthetic head patients (CT DICOM, MR DICOM/NIfTI, notes) with labels and truth."""
-    from medfusion.synth.generate import generate_cohort
+    from medfusion.synth.generate import generate_cohort, generate_note_corpus
 
+    if notes_only:
+        counts = generate_note_corpus(out, n, seed, start)
+        Console().print(f"wrote {counts['notes']} notes to {out}/notes.csv ({counts['malignant']} malignant)")
+        return
     try:
         plan: dict[int, dict[str, Any]] | None = None
         if sample_plan:
@@ -221,7 +232,7 @@ def train(
     package_only: Annotated[
         bool,
         typer.Option(
-            help="No training: package OUT/best.safetensors again (temperature refitted on the validation split)."
+            help="No segmentation training: run the diagnosis stage as configured on OUT/best.safetensors and package it (temperature refitted on the validation split)."
         ),
     ] = False,
     nproc_per_node: Annotated[

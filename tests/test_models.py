@@ -58,6 +58,25 @@ def test_gradients_reach_every_parameter(fusion: str) -> None:
     assert [n for n in missing if not n.startswith(allowed)] == []
 
 
+def test_note_head_adds_a_note_logit_that_trains() -> None:
+    torch.manual_seed(0)
+    cfg = NetConfig(fusion="film", channels=[4, 8, 16, 32], note_head=True)
+    net = MedFusionNet(cfg, Vocabulary.fit(NOTES, min_count=1)).train()
+    ct, mr = _inputs()
+    seg, sc = net(ct, mr, torch.tensor([True, True]), NOTES)
+    _, head_in = net.encode(ct, mr, torch.tensor([True, True]), NOTES)
+    net.eval()
+    with torch.no_grad():
+        off = net.note_offset(NOTES)
+        assert off.shape == (2, 1) and not torch.allclose(off[0], off[1])
+        assert torch.allclose(net.score_logits(head_in, off), net.score_head(head_in) + off)
+    net.train()
+    sc.square().mean().backward()
+    for name in ("note_logit.weight", "note_scale", "note_text.embed.weight"):
+        grad = dict(net.named_parameters())[name].grad
+        assert grad is not None and torch.any(grad != 0), name
+
+
 def test_missing_mr_changes_output() -> None:
     net = _net("feature_gated").eval()
     ct, mr = _inputs(1)

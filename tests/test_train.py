@@ -142,3 +142,49 @@ def test_cache_keeps_registration_when_the_grid_changes_and_rereads_notes(
     c = b.model_copy(update={"registration": b.registration.model_copy(update={"candidates": 1})})
     rec = build_cache([work / pid], cohort / "labels", c, tmp_path / "b", workers=1)[0]
     assert registered(rec)
+
+
+def test_diagnosis_stage_pretrains_note_head_and_refits_score_head(
+    cohort: Path, cache: Path, tmp_path: Path
+) -> None:
+    """The note head is pre-trained on a notes-only corpus (it must learn the diagnosis from notes alone),
+    the score head is refitted on frozen image features, and the package carries both."""
+    from medfusion.synth.generate import generate_note_corpus
+
+    os.environ["MEDFUSION_QUIET"] = "1"
+    generate_note_corpus(tmp_path / "corpus", 1500, seed=11)
+    run = tmp_path / "run"
+    diag = {
+        "note_corpus": str(tmp_path / "corpus" / "notes.csv"),
+        "note_epochs": 3,
+        "head_epochs": 5,
+        "head_windows": 2,
+    }
+    net = {"fusion": "sequence", "channels": [4, 8, 16, 32], "note_head": True}
+    cfg = TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, network=net, diagnosis=diag))
+    summary = train(cfg, run)
+    log = [json.loads(line) for line in (run / "train.jsonl").read_text().splitlines()]
+    notes = [r for r in log if r.get("stage") == "note"]
+    heads = [r for r in log if r.get("stage") == "head"]
+    assert len(notes) == 3 and len(heads) == 6
+    print("note-only AUROC on held-out corpus notes", [round(r["val_auroc"], 3) for r in notes])
+    assert max(r["val_auroc"] for r in notes) > 0.65  # the note-only oracle's AUROC is ≈ 0.74
+    model, meta = load_package(summary["package"])
+    assert meta["network"]["note_head"] and meta["training"]["diagnosis_stage"]["note"]["n_val"] == 150
+    assert model.note_text is not None
+    off = model.note_offset(["Known melanoma. Onset 2 weeks ago with rapid worsening.", ""])
+    assert not np.isclose(float(off[0, 0]), float(off[1, 0]))
+
+
+def test_settings_stored_before_a_default_changed_keep_their_old_meaning() -> None:
+    from medfusion.config import PreprocessConfig, RegistrationConfig
+    from medfusion.train.data import _same
+
+    old = PreprocessConfig().model_dump(mode="json")
+    for key in ("mask_dilation_mm", "sampling_strategy"):
+        del old["registration"][key]  # as written before these fields existed
+    then = PreprocessConfig(registration=RegistrationConfig(mask_dilation_mm=0.0)).model_dump(mode="json")
+    now = PreprocessConfig().model_dump(mode="json")
+    assert now["registration"]["mask_dilation_mm"] > 0
+    assert _same(old, then) and not _same(old, now)
+    assert _same(old["registration"], then["registration"], RegistrationConfig)

@@ -70,21 +70,19 @@ class Predictor:
         has = torch.tensor([t.has_mr], device=dev)
         self.model.eval()
         probs, heads = self._passes(ct, mr, has, t.note)
-        samples = [self.model.calibrated(self.model.score_head(h)) for h in heads]
+        off = self.model.note_offset([t.note]).float()
+        score = self.model.score_logits
+        samples = [self.model.calibrated(score(h, off)) for h in heads]
         if self.mc_samples > 0:
             self.model.score_head.train()  # dropout on, for Monte-Carlo sampling of the score head only
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(0)  # the same case gives the same uncertainty
             for _ in range(self.mc_samples):
                 for h in heads:
-                    samples.append(self.model.calibrated(self.model.score_head(h)))
+                    samples.append(self.model.calibrated(score(h, off)))
             torch.random.set_rng_state(gen_state)
             self.model.score_head.eval()
-        point = (
-            self.model.calibrated(torch.stack([self.model.score_head(h) for h in heads]).mean(0))[0]
-            .cpu()
-            .numpy()
-        )
+        point = self.model.calibrated(torch.stack([score(h, off) for h in heads]).mean(0))[0].cpu().numpy()
         spread = torch.cat(samples).std(0).cpu().numpy()
         pg = probs[0].cpu().numpy()
         pct = t.to_ct_grid(pg)

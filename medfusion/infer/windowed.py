@@ -9,6 +9,8 @@ predicted lesion — what most training crops were — or on the volume's centre
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
@@ -29,6 +31,11 @@ def lesion_window(probs: torch.Tensor, roi: list[int]) -> tuple[slice, ...]:
         centre = [float((g * weights).sum() / weights.sum()) for g in grids]
     else:
         centre = [(s - 1) / 2.0 for s in shape]
+    return centred_window(tuple(shape), centre, roi)
+
+
+def centred_window(shape: tuple[int, ...], centre: Sequence[float], roi: list[int]) -> tuple[slice, ...]:
+    """Slices of a `roi`-sized window centred on `centre` (voxels), moved to lie inside `shape`."""
     out = []
     for c, r, s in zip(centre, roi, shape, strict=True):
         r = min(r, s)

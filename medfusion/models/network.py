@@ -51,6 +51,10 @@ class NetConfig(StrictModel):
     text_model_dir: str | None = None
     text_model_sha256: str | None = None
     text_finetune_layers: int = Field(default=0, ge=0)
+    # late fusion for the diagnosis: a second note encoder of the same kind whose logit is added to the
+    # score head's (the synthetic diagnosis is additive in log-odds; the note path can be pre-trained on
+    # a notes-only corpus, see train.loop.DiagnosisConfig)
+    note_head: bool = False
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -179,6 +183,11 @@ class MedFusionNet(nn.Module):
     """CT (+ MR) volumes and notes → segmentation logits (B, K, z, y, x) and score logits (B, S)."""
 
     architecture = "medfusion-unet-v1"
+    temperature: torch.Tensor  # buffer: per-score temperature, fitted on the validation split
+
+    @property
+    def device(self) -> torch.device:
+        return self.seg_head.weight.device
 
     def __init__(self, cfg: NetConfig, vocab: Vocabulary, text: TextEncoder | None = None) -> None:
         super().__init__()
@@ -212,6 +221,12 @@ class MedFusionNet(nn.Module):
         self.score_head = nn.Sequential(
             nn.Linear(n_in, 64), nn.PReLU(), nn.Dropout(cfg.dropout), nn.Linear(64, cfg.n_scores)
         )
+        if cfg.note_head:
+            self.note_text: TextEncoder | None = build_text_encoder(cfg, vocab)
+            self.note_logit = nn.Linear(cfg.text_dim, cfg.n_scores)
+            self.note_scale = nn.Parameter(torch.ones(cfg.n_scores))
+        else:
+            self.note_text = None
         self.register_buffer("temperature", torch.ones(cfg.n_scores))
 
     # --- Forward ---
@@ -220,7 +235,19 @@ class MedFusionNet(nn.Module):
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         seg, head_in = self.encode(ct, mr, has_mr, notes)
-        return seg, self.score_head(head_in)
+        return seg, self.score_head(head_in) + self.note_offset(notes).to(head_in.dtype)
+
+    def note_offset(self, notes: list[str]) -> torch.Tensor:
+        """The late-fusion note logit (B, S) added to the score head's; zeros without a note head."""
+        if self.note_text is None:
+            return torch.zeros(len(notes), self.cfg.n_scores, device=self.device)
+        if not self.cfg.use_note:
+            notes = [""] * len(notes)
+        return self.note_scale * self.note_logit(self.note_text(notes)[2])
+
+    def score_logits(self, head_in: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated score logits from the score head's input and the case's `note_offset`."""
+        return self.score_head(head_in) + offset.to(head_in.dtype)
 
     def encode(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
@@ -264,4 +291,4 @@ class MedFusionNet(nn.Module):
 
     def calibrated(self, score_logits: torch.Tensor) -> torch.Tensor:
         """Probabilities after temperature scaling."""
-        return torch.sigmoid(score_logits / self.temperature)  # type: ignore[operator]
+        return torch.sigmoid(score_logits / self.temperature)

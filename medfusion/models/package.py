@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from medfusion.config import PreprocessConfig
+from medfusion.config import LEGACY_REGISTRATION, PreprocessConfig
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig
 from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, Vocabulary, sha256_of
@@ -71,9 +71,11 @@ def save_package(
 def external_weights(model: MedFusionNet) -> set[str]:
     """State keys not stored in the package: a frozen pretrained note encoder, which is rebuilt from its
     own (hash-checked) files; a fine-tuned one is stored whole."""
-    if isinstance(model.text, HFTextEncoder) and model.text.finetune_layers == 0:
-        return {f"text.model.{k}" for k in model.text.model.state_dict()}
-    return set()
+    keys: set[str] = set()
+    for name, enc in (("text", model.text), ("note_text", model.note_text)):
+        if isinstance(enc, HFTextEncoder) and enc.finetune_layers == 0:
+            keys |= {f"{name}.model.{k}" for k in enc.model.state_dict()}
+    return keys
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
@@ -132,7 +134,10 @@ def load_package(
 
 
 def preprocess_config(meta: dict[str, Any]) -> PreprocessConfig:
-    return PreprocessConfig.model_validate(meta["preprocess"])
+    """The package's preprocessing; registration fields it predates take the values it was made with."""
+    pre = dict(meta["preprocess"])
+    pre["registration"] = {**LEGACY_REGISTRATION, **pre.get("registration", {})}
+    return PreprocessConfig.model_validate(pre)
 
 
 def pick_device(requested: str = "auto") -> torch.device:

@@ -289,6 +289,29 @@ def generate_cohort(
     return rows
 
 
+def generate_note_corpus(out: str | Path, n: int, seed: int, start: int = 0) -> dict[str, int]:
+    """Notes with their diagnosis and no images: OUT/notes.csv (patient_id, note, malignant).
+
+    Each row is the patient (`seed`, index) of a full cohort with the images left unrendered: the same
+    facts and the same diagnosis draw (which depends on the unseen image facts too), and a note drawn
+    from the same templates. It stands for what hospitals hold in bulk — reports with a diagnosis but no
+    segmented scans — and pre-trains the note path (train/diagnosis.py)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[tuple[str, str, int]] = []
+    for index in range(start, start + n):
+        head, nf, rng = patient_facts(seed, index)
+        prob = float(1 / (1 + np.exp(-notes.logit(image_facts(head), nf))))
+        rows.append(
+            (f"SYN{seed % 10000:04d}{index:04d}", notes.note_text(nf, rng), draw_label(seed, index, prob))
+        )
+    with atomic_path(out / "notes.csv") as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["patient_id", "note", "malignant"])
+        writer.writerows(rows)
+    return {"notes": len(rows), "malignant": sum(r[2] for r in rows)}
+
+
 def _collect(futs: list[Any], progress: bool) -> list[dict[str, Any]]:
     if not progress:
         return [f.result() for f in futs]

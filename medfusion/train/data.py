@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-from medfusion.config import PreprocessConfig, RegistrationConfig, StrictModel
+from medfusion.config import LEGACY_REGISTRATION, PreprocessConfig, RegistrationConfig, StrictModel
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
@@ -42,6 +42,14 @@ def _same(
     (None, from before settings were stored, counts as equal)."""
     if stored is None:
         return True
+    reg = stored if model is RegistrationConfig else stored.get("registration")
+    if isinstance(reg, dict):  # fields whose default changed: absent means the old value
+        stored = dict(stored)
+        reg = {**LEGACY_REGISTRATION, **reg}
+        if model is RegistrationConfig:
+            stored = reg
+        else:
+            stored["registration"] = reg
     try:
         return model.model_validate(stored).model_dump(mode="json") == key
     except ValueError:

@@ -34,6 +34,13 @@ from medfusion.train.data import (
     read_labels_csv,
     to_tensor,
 )
+from medfusion.train.diagnosis import (
+    DiagnosisConfig,
+    fit_score_head,
+    pretrain_note_head,
+    read_note_corpus,
+    training_heads,
+)
 
 # --- Config ---
 
@@ -71,6 +78,7 @@ class TrainConfig(StrictModel):
     network: NetConfig = NetConfig()
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: AugmentConfig = AugmentConfig()
+    diagnosis: DiagnosisConfig = DiagnosisConfig()
     epochs: int = 30
     steps_per_epoch: int | None = None
     batch_size: int = 2
@@ -79,6 +87,10 @@ class TrainConfig(StrictModel):
     weight_decay: float = 1e-4
     seg_weight: float = 1.0
     dice_batch: bool = True  # Dice over the whole batch: rare classes are not lost in empty crops
+    # Dice's smoothing (numerator and denominator). MONAI's 1e-5 makes a class absent from the batch cost
+    # ≈ 1 as soon as any probability goes to it, so a rare class learns to be never predicted; 1.0 makes
+    # that cost ≈ the predicted voxel count instead
+    dice_smooth: float = Field(default=1e-5, gt=0)
     ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
@@ -191,8 +203,28 @@ class Trainer:
 
         train = [load(p) for p in train_ids]
         val = [load(p) for p in val_ids]
-        vocab = Vocabulary.fit([r["note"] for r in train])
-        return train, val, vocab
+        return train, val, self._vocabulary(train)
+
+    def _vocabulary(self, train: list[dict[str, Any]]) -> Vocabulary:
+        """The run's word list: stored in OUT/vocabulary.json when first fitted, so that a resumed or
+        re-packaged run uses the ids its weights were trained with. A fresh run with a note corpus fits it
+        on the corpus too (words the image cohort's notes never use would otherwise all be unknown)."""
+        path = self.out / "vocabulary.json"
+        if path.exists():
+            rec = json.loads(path.read_text())
+            return Vocabulary(rec["words"], rec["negation"], rec["numbers"])
+        notes = [r["note"] for r in train]
+        d = self.cfg.diagnosis
+        fresh = (
+            not (self.out / "checkpoint" / "state.json").exists()
+            and not (self.out / "best.safetensors").exists()
+        )
+        if fresh and d.note_corpus and d.note_epochs > 0 and self.cfg.network.note_head:
+            notes += read_note_corpus(d.note_corpus, self.cfg.score_names)[0]
+        vocab = Vocabulary.fit(notes)
+        if _rank() == 0:
+            write_json(path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers})
+        return vocab
 
     def run(self, resume: bool = False, package_only: bool = False) -> dict[str, Any]:
         """Train, then package the best checkpoint with a temperature fitted on the validation split.
@@ -224,15 +256,20 @@ class Trainer:
             softmax=True,
             include_background=False,
             batch=cfg.dice_batch,
+            smooth_nr=cfg.dice_smooth,
+            smooth_dr=cfg.dice_smooth,
             weight=torch.tensor(cfg.ce_class_weights, device=self.device) if cfg.ce_class_weights else None,
         )
         bce = torch.nn.BCEWithLogitsLoss()
         start_epoch, best, bad = 0, -np.inf, 0
         ckpt = self.out / "checkpoint"
         if resume and (ckpt / "state.json").exists():
-            model.load_state_dict(load_file(str(ckpt / "model.safetensors")))
+            self._load_weights(model, ckpt / "model.safetensors")
             state = json.loads((ckpt / "state.json").read_text())
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            try:
+                opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+            except ValueError:  # the network gained parameters (a note head) since the checkpoint
+                print(f"{ckpt}: optimizer state does not fit the network; its moments start afresh")
             start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
             # the schedule is a function of the step: recompute it for this run's length
             for group in opt.param_groups:
@@ -283,7 +320,7 @@ class Trainer:
                 "epoch": epoch,
                 "loss": float(np.mean(losses)),
                 "seconds": round(time.perf_counter() - t0, 1),
-                **{k: v for k, v in metrics.items() if k != "logits"},
+                **{k: v for k, v in metrics.items() if k not in ("logits", "heads", "offsets")},
             }
             self.log(rec)
             if _rank() == 0:
@@ -312,14 +349,14 @@ class Trainer:
             if _rank() == 0:
                 write_json(self.out / "ddp_check.json", {"parameter_sums": [float(x) for x in sums]})
         if _rank() == 0:
-            model.load_state_dict(load_file(str(self.out / "best.safetensors")))
-            final = self.validate(model, val)
+            self._load_weights(model, self.out / "best.safetensors")
+            final = self.diagnosis_stage(model, train, val)
             temps = fit_temperature(final["logits"], np.stack([v["scores"] for v in val]))
-            model.temperature.copy_(torch.from_numpy(temps))  # type: ignore[operator]
+            model.temperature.copy_(torch.from_numpy(temps))
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
             y_val = np.stack([v["scores"] for v in val])
             p_cal = 1 / (1 + np.exp(-final["logits"] / temps))
-            metrics_out = {k: v for k, v in final.items() if k != "logits"}
+            metrics_out = {k: v for k, v in final.items() if k not in ("logits", "heads", "offsets", "stage")}
             metrics_out["brier"] = float(np.mean((p_cal - y_val) ** 2))
             save_package(
                 model.cpu(),
@@ -334,6 +371,7 @@ class Trainer:
                     "n_train": len(train),
                     "n_val": len(val),
                     "temperature": temps.tolist(),
+                    "diagnosis_stage": final.get("stage", {}),
                 },
                 metrics={"validation": metrics_out},
             )
@@ -344,6 +382,65 @@ class Trainer:
             }
             write_json(self.out / "summary.json", summary)
         return summary
+
+    def _load_weights(self, model: MedFusionNet, path: Path) -> None:
+        """Load a checkpoint; a note head absent from it (a run from before `network.note_head`) keeps its
+        fresh initialisation and is trained by the diagnosis stage."""
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+        absent = [k for k in missing if not k.startswith(("note_text.", "note_logit.", "note_scale"))]
+        if absent or unexpected:
+            msg = (
+                f"{path}: weights do not fit the network (missing {absent[:3]}, unexpected {unexpected[:3]})"
+            )
+            raise RuntimeError(msg)
+        if missing:
+            print(f"{path}: no note head stored; it starts fresh")
+
+    def diagnosis_stage(
+        self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Note pre-training and score-head refit (train/diagnosis.py) as configured, then the final
+        validation metrics with the logits of the refitted head."""
+        cfg, d = self.cfg, self.cfg.diagnosis
+        stage: dict[str, Any] = {}
+        if d.note_epochs > 0 and d.note_corpus:
+            notes, y = read_note_corpus(d.note_corpus, cfg.score_names)
+            a = cfg.augment
+            stage["note"] = pretrain_note_head(
+                model, notes, y, d, a.sentence_shuffle, a.sentence_drop, cfg.seed, self._log_stage
+            )
+        final = self.validate(model, val)
+        if d.head_epochs > 0:
+            fitted = training_heads(
+                model, train, cfg.crop_size, d.head_windows, d.head_jitter, cfg.seed, self._layout
+            )
+            y_val = np.stack([v["scores"] for v in val])
+            stage["head"] = fit_score_head(
+                model, fitted, (final["heads"], final["offsets"], y_val), d, cfg.seed, self._log_stage
+            )
+            with torch.no_grad():
+                dev = self.device
+                z = model.score_logits(
+                    torch.from_numpy(final["heads"]).to(dev), torch.from_numpy(final["offsets"]).to(dev)
+                )
+            final["logits"] = z.cpu().numpy()
+            final.update(self._score_metrics(final["logits"], y_val))
+        final["stage"] = stage
+        return final
+
+    def _log_stage(self, rec: dict[str, Any]) -> None:
+        self.log(rec)
+        if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
+            print(json.dumps(rec))
+
+    @staticmethod
+    def _score_metrics(lg: np.ndarray, y: np.ndarray) -> dict[str, float]:
+        try:
+            auroc = float(np.mean([roc_auc_score(y[:, s], lg[:, s]) for s in range(y.shape[1])]))
+        except ValueError:
+            auroc = float("nan")
+        p = 1 / (1 + np.exp(-lg))
+        return {"auroc": auroc, "brier": float(np.mean((p - y) ** 2))}
 
     def _progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
         if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
@@ -386,7 +483,7 @@ class Trainer:
         """Validation the way inference runs: windows of the crop size, the score from the
         lesion-centred window (infer/windowed.py), no test-time flips."""
         model.eval()
-        dices, logits, ys = [], [], []
+        dices, logits, ys, heads_out, offsets = [], [], [], [], []
         for r in val:
             ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
@@ -394,21 +491,20 @@ class Trainer:
             probs, heads = forward_case(model, ct, mr, has, r["note"], self.cfg.crop_size, [()])
             pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
-            logits.append((model.score_head(heads[0]) / model.temperature).cpu().numpy()[0])
+            off = model.note_offset([r["note"]]).float()
+            logits.append((model.score_logits(heads[0], off) / model.temperature).cpu().numpy()[0])
+            heads_out.append(heads[0].cpu().numpy()[0])
+            offsets.append(off.cpu().numpy()[0])
             ys.append(r["scores"])
         model.train()
         d = np.array(dices)
         lg, y = np.array(logits), np.array(ys)
-        try:
-            auroc = float(np.mean([roc_auc_score(y[:, s], lg[:, s]) for s in range(y.shape[1])]))
-        except ValueError:
-            auroc = float("nan")
-        p = 1 / (1 + np.exp(-lg))
         return {
             "dice": [float(x) for x in np.nanmean(d, 0)],
-            "auroc": auroc,
-            "brier": float(np.mean((p - y) ** 2)),
+            **self._score_metrics(lg, y),
             "logits": lg,
+            "heads": np.array(heads_out, np.float32),
+            "offsets": np.array(offsets, np.float32),
         }
 
     def _save_weights(self, model: MedFusionNet, path: Path) -> None:
