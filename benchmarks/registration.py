@@ -90,7 +90,11 @@ def main() -> None:
     ap.add_argument("--ants-python", help="Python of an environment with antspyx")
     ap.add_argument("--elastix-python", help="Python of an environment with itk-elastix")
     ap.add_argument(
-        "--only-medfusion", action="store_true", help="medfusion with and without QC only (a large-n TRE run)"
+        "--only-medfusion",
+        action="store_true",
+        help="medfusion with its QC only (a large-n TRE run: its TRE and how its verdict flags failures)",
+    )
+    ap.add_argument("--start", type=int, default=0, help="skip the first START patients of the cohort"
     )
     args = ap.parse_args()
     externals = {
@@ -101,7 +105,7 @@ def main() -> None:
         )
         if py
     }
-    pids = sorted(p.name for p in (args.cohort / "patients").iterdir())[: args.n]
+    pids = sorted(p.name for p in (args.cohort / "patients").iterdir())[args.start : args.start + args.n]
     res: dict[str, dict[str, list[float]]] = {
         "medfusion": {"err": [], "worst": [], "s": []},
         "medfusion (+QC)": {"err": [], "worst": [], "s": []},
@@ -110,7 +114,7 @@ def main() -> None:
         **{name: {"err": [], "worst": [], "s": []} for name in externals},
     }
     if args.only_medfusion:
-        res = {k: v for k, v in res.items() if k in ("medfusion", "medfusion (+QC)")}
+        res = {k: v for k, v in res.items() if k == "medfusion (+QC)"}
     fails = 0
     flagged: list[bool] = []
     for pid in pids:
@@ -147,7 +151,7 @@ def main() -> None:
         print(
             f"{k:34s} {statistics.median(v['err']):10.2f} {np.percentile(v['err'], 95):8.2f} {max(v['worst']):9.2f} {statistics.median(v['s']):9.2f}"
         )
-    ours = res["medfusion"]
+    ours = res.get("medfusion", res["medfusion (+QC)"])
     for name, v in res.items():
         if name.startswith("medfusion"):
             continue

@@ -148,7 +148,8 @@ def test_diagnosis_stage_pretrains_note_head_and_refits_score_head(
     cohort: Path, cache: Path, tmp_path: Path
 ) -> None:
     """The note head is pre-trained on a notes-only corpus (it must learn the diagnosis from notes alone),
-    the score head is refitted on frozen image features, and the package carries both."""
+    the score head is refitted on frozen image features, the two logits are stacked on the validation
+    split, and the package carries all of it."""
     from medfusion.synth.generate import generate_note_corpus
 
     os.environ["MEDFUSION_QUIET"] = "1"
@@ -159,6 +160,7 @@ def test_diagnosis_stage_pretrains_note_head_and_refits_score_head(
         "note_epochs": 3,
         "head_epochs": 5,
         "head_windows": 2,
+        "stack": True,
     }
     net = {"fusion": "sequence", "channels": [4, 8, 16, 32], "note_head": True}
     cfg = TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, network=net, diagnosis=diag))
@@ -172,6 +174,11 @@ def test_diagnosis_stage_pretrains_note_head_and_refits_score_head(
     model, meta = load_package(summary["package"])
     assert meta["network"]["note_head"] and meta["training"]["diagnosis_stage"]["note"]["n_val"] == 150
     assert model.note_text is not None
+    stack = meta["training"]["diagnosis_stage"]["stack"]
+    assert np.isclose(float(model.note_scale[0]), stack["note_scale"][0])
+    inputs = np.load(run / "diagnosis_inputs.npz")
+    assert inputs["val_heads"].shape[0] == inputs["val_y"].shape[0] == stack["n_cases"]
+    assert inputs["train_heads"].shape[0] == 2 * meta["training"]["n_train"]
     off = model.note_offset(["Known melanoma. Onset 2 weeks ago with rapid worsening.", ""])
     assert not np.isclose(float(off[0, 0]), float(off[1, 0]))
 
@@ -188,3 +195,25 @@ def test_settings_stored_before_a_default_changed_keep_their_old_meaning() -> No
     assert now["registration"]["mask_dilation_mm"] > 0
     assert _same(old, then) and not _same(old, now)
     assert _same(old["registration"], then["registration"], RegistrationConfig)
+
+
+def test_stacking_recovers_the_gains_of_a_known_combination() -> None:
+    import torch
+
+    from medfusion.models.network import MedFusionNet, NetConfig
+    from medfusion.text.encoders import Vocabulary
+    from medfusion.train.diagnosis import stack_logits
+
+    torch.manual_seed(0)
+    model = MedFusionNet(NetConfig(channels=[4, 8, 16, 32], note_head=True), Vocabulary(["a"])).eval()
+    rng = np.random.default_rng(0)
+    heads = rng.normal(0, 3, (6000, model.score_head[0].in_features)).astype(np.float32)
+    with torch.no_grad():
+        raw = model.score_head(torch.from_numpy(heads)).numpy()[:, 0]  # the image-side logit
+    note = rng.normal(0, 1, 6000).astype(np.float32)  # the note logit (gain 1 at the start)
+    gain = 1.5 / raw.std()
+    truth = gain * raw - 1.0 * note + 0.5
+    y = (rng.random(6000) < 1 / (1 + np.exp(-truth))).astype(np.float32)[:, None]
+    fit = stack_logits(model, heads, note[:, None], y, c=100.0)
+    assert abs(fit["head_gain"][0] - gain) < 0.15 * gain
+    assert abs(fit["note_scale"][0] + 1.0) < 0.15 and abs(fit["head_bias"][0] - 0.5) < 0.15

@@ -225,6 +225,9 @@ class MedFusionNet(nn.Module):
             self.note_text: TextEncoder | None = build_text_encoder(cfg, vocab)
             self.note_logit = nn.Linear(cfg.text_dim, cfg.n_scores)
             self.note_scale = nn.Parameter(torch.ones(cfg.n_scores))
+            # the image-side logit's gain and the bias, set when the two logits are stacked
+            self.head_gain = nn.Parameter(torch.ones(cfg.n_scores))
+            self.head_bias = nn.Parameter(torch.zeros(cfg.n_scores))
         else:
             self.note_text = None
         self.register_buffer("temperature", torch.ones(cfg.n_scores))
@@ -235,7 +238,7 @@ class MedFusionNet(nn.Module):
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         seg, head_in = self.encode(ct, mr, has_mr, notes)
-        return seg, self.score_head(head_in) + self.note_offset(notes).to(head_in.dtype)
+        return seg, self.score_logits(head_in, self.note_offset(notes))
 
     def note_offset(self, notes: list[str]) -> torch.Tensor:
         """The late-fusion note logit (B, S) added to the score head's; zeros without a note head."""
@@ -247,7 +250,9 @@ class MedFusionNet(nn.Module):
 
     def score_logits(self, head_in: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
         """Uncalibrated score logits from the score head's input and the case's `note_offset`."""
-        return self.score_head(head_in) + offset.to(head_in.dtype)
+        if self.note_text is None:
+            return self.score_head(head_in) + offset.to(head_in.dtype)
+        return self.head_gain * self.score_head(head_in) + self.head_bias + offset.to(head_in.dtype)
 
     def encode(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]

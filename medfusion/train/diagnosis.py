@@ -41,6 +41,11 @@ class DiagnosisConfig(StrictModel):
     head_jitter: int = 8  # voxels the window centre moves at random
     head_lr: float = 1e-3
     head_batch: int = 32
+    # combine the image-side logit and the note logit by a logistic regression on the validation split
+    # (two gains and a bias): three parameters fitted out of sample, where a refit of the whole head on
+    # training-case features overfits (they are features of cases the trunk has memorised)
+    stack: bool = False
+    stack_c: float = 1.0  # inverse L2 strength of that regression
 
 
 def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -223,3 +228,43 @@ def fit_score_head(
         with torch.no_grad():
             model.note_scale.copy_(best_scale)
     return {"best_epoch": best_epoch, "val_loss": best_loss, "val_auroc": best_auroc, "n_inputs": len(h_tr)}
+
+
+def stack_logits(
+    model: MedFusionNet, heads: np.ndarray, offsets: np.ndarray, y: np.ndarray, c: float
+) -> dict[str, Any]:
+    """Fit `head_gain`, `note_scale` and `head_bias` per score by an L2 logistic regression of the labels on
+    (image-side logit, note logit) over the given (validation) cases."""
+    from sklearn.linear_model import LogisticRegression
+
+    if model.note_text is None:
+        msg = "stacking needs network.note_head: true"
+        raise ValueError(msg)
+    dev = model.device
+    with torch.no_grad():
+        s = model.score_head(torch.from_numpy(heads).to(dev)).float().cpu().numpy()
+        note = (torch.from_numpy(offsets).to(dev) / model.note_scale).float().cpu().numpy()
+    gains, scales, biases = [], [], []
+    skipped = []
+    for k in range(y.shape[1]):
+        if len(np.unique(y[:, k])) < 2:  # one class only: nothing to fit, the gains stay as they are
+            gains.append(float(model.head_gain[k]))
+            scales.append(float(model.note_scale[k]))
+            biases.append(float(model.head_bias[k]))
+            skipped.append(k)
+            continue
+        lr = LogisticRegression(C=c, max_iter=1000).fit(np.stack([s[:, k], note[:, k]], 1), y[:, k])
+        gains.append(lr.coef_[0, 0])
+        scales.append(lr.coef_[0, 1])
+        biases.append(lr.intercept_[0])
+    with torch.no_grad():
+        model.head_gain.copy_(torch.tensor(gains))
+        model.note_scale.copy_(torch.tensor(scales))
+        model.head_bias.copy_(torch.tensor(biases))
+    return {
+        "head_gain": [float(g) for g in gains],
+        "note_scale": [float(v) for v in scales],
+        "head_bias": [float(b) for b in biases],
+        "n_cases": len(y),
+        "skipped_scores": skipped,
+    }

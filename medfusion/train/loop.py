@@ -39,6 +39,7 @@ from medfusion.train.diagnosis import (
     fit_score_head,
     pretrain_note_head,
     read_note_corpus,
+    stack_logits,
     training_heads,
 )
 
@@ -399,8 +400,8 @@ class Trainer:
     def diagnosis_stage(
         self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """Note pre-training and score-head refit (train/diagnosis.py) as configured, then the final
-        validation metrics with the logits of the refitted head."""
+        """Note pre-training, score-head refit and stacking (train/diagnosis.py) as configured, then the
+        final validation metrics with the resulting logits."""
         cfg, d = self.cfg, self.cfg.diagnosis
         stage: dict[str, Any] = {}
         if d.note_epochs > 0 and d.note_corpus:
@@ -410,21 +411,40 @@ class Trainer:
                 model, notes, y, d, a.sentence_shuffle, a.sentence_drop, cfg.seed, self._log_stage
             )
         final = self.validate(model, val)
+        y_val = np.stack([v["scores"] for v in val])
+        # note offsets carry the note gain at validation time; the stage may change the gain
+        scale0 = model.note_scale.detach().cpu().numpy().copy() if model.note_text is not None else None
+
+        def offsets_now() -> np.ndarray:
+            if scale0 is None:
+                return np.asarray(final["offsets"])
+            scale = model.note_scale.detach().cpu().numpy()
+            return np.asarray(final["offsets"] / scale0 * scale, np.float32)
+
+        inputs = {"val_heads": final["heads"], "val_offsets": final["offsets"], "val_y": y_val}
         if d.head_epochs > 0:
             fitted = training_heads(
                 model, train, cfg.crop_size, d.head_windows, d.head_jitter, cfg.seed, self._layout
             )
-            y_val = np.stack([v["scores"] for v in val])
+            inputs.update(train_heads=fitted[0], train_offsets=fitted[1], train_y=fitted[2])
             stage["head"] = fit_score_head(
                 model, fitted, (final["heads"], final["offsets"], y_val), d, cfg.seed, self._log_stage
             )
+        if d.stack:
+            stage["stack"] = stack_logits(model, final["heads"], offsets_now(), y_val, d.stack_c)
+            self._log_stage({"stage": "stack", **stage["stack"]})
+        if d.head_epochs > 0 or d.stack:
             with torch.no_grad():
                 dev = self.device
                 z = model.score_logits(
-                    torch.from_numpy(final["heads"]).to(dev), torch.from_numpy(final["offsets"]).to(dev)
+                    torch.from_numpy(final["heads"]).to(dev), torch.from_numpy(offsets_now()).to(dev)
                 )
             final["logits"] = z.cpu().numpy()
             final.update(self._score_metrics(final["logits"], y_val))
+        if _rank() == 0 and stage:
+            # the stage's inputs, to study other ways of combining them without re-running inference
+            with atomic_path(self.out / "diagnosis_inputs.npz") as tmp, open(tmp, "wb") as f:
+                np.savez(f, **inputs)
         final["stage"] = stage
         return final
 
