@@ -217,3 +217,22 @@ def test_stacking_recovers_the_gains_of_a_known_combination() -> None:
     fit = stack_logits(model, heads, note[:, None], y, c=100.0)
     assert abs(fit["head_gain"][0] - gain) < 0.15 * gain
     assert abs(fit["note_scale"][0] + 1.0) < 0.15 and abs(fit["head_bias"][0] - 0.5) < 0.15
+
+
+def test_reinit_classes_gives_a_collapsed_class_fresh_rows() -> None:
+    import torch
+
+    from medfusion.models.network import MedFusionNet, NetConfig
+    from medfusion.text.encoders import Vocabulary
+    from medfusion.train.loop import Trainer
+
+    model = MedFusionNet(NetConfig(channels=[4, 8, 16, 32]), Vocabulary(["a"]))
+    bias = model.seg_head.bias
+    assert bias is not None
+    with torch.no_grad():
+        model.seg_head.weight[3].zero_()
+        bias[3] = -14.0  # a class the network learnt never to predict
+    before = model.seg_head.weight[:3].clone()
+    Trainer._reinit_seg_rows(model, [3], seed=0)
+    assert torch.equal(model.seg_head.weight[:3], before)
+    assert torch.any(model.seg_head.weight[3] != 0) and abs(float(bias[3]) - float(bias[1:3].mean())) < 1e-6

@@ -43,6 +43,9 @@ from medfusion.train.diagnosis import (
     training_heads,
 )
 
+# state keys of the late-fusion note head (network.note_head), absent from checkpoints made without it
+NOTE_HEAD_KEYS = ("note_text.", "note_logit.", "note_scale", "head_gain", "head_bias")
+
 # --- Config ---
 
 
@@ -92,6 +95,10 @@ class TrainConfig(StrictModel):
     # ≈ 1 as soon as any probability goes to it, so a rare class learns to be never predicted; 1.0 makes
     # that cost ≈ the predicted voxel count instead
     dice_smooth: float = Field(default=1e-5, gt=0)
+    # on --resume: give these classes' rows of the segmentation head a fresh initialisation. A rare
+    # class whose logit has collapsed (never predicted, probability ≈ 1e-6) cannot come back under Adam,
+    # whose steps are bounded by the learning rate whatever the gradient
+    reinit_classes: list[int] = []
     ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
@@ -272,6 +279,8 @@ class Trainer:
             except ValueError:  # the network gained parameters (a note head) since the checkpoint
                 print(f"{ckpt}: optimizer state does not fit the network; its moments start afresh")
             start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
+            if cfg.reinit_classes:
+                self._reinit_seg_rows(model, cfg.reinit_classes, cfg.seed)
             # the schedule is a function of the step: recompute it for this run's length
             for group in opt.param_groups:
                 group.setdefault("initial_lr", cfg.lr)
@@ -384,11 +393,25 @@ class Trainer:
             write_json(self.out / "summary.json", summary)
         return summary
 
+    @staticmethod
+    def _reinit_seg_rows(model: MedFusionNet, classes: list[int], seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1.0 / np.sqrt(model.seg_head.in_channels)
+        with torch.no_grad():
+            for k in classes:
+                w = torch.empty_like(model.seg_head.weight[k]).uniform_(-bound, bound, generator=gen)
+                model.seg_head.weight[k].copy_(w)
+                # start the class level with the other foreground classes, not above them
+                bias = model.seg_head.bias
+                assert bias is not None
+                bias[k].copy_(bias[1:k].mean() if k > 1 else torch.zeros(()))
+        print(f"segmentation head rows {classes} re-initialised")
+
     def _load_weights(self, model: MedFusionNet, path: Path) -> None:
         """Load a checkpoint; a note head absent from it (a run from before `network.note_head`) keeps its
         fresh initialisation and is trained by the diagnosis stage."""
         missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-        absent = [k for k in missing if not k.startswith(("note_text.", "note_logit.", "note_scale"))]
+        absent = [k for k in missing if not k.startswith(NOTE_HEAD_KEYS)]
         if absent or unexpected:
             msg = (
                 f"{path}: weights do not fit the network (missing {absent[:3]}, unexpected {unexpected[:3]})"
