@@ -33,9 +33,6 @@ class RegistrationConfig(StrictModel):
     rotation_search_deg: float = 15.0
     consistency_check: bool = True
     max_consistency_mm: float = 5.0
-    # the QC's reverse registration: "coarse" stops after the coarse levels (≈ 1.5-4 mm off on good
-    # pairs, hence the 5 mm threshold); "full" refines it at full resolution too (≈ 3 s more)
-    consistency_levels: Literal["coarse", "full"] = "coarse"
     min_head_dice: float = 0.85
     seed: int = 1
 

@@ -249,8 +249,7 @@ def quality_check(
     qc: dict[str, Any] = {"head_mask_dice": round(dice, 4), "checks": {}}
     qc["checks"]["head_overlap"] = dice >= cfg.min_head_dice
     if cfg.consistency_check:
-        quick = cfg.consistency_levels == "coarse"
-        back, _, _ = _estimate(mr, ct, cfg, (mmask, fmask), quick=quick)  # MR → CT points, its own start
+        back, _, _ = _estimate(mr, ct, cfg, (mmask, fmask), quick=True)  # MR → CT points, its own start
         pts = _head_points(ct, fmask, 200, cfg.seed)
         fwd = _apply(matrix, pts)
         round_trip = _apply(back, fwd)
