@@ -39,8 +39,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="*", help="run only the fusion variants whose name contains one of these")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     n = args.size
     ct, mr = torch.randn(1, 2, n, n, n), torch.randn(1, 1, n, n, n)
     has = torch.tensor([True])
@@ -77,6 +79,15 @@ def main() -> None:
     ]
     variants += [("sequence, contiguous", {"fusion": "sequence"}, False)]
     variants += [("sequence, subunits 1", {"fusion": "sequence", "subunits": 1}, True)]
+    variants += [
+        (
+            "sequence, subunits 1, 4-8-16-32",
+            {"fusion": "sequence", "subunits": 1, "channels": [4, 8, 16, 32]},
+            True,
+        )
+    ]
+    if args.only:
+        variants = [v for v in variants if any(o in v[0] for o in args.only)]
     for name, kw, layout in variants:
         net = MedFusionNet(NetConfig(**kw), vocab)
         c, m = (channels_last(ct), channels_last(mr)) if layout else (ct, mr)
@@ -97,9 +108,9 @@ def main() -> None:
 
         add(name, net, layout, lambda net=net, c=c, m=m: net(c, m, has, NOTES[:1]), step)
     print(f"{n}³ input, batch 1, CPU {torch.get_num_threads()} threads, median of {args.repeats}")
-    print(f"{'model':28s} {'params':>9s} {'forward s':>10s} {'train step s':>13s} {'step / baseline':>16s}")
+    print(f"{'model':34s} {'params':>9s} {'forward s':>10s} {'train step s':>13s} {'step / baseline':>16s}")
     for name, p, f, s in rows:
-        print(f"{name:28s} {p:9d} {f:10.3f} {s:13.3f} {s / rows[0][3]:16.2f}")
+        print(f"{name:34s} {p:9d} {f:10.3f} {s:13.3f} {s / rows[0][3]:16.2f}")
 
 
 if __name__ == "__main__":

@@ -94,8 +94,7 @@ def main() -> None:
         action="store_true",
         help="medfusion with its QC only (a large-n TRE run: its TRE and how its verdict flags failures)",
     )
-    ap.add_argument("--start", type=int, default=0, help="skip the first START patients of the cohort"
-    )
+    ap.add_argument("--start", type=int, default=0, help="skip the first START patients of the cohort")
     args = ap.parse_args()
     externals = {
         name: (py, script)

@@ -205,3 +205,11 @@ def test_minilm_in_a_package_frozen_and_finetuned(tmp_path: Path) -> None:
             a = net(x, m, torch.tensor([True]), ["No history of melanoma."])
             b = net2(x, m, torch.tensor([True]), ["No history of melanoma."])
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_invalid_preprocess_settings_in_a_package_are_named() -> None:
+    from medfusion.models.package import preprocess_config
+
+    meta = {"name": "m", "version": "9", "preprocess": {"registration": {"no_such_setting": 1}}}
+    with pytest.raises(PackageError, match=r"registration\.no_such_setting"):
+        preprocess_config(meta)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
 from medfusion.config import LEGACY_REGISTRATION, PreprocessConfig
@@ -137,7 +138,13 @@ def preprocess_config(meta: dict[str, Any]) -> PreprocessConfig:
     """The package's preprocessing; registration fields it predates take the values it was made with."""
     pre = dict(meta["preprocess"])
     pre["registration"] = {**LEGACY_REGISTRATION, **pre.get("registration", {})}
-    return PreprocessConfig.model_validate(pre)
+    try:
+        return PreprocessConfig.model_validate(pre)
+    except ValidationError as exc:
+        errors = exc.errors()
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
+        msg = f"model package {meta.get('name')} {meta.get('version')}: model.json 'preprocess' is not valid ({where or exc})"
+        raise PackageError(msg) from exc
 
 
 def pick_device(requested: str = "auto") -> torch.device:
