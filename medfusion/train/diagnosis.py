@@ -248,9 +248,9 @@ def stack_logits(
     skipped = []
     for k in range(y.shape[1]):
         if len(np.unique(y[:, k])) < 2:  # one class only: nothing to fit, the gains stay as they are
-            gains.append(float(model.head_gain[k]))
-            scales.append(float(model.note_scale[k]))
-            biases.append(float(model.head_bias[k]))
+            gains.append(float(model.head_gain[k].detach()))
+            scales.append(float(model.note_scale[k].detach()))
+            biases.append(float(model.head_bias[k].detach()))
             skipped.append(k)
             continue
         lr = LogisticRegression(C=c, max_iter=1000).fit(np.stack([s[:, k], note[:, k]], 1), y[:, k])
