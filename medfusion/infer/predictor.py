@@ -70,7 +70,7 @@ class Predictor:
         has = torch.tensor([t.has_mr], device=dev)
         self.model.eval()
         probs, heads = self._passes(ct, mr, has, t.note)
-        off = self.model.note_offset([t.note]).float()
+        off = self.model.note_logits([t.note]).float()
         score = self.model.score_logits
         samples = [self.model.calibrated(score(h, off)) for h in heads]
         if self.mc_samples > 0:

@@ -238,21 +238,28 @@ class MedFusionNet(nn.Module):
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         seg, head_in = self.encode(ct, mr, has_mr, notes)
-        return seg, self.score_logits(head_in, self.note_offset(notes))
+        return seg, self.score_logits(head_in, self.note_logits(notes))
 
-    def note_offset(self, notes: list[str]) -> torch.Tensor:
-        """The late-fusion note logit (B, S) added to the score head's; zeros without a note head."""
+    def note_logits(self, notes: list[str]) -> torch.Tensor:
+        """The note head's own logits (B, S), before its gain; zeros without a note head."""
         if self.note_text is None:
             return torch.zeros(len(notes), self.cfg.n_scores, device=self.device)
         if not self.cfg.use_note:
             notes = [""] * len(notes)
-        return self.note_scale * self.note_logit(self.note_text(notes)[2])
+        return self.note_logit(self.note_text(notes)[2])
 
-    def score_logits(self, head_in: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
-        """Uncalibrated score logits from the score head's input and the case's `note_offset`."""
+    def note_offset(self, notes: list[str]) -> torch.Tensor:
+        """What the note adds to the score logit (B, S): the note logits times their gain."""
+        raw = self.note_logits(notes)
+        return raw if self.note_text is None else self.note_scale * raw
+
+    def score_logits(self, head_in: torch.Tensor, note_logits: torch.Tensor) -> torch.Tensor:
+        """Uncalibrated score logits from the score head's input and the case's `note_logits` (late
+        fusion: gain × image-side logit + bias + gain × note logit)."""
         if self.note_text is None:
-            return self.score_head(head_in) + offset.to(head_in.dtype)
-        return self.head_gain * self.score_head(head_in) + self.head_bias + offset.to(head_in.dtype)
+            return self.score_head(head_in) + note_logits.to(head_in.dtype)
+        image = self.head_gain * self.score_head(head_in) + self.head_bias
+        return image + self.note_scale * note_logits.to(head_in.dtype)
 
     def encode(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]

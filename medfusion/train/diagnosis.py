@@ -65,7 +65,8 @@ def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str
     return [r["note"] for r in rows], y
 
 
-def _auroc(y: np.ndarray, z: np.ndarray) -> float:
+def mean_auroc(y: np.ndarray, z: np.ndarray) -> float:
+    """AUROC averaged over scores (columns); NaN when a score has one class only."""
     try:
         return float(np.mean([roc_auc_score(y[:, s], z[:, s]) for s in range(y.shape[1])]))
     except ValueError:
@@ -102,8 +103,7 @@ def pretrain_note_head(
         with torch.inference_mode():
             for i in range(0, len(idx), 256):
                 chunk = [notes[j] for j in idx[i : i + 256]]
-                assert model.note_text is not None
-                out.append(model.note_logit(model.note_text(chunk)[2]).float().cpu().numpy())
+                out.append(model.note_logits(chunk).float().cpu().numpy())
         return np.concatenate(out)
 
     best: tuple[float, dict[str, torch.Tensor]] | None = None
@@ -114,14 +114,14 @@ def pretrain_note_head(
         for i in range(0, len(perm), cfg.note_batch):
             idx = perm[i : i + cfg.note_batch]
             batch = [note_augment(notes[j], rng, shuffle, drop) for j in idx]
-            z = model.note_logit(model.note_text(batch)[2])
+            z = model.note_logits(batch)
             loss = bce(z.float(), yt[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss.detach()))
         model.note_text.eval()
-        auroc = _auroc(y[val_idx], logits(val_idx))
+        auroc = mean_auroc(y[val_idx], logits(val_idx))
         rec = {"stage": "note", "epoch": epoch, "loss": float(np.mean(losses)), "val_auroc": auroc}
         log(rec)
         if best is None or auroc > best[0]:
@@ -144,17 +144,17 @@ def training_heads(
     seed: int,
     layout: Callable[[torch.Tensor], torch.Tensor],
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Score-head inputs (N·windows, D), note offsets and labels for the training cases, from windows
+    """Score-head inputs (N·windows, D), note logits and labels for the training cases, from windows
     centred on the labelled lesion's centre of mass (or the volume's centre) moved by up to `jitter`."""
     rng = np.random.default_rng(seed)
     model.eval()
     dev = model.device
-    heads, offs, ys = [], [], []
+    heads, notes, ys = [], [], []
     for r in recs:
         target = r["target"]
         fg = np.argwhere(target > 0)
         centre = fg.mean(0) if len(fg) else (np.array(target.shape) - 1) / 2.0
-        off = model.note_offset([r["note"]]).float().cpu().numpy()[0]
+        note = model.note_logits([r["note"]]).float().cpu().numpy()[0]
         has = torch.tensor([bool(r["has_mr"])], device=dev)
         for _ in range(windows):
             win = centred_window(target.shape, list(centre + rng.uniform(-jitter, jitter, 3)), roi)
@@ -162,9 +162,9 @@ def training_heads(
             mr = layout(to_tensor(r["mr"][(slice(None), *win)])[None].to(dev))
             _, head_in = model.encode(ct, mr, has, [r["note"]])
             heads.append(head_in.float().cpu().numpy()[0])
-            offs.append(off)
+            notes.append(note)
             ys.append(r["scores"])
-    return np.array(heads), np.array(offs), np.array(ys, np.float32)
+    return np.array(heads), np.array(notes), np.array(ys, np.float32)
 
 
 def fit_score_head(
@@ -176,62 +176,54 @@ def fit_score_head(
     log: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """Refit the score head (and the note logit's gain) on fixed inputs; keeps the epoch with the lowest
-    validation log-loss. Each tuple is (score-head inputs, note offsets, labels)."""
+    validation log-loss. Each tuple is (score-head inputs, note logits, labels)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dev = model.device
-    h_tr, o_tr, y_tr = (torch.from_numpy(a).float().to(dev) for a in train)
-    h_va, o_va, y_va = (torch.from_numpy(a).float().to(dev) for a in val)
+    h_tr, n_tr, y_tr = (torch.from_numpy(a).float().to(dev) for a in train)
+    h_va, n_va, y_va = (torch.from_numpy(a).float().to(dev) for a in val)
     params = list(model.score_head.parameters())
-    scale0 = None
     if model.note_text is not None:
         params.append(model.note_scale)
-        scale0 = model.note_scale.detach().clone()
     opt = torch.optim.AdamW(params, lr=cfg.head_lr, weight_decay=1e-3)
     bce = torch.nn.BCEWithLogitsLoss()
-
-    def scaled(o: torch.Tensor) -> torch.Tensor:
-        # offsets were computed with the gain at its starting value; apply the current gain instead
-        return o if scale0 is None else o / scale0 * model.note_scale
 
     def val_loss() -> tuple[float, float]:
         model.score_head.eval()
         with torch.no_grad():
-            z = model.score_head(h_va) + scaled(o_va)
+            z = model.score_logits(h_va, n_va)
             loss = float(bce(z, y_va))
-        return loss, _auroc(y_va.cpu().numpy(), z.cpu().numpy())
+        return loss, mean_auroc(y_va.cpu().numpy(), z.cpu().numpy())
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        state = {f"score_head.{k}": v for k, v in model.score_head.state_dict().items()}
+        if model.note_text is not None:
+            state["note_scale"] = model.note_scale
+        return {k: v.detach().clone() for k, v in state.items()}
 
     best_loss, best_auroc = val_loss()
-    best_state = {k: v.detach().clone() for k, v in model.score_head.state_dict().items()}
-    best_scale = None if scale0 is None else scale0.clone()
+    best_state, best_epoch = snapshot(), -1
     log({"stage": "head", "epoch": -1, "val_loss": best_loss, "val_auroc": best_auroc})
-    best_epoch = -1
     for epoch in range(cfg.head_epochs):
         model.score_head.train()
         perm = rng.permutation(len(h_tr))
         for i in range(0, len(perm), cfg.head_batch):
             idx = torch.from_numpy(perm[i : i + cfg.head_batch]).to(dev)
-            z = model.score_head(h_tr[idx]) + scaled(o_tr[idx])
-            loss = bce(z, y_tr[idx])
+            loss = bce(model.score_logits(h_tr[idx], n_tr[idx]), y_tr[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         vl, va = val_loss()
         log({"stage": "head", "epoch": epoch, "val_loss": vl, "val_auroc": va})
         if vl < best_loss:
-            best_loss, best_auroc, best_epoch = vl, va, epoch
-            best_state = {k: v.detach().clone() for k, v in model.score_head.state_dict().items()}
-            best_scale = None if scale0 is None else model.note_scale.detach().clone()
-    model.score_head.load_state_dict(best_state)
+            best_loss, best_auroc, best_epoch, best_state = vl, va, epoch, snapshot()
+    model.load_state_dict(best_state, strict=False)
     model.score_head.eval()
-    if best_scale is not None:
-        with torch.no_grad():
-            model.note_scale.copy_(best_scale)
     return {"best_epoch": best_epoch, "val_loss": best_loss, "val_auroc": best_auroc, "n_inputs": len(h_tr)}
 
 
 def stack_logits(
-    model: MedFusionNet, heads: np.ndarray, offsets: np.ndarray, y: np.ndarray, c: float
+    model: MedFusionNet, heads: np.ndarray, note_logits: np.ndarray, y: np.ndarray, c: float
 ) -> dict[str, Any]:
     """Fit `head_gain`, `note_scale` and `head_bias` per score by an L2 logistic regression of the labels on
     (image-side logit, note logit) over the given (validation) cases."""
@@ -243,7 +235,6 @@ def stack_logits(
     dev = model.device
     with torch.no_grad():
         s = model.score_head(torch.from_numpy(heads).to(dev)).float().cpu().numpy()
-        note = (torch.from_numpy(offsets).to(dev) / model.note_scale).float().cpu().numpy()
     gains, scales, biases = [], [], []
     skipped = []
     for k in range(y.shape[1]):
@@ -253,7 +244,7 @@ def stack_logits(
             biases.append(float(model.head_bias[k].detach()))
             skipped.append(k)
             continue
-        lr = LogisticRegression(C=c, max_iter=1000).fit(np.stack([s[:, k], note[:, k]], 1), y[:, k])
+        lr = LogisticRegression(C=c, max_iter=1000).fit(np.stack([s[:, k], note_logits[:, k]], 1), y[:, k])
         gains.append(lr.coef_[0, 0])
         scales.append(lr.coef_[0, 1])
         biases.append(lr.intercept_[0])

@@ -16,7 +16,6 @@ import torch.distributed as dist
 from monai.losses import DiceCELoss
 from pydantic import Field
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import roc_auc_score
 
 from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.infer.windowed import forward_case
@@ -37,6 +36,7 @@ from medfusion.train.data import (
 from medfusion.train.diagnosis import (
     DiagnosisConfig,
     fit_score_head,
+    mean_auroc,
     pretrain_note_head,
     read_note_corpus,
     stack_logits,
@@ -330,7 +330,7 @@ class Trainer:
                 "epoch": epoch,
                 "loss": float(np.mean(losses)),
                 "seconds": round(time.perf_counter() - t0, 1),
-                **{k: v for k, v in metrics.items() if k not in ("logits", "heads", "offsets")},
+                **{k: v for k, v in metrics.items() if k not in ("logits", "heads", "note_logits")},
             }
             self.log(rec)
             if _rank() == 0:
@@ -366,7 +366,9 @@ class Trainer:
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
             y_val = np.stack([v["scores"] for v in val])
             p_cal = 1 / (1 + np.exp(-final["logits"] / temps))
-            metrics_out = {k: v for k, v in final.items() if k not in ("logits", "heads", "offsets", "stage")}
+            metrics_out = {
+                k: v for k, v in final.items() if k not in ("logits", "heads", "note_logits", "stage")
+            }
             metrics_out["brier"] = float(np.mean((p_cal - y_val) ** 2))
             save_package(
                 model.cpu(),
@@ -435,32 +437,23 @@ class Trainer:
             )
         final = self.validate(model, val)
         y_val = np.stack([v["scores"] for v in val])
-        # note offsets carry the note gain at validation time; the stage may change the gain
-        scale0 = model.note_scale.detach().cpu().numpy().copy() if model.note_text is not None else None
-
-        def offsets_now() -> np.ndarray:
-            if scale0 is None:
-                return np.asarray(final["offsets"])
-            scale = model.note_scale.detach().cpu().numpy()
-            return np.asarray(final["offsets"] / scale0 * scale, np.float32)
-
-        inputs = {"val_heads": final["heads"], "val_offsets": final["offsets"], "val_y": y_val}
+        inputs = {"val_heads": final["heads"], "val_note_logits": final["note_logits"], "val_y": y_val}
         if d.head_epochs > 0:
             fitted = training_heads(
                 model, train, cfg.crop_size, d.head_windows, d.head_jitter, cfg.seed, self._layout
             )
-            inputs.update(train_heads=fitted[0], train_offsets=fitted[1], train_y=fitted[2])
+            inputs.update(train_heads=fitted[0], train_note_logits=fitted[1], train_y=fitted[2])
             stage["head"] = fit_score_head(
-                model, fitted, (final["heads"], final["offsets"], y_val), d, cfg.seed, self._log_stage
+                model, fitted, (final["heads"], final["note_logits"], y_val), d, cfg.seed, self._log_stage
             )
         if d.stack:
-            stage["stack"] = stack_logits(model, final["heads"], offsets_now(), y_val, d.stack_c)
+            stage["stack"] = stack_logits(model, final["heads"], final["note_logits"], y_val, d.stack_c)
             self._log_stage({"stage": "stack", **stage["stack"]})
         if d.head_epochs > 0 or d.stack:
             with torch.no_grad():
                 dev = self.device
                 z = model.score_logits(
-                    torch.from_numpy(final["heads"]).to(dev), torch.from_numpy(offsets_now()).to(dev)
+                    torch.from_numpy(final["heads"]).to(dev), torch.from_numpy(final["note_logits"]).to(dev)
                 )
             final["logits"] = z.cpu().numpy()
             final.update(self._score_metrics(final["logits"], y_val))
@@ -478,12 +471,8 @@ class Trainer:
 
     @staticmethod
     def _score_metrics(lg: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        try:
-            auroc = float(np.mean([roc_auc_score(y[:, s], lg[:, s]) for s in range(y.shape[1])]))
-        except ValueError:
-            auroc = float("nan")
         p = 1 / (1 + np.exp(-lg))
-        return {"auroc": auroc, "brier": float(np.mean((p - y) ** 2))}
+        return {"auroc": mean_auroc(y, lg), "brier": float(np.mean((p - y) ** 2))}
 
     def _progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
         if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
@@ -526,7 +515,7 @@ class Trainer:
         """Validation the way inference runs: windows of the crop size, the score from the
         lesion-centred window (infer/windowed.py), no test-time flips."""
         model.eval()
-        dices, logits, ys, heads_out, offsets = [], [], [], [], []
+        dices, logits, ys, heads_out, notes = [], [], [], [], []
         for r in val:
             ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
@@ -534,10 +523,10 @@ class Trainer:
             probs, heads = forward_case(model, ct, mr, has, r["note"], self.cfg.crop_size, [()])
             pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
-            off = model.note_offset([r["note"]]).float()
-            logits.append((model.score_logits(heads[0], off) / model.temperature).cpu().numpy()[0])
+            note = model.note_logits([r["note"]]).float()
+            logits.append((model.score_logits(heads[0], note) / model.temperature).cpu().numpy()[0])
             heads_out.append(heads[0].cpu().numpy()[0])
-            offsets.append(off.cpu().numpy()[0])
+            notes.append(note.cpu().numpy()[0])
             ys.append(r["scores"])
         model.train()
         d = np.array(dices)
@@ -547,7 +536,7 @@ class Trainer:
             **self._score_metrics(lg, y),
             "logits": lg,
             "heads": np.array(heads_out, np.float32),
-            "offsets": np.array(offsets, np.float32),
+            "note_logits": np.array(notes, np.float32),
         }
 
     def _save_weights(self, model: MedFusionNet, path: Path) -> None:
