@@ -236,3 +236,44 @@ def test_reinit_classes_gives_a_collapsed_class_fresh_rows() -> None:
     Trainer._reinit_seg_rows(model, [3], seed=0)
     assert torch.equal(model.seg_head.weight[:3], before)
     assert torch.any(model.seg_head.weight[3] != 0) and abs(float(bias[3]) - float(bias[1:3].mean())) < 1e-6
+
+
+def test_present_only_dice_leaves_an_absent_class_to_the_cross_entropy() -> None:
+    import torch
+    from monai.losses import DiceCELoss, DiceLoss
+
+    from medfusion.train.loop import PresentDiceCELoss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 8, 8, 8, requires_grad=True)
+    label = torch.randint(0, 3, (2, 1, 8, 8, 8))  # class 3 absent from the batch
+    ours = PresentDiceCELoss(batch=True, smooth=1e-5, weight=None)(logits, label)
+    per_class = DiceLoss(
+        to_onehot_y=True, softmax=True, include_background=False, batch=True, reduction="none"
+    )(logits, label).reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits, label[:, 0])
+    assert torch.allclose(ours, per_class[:2].mean() + ce, atol=1e-6)
+    # an absent class whose probabilities sum to ≈ 1 over the batch, Dice smoothing 1 (the default
+    # recipe's): MONAI's Dice pushes its logit down hard and finishes the collapse; here only the
+    # cross-entropy's mean probability does
+    shift = torch.zeros(1, requires_grad=True)
+    low = logits.detach().clone()
+    low[:, 3] -= 7.0
+
+    def moved() -> torch.Tensor:
+        return low + shift * torch.eye(4)[3].view(1, 4, 1, 1, 1)
+
+    g_ours = torch.autograd.grad(PresentDiceCELoss(True, 1.0, None)(moved(), label), shift)[0]
+    monai_loss = DiceCELoss(
+        to_onehot_y=True, softmax=True, include_background=False, batch=True, smooth_nr=1.0, smooth_dr=1.0
+    )
+    g_monai = torch.autograd.grad(monai_loss(moved(), label), shift)[0]
+    assert float(g_monai) > 10 * float(g_ours) > 0
+    # with every class present it is MONAI's Dice+CE
+    label[0, 0, 0, 0, 0] = 3
+    ours = PresentDiceCELoss(batch=True, smooth=1e-5, weight=None)(logits, label)
+    monai = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)(logits, label)
+    assert torch.allclose(ours, monai, atol=1e-6)
+    # per-crop Dice: a class present in one crop counts in that crop only
+    per_crop = PresentDiceCELoss(batch=False, smooth=1e-5, weight=None)(logits, label)
+    assert torch.isfinite(per_crop) and not torch.allclose(per_crop, ours)

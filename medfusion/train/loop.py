@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from monai.losses import DiceCELoss
+import torch.nn.functional as F
+from monai.losses import DiceCELoss, DiceLoss
 from pydantic import Field
 from safetensors.torch import load_file, save_file
 
@@ -99,6 +100,11 @@ class TrainConfig(StrictModel):
     # class whose logit has collapsed (never predicted, probability ≈ 1e-6) cannot come back under Adam,
     # whose steps are bounded by the learning rate whatever the gradient
     reinit_classes: list[int] = []
+    # Dice only over the foreground classes the reference has (in the batch with `dice_batch`, else per
+    # crop); an absent class is then left to the cross-entropy. With plain Dice, a class missing from
+    # most crops (a calcification in 1 of 5) is pushed to probability 0 everywhere long before the
+    # network can tell where it is, and stays there
+    dice_present_only: bool = False
     ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
@@ -112,6 +118,53 @@ class TrainConfig(StrictModel):
 
 
 # --- Helpers ---
+
+
+class PresentDiceCELoss(torch.nn.Module):
+    """Soft Dice over the foreground classes present in the reference, plus (weighted) cross-entropy."""
+
+    def __init__(self, batch: bool, smooth: float, weight: torch.Tensor | None) -> None:
+        super().__init__()
+        self.batch = batch
+        self.dice = DiceLoss(
+            to_onehot_y=True,
+            softmax=True,
+            include_background=False,
+            batch=batch,
+            smooth_nr=smooth,
+            smooth_dr=smooth,
+            reduction="none",
+        )
+        self.weight = weight
+
+    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+        k = logits.shape[1]
+        per_class = self.dice(logits, label).reshape(-1 if self.batch else logits.shape[0], k - 1)
+        ref = label[:, 0]
+        classes = torch.arange(1, k, device=label.device)
+        if self.batch:
+            present = (ref[None] == classes.view(-1, 1, 1, 1, 1)).flatten(1).any(1)[None]
+        else:
+            present = (ref[:, None] == classes.view(1, -1, 1, 1, 1)).flatten(2).any(2)
+        pres = present.to(per_class.dtype)
+        dice = (per_class * pres).sum() / pres.sum().clamp(min=1.0)
+        ce = F.cross_entropy(logits, ref.long(), weight=self.weight)
+        return dice + ce
+
+
+def segmentation_loss(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    weight = torch.tensor(cfg.ce_class_weights, device=device) if cfg.ce_class_weights else None
+    if cfg.dice_present_only:
+        return PresentDiceCELoss(cfg.dice_batch, cfg.dice_smooth, weight)
+    return DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        include_background=False,
+        batch=cfg.dice_batch,
+        smooth_nr=cfg.dice_smooth,
+        smooth_dr=cfg.dice_smooth,
+        weight=weight,
+    )
 
 
 def seed_everything(seed: int) -> None:
@@ -259,15 +312,7 @@ class Trainer:
             return float(0.02 + 0.98 * 0.5 * (1 + np.cos(np.pi * frac)))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        seg_loss = DiceCELoss(
-            to_onehot_y=True,
-            softmax=True,
-            include_background=False,
-            batch=cfg.dice_batch,
-            smooth_nr=cfg.dice_smooth,
-            smooth_dr=cfg.dice_smooth,
-            weight=torch.tensor(cfg.ce_class_weights, device=self.device) if cfg.ce_class_weights else None,
-        )
+        seg_loss = segmentation_loss(cfg, self.device)
         bce = torch.nn.BCEWithLogitsLoss()
         start_epoch, best, bad = 0, -np.inf, 0
         ckpt = self.out / "checkpoint"
