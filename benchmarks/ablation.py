@@ -7,8 +7,8 @@ ceilings on those patients.
     python benchmarks/ablation.py ... --package medfusion/weights/default   # score one package only
 
 Scoring runs on the preprocessed test cases (a cache built once, registration included), without
-test-time augmentation, on the model grid. Dice is the mean over the cases whose reference has the
-class; AUROC and ECE use the calibrated probability. The shorter schedule and coarser grid make the
+test-time augmentation, on the model grid, in windows of the training crop as `medfusion run` infers.
+Dice is the mean over the cases whose reference has the class; AUROC and ECE use the calibrated probability. The shorter schedule and coarser grid make the
 rows cheaper than the shipped model: compare rows with each other, not with the model card's
 headline numbers.
 """
@@ -30,6 +30,7 @@ from sklearn.metrics import roc_auc_score
 
 from medfusion.evaluate.diagnosis import ece
 from medfusion.evaluate.segmentation import dice
+from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.models.network import MedFusionNet
 from medfusion.models.package import load_package
 from medfusion.train.data import build_cache, load_cached, read_labels_csv
@@ -56,7 +57,11 @@ def test_cache(test: Path, cfg: TrainConfig, out: Path, registration_from: Path 
 
 @torch.inference_mode()
 def score(
-    model: MedFusionNet, cache: Path, pids: list[str], labels: dict[str, dict[str, int]]
+    model: MedFusionNet,
+    cache: Path,
+    pids: list[str],
+    labels: dict[str, dict[str, int]],
+    crop: list[int] | None,
 ) -> dict[str, Any]:
     model.eval()
     n_classes = model.cfg.n_classes
@@ -66,7 +71,11 @@ def score(
         r = load_cached(cache, pid)
         ct = torch.from_numpy(r["ct"].astype(np.float32))[None]
         mr = torch.from_numpy(r["mr"].astype(np.float32))[None]
-        seg, sc = model(ct, mr, torch.tensor([bool(r["has_mr"])]), [r["note"]])
+        has = torch.tensor([bool(r["has_mr"])])
+        # as inference and validation run: windows of the training crop, the score from the
+        # lesion-centred window (a whole-volume pass is a different input for a crop-trained network)
+        seg, heads = forward_case(model, ct, mr, has, r["note"], crop, [()])
+        sc = model.score_logits(heads[0], model.note_logits([r["note"]]))
         pred = seg.argmax(1)[0].numpy()
         for k in range(1, n_classes):
             if (r["target"] == k).any():
@@ -122,7 +131,7 @@ def main() -> None:
         cfg = TrainConfig.model_validate({**base, "preprocess": meta["preprocess"]})
         cache = args.out / "test-cache-package"
         pids = test_cache(args.test, cfg, cache, args.test_registrations)
-        res = score(model, cache, pids, labels)
+        res = score(model, cache, pids, labels, package_roi(meta))
         print(
             json.dumps(
                 {"package": str(args.package), **res, "oracle_auroc": oracle_rows(args.test, pids, labels)}
@@ -163,7 +172,7 @@ def main() -> None:
         t0 = time.perf_counter()
         summary = train(cfg, args.out / name.replace(": ", "-").replace(" ", "_").replace("+", "_"))
         model, _ = load_package(summary["package"])
-        res = score(model, tcache, pids, labels)
+        res = score(model, tcache, pids, labels, cfg.crop_size)
         res["train_minutes"] = round((time.perf_counter() - t0) / 60, 1)
         results[name] = res
         results_path.write_text(json.dumps(results, indent=1))
