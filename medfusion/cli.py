@@ -439,7 +439,14 @@ def evaluate(
         for k in ("auroc", "auprc", "brier", "ece"):
             v = summary["diagnosis"][k]
             if v["value"] is not None:
-                out_c.print(f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})")
+                line = f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})"
+                if "calibrated_null" in v:
+                    z = v["calibrated_null"]
+                    line += (
+                        f"; a calibrated model on these cases: median {z['median']:.3f}, "
+                        f"95th pct {z['p95']:.3f} (p = {z['p_value']:.2f})"
+                    )
+                out_c.print(line)
     out_c.print(f"written to {out or pred / 'evaluation'}")
 
 

@@ -175,3 +175,16 @@ def test_reference_in_other_geometry_is_resampled(cohort: Path, tmp_path: Path) 
     assert res.exit_code == 0, res.output
     summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
     assert pid in summary["resampled_references"]
+
+
+def test_ece_comes_with_what_a_calibrated_model_would_score() -> None:
+    rng = np.random.default_rng(1)
+    p = rng.uniform(0.05, 0.95, 100)
+    calibrated = (rng.random(100) < p).astype(int)
+    d = diagnosis_metrics(calibrated, p, {"model": 0.5}, n_boot=200)
+    null = d["ece"]["calibrated_null"]
+    # on 100 cases a calibrated model's ECE is far from 0, and this one is not flagged
+    assert 0.05 < null["median"] < null["p95"] < 0.25 and null["p_value"] > 0.05
+    overconfident = np.where(p > 0.5, 0.99, 0.01)
+    d = diagnosis_metrics(calibrated, overconfident, {"model": 0.5}, n_boot=200)
+    assert d["ece"]["calibrated_null"]["p_value"] < 0.01

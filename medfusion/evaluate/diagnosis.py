@@ -3,6 +3,10 @@
 AUROC and AUPRC (average precision) are scikit-learn's; accuracy, sensitivity (recall of
 positives), specificity, PPV, NPV and F1 are taken at a probability threshold (p ≥ t is positive);
 Brier = mean (p − y)²; ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b| over 10 equal-width bins.
+ECE is biased upwards on small cohorts (a perfectly calibrated model's ECE on 100 cases with the
+shipped model's probabilities has median ≈ 0.10), so it comes with the distribution it would have if
+the probabilities were exactly calibrated (outcomes drawn as Bernoulli(p)) and the share of those
+draws at least as large as the observed value: a p-value for "miscalibrated beyond chance".
 A metric that is undefined on a sample (e.g. AUROC with one class) is NaN there and bootstrap
 resamples where it is undefined are dropped (their count is reported).
 """
@@ -25,6 +29,13 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
         if m.any():
             total += m.mean() * abs(y[m].mean() - p[m].mean())
     return float(total)
+
+
+def ece_calibrated_null(p: np.ndarray, n_draws: int = 2000, seed: int = 0) -> np.ndarray:
+    """ECE values of a perfectly calibrated model with probabilities `p`: outcomes drawn as Bernoulli(p)."""
+    p = np.asarray(p, float)
+    rng = np.random.default_rng(seed)
+    return np.array([ece((rng.random(len(p)) < p).astype(float), p) for _ in range(n_draws)])
 
 
 def _safe(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np.ndarray, np.ndarray], float]:
@@ -95,5 +106,12 @@ def diagnosis_metrics(
             "ci_low": None if np.isnan(lo) else float(lo),
             "ci_high": None if np.isnan(hi) else float(hi),
             "bootstrap_undefined": int(len(b) - len(ok)),
+        }
+    if len(y):
+        null = ece_calibrated_null(p, max(200, n_boot), seed)
+        result["ece"]["calibrated_null"] = {
+            "median": float(np.median(null)),
+            "p95": float(np.percentile(null, 95)),
+            "p_value": float(np.mean(null >= point["ece"])),
         }
     return result

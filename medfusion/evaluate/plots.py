@@ -130,6 +130,16 @@ def write_plots_and_pdf(
                         "—" if v["ci_low"] is None else f"{v['ci_low']:.3f} – {v['ci_high']:.3f}",
                     ]
                 )
+                if m == "ece" and "calibrated_null" in v:
+                    z = v["calibrated_null"]
+                    drows.append(
+                        [
+                            s,
+                            "ece if calibrated",
+                            f"{z['median']:.3f}",
+                            f"95th pct {z['p95']:.3f}, p = {z['p_value']:.2f}",
+                        ]
+                    )
         story += [Paragraph("Diagnosis", styles["Heading2"]), table(drows, [30, 40, 25, 40])]
     for png in paths:
         img = Image(str(png))
