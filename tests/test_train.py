@@ -212,11 +212,15 @@ def test_stacking_recovers_the_gains_of_a_known_combination() -> None:
         raw = model.score_head(torch.from_numpy(heads)).numpy()[:, 0]  # the image-side logit
     note = rng.normal(0, 1, 6000).astype(np.float32)  # the note logit (gain 1 at the start)
     gain = 1.5 / raw.std()
-    truth = gain * raw - 1.0 * note + 0.5
+    truth = gain * raw + 0.7 * note + 0.5
     y = (rng.random(6000) < 1 / (1 + np.exp(-truth))).astype(np.float32)[:, None]
     fit = stack_logits(model, heads, note[:, None], y, c=100.0)
     assert abs(fit["head_gain"][0] - gain) < 0.15 * gain
-    assert abs(fit["note_scale"][0] + 1.0) < 0.15 and abs(fit["head_bias"][0] - 0.5) < 0.15
+    assert abs(fit["note_scale"][0] - 0.7) < 0.15 and abs(fit["head_bias"][0] - 0.5) < 0.15
+    # a logit that falls with the label gets gain 0, not a sign flip; the other is refitted alone
+    y_flip = (rng.random(6000) < 1 / (1 + np.exp(-(gain * raw - 1.0 * note)))).astype(np.float32)[:, None]
+    fit = stack_logits(model, heads, note[:, None], y_flip, c=100.0)
+    assert fit["note_scale"][0] == 0.0 and abs(fit["head_gain"][0] - gain) < 0.3 * gain
 
 
 def test_reinit_classes_gives_a_collapsed_class_fresh_rows() -> None:
