@@ -59,6 +59,10 @@ class InferConfig(StrictModel):
     amp: bool = True
     # segment with windows of the model's training crop size (False: the whole volume in one pass)
     sliding_window: bool = True
+    # set lesions (connected foreground) without a tumour-core voxel to background: oedema and
+    # calcification islands with no tumour are false positives (infer/postprocess.py); applies to
+    # packages whose classes include "tumour_core"
+    lesions_need_core: bool = True
 
 
 class OutputConfig(StrictModel):

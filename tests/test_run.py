@@ -116,3 +116,25 @@ def test_dask_workers_give_the_same_scores(run_out: tuple, tmp_path: Path) -> No
         a = json.loads((out / pid / "scores.json").read_text())["probabilities"]
         b = json.loads((tmp_path / "dask" / pid / "scores.json").read_text())["probabilities"]
         assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_lesions_without_a_tumour_core_are_dropped() -> None:
+    import numpy as np
+
+    from medfusion.infer.postprocess import drop_lesions_without_core, postprocess_labels
+
+    lab = np.zeros((20, 20, 20), np.uint8)
+    lab[4:10, 4:10, 4:10] = 2  # oedema around
+    lab[6:8, 6:8, 6:8] = 1  # a core
+    lab[7, 7, 7] = 3  # with a calcification inside
+    lab[15:17, 15:17, 15:17] = 2  # an oedema island with no core
+    lab[1, 18, 1] = 3  # a lone calcification voxel
+    out, removed = drop_lesions_without_core(lab, core=1)
+    assert removed == 8 + 1
+    assert (out[4:10, 4:10, 4:10] == lab[4:10, 4:10, 4:10]).all() and out[15:, 15:, 15:].max() == 0
+    assert out[1, 18, 1] == 0 and out.dtype == lab.dtype and lab[1, 18, 1] == 3  # input untouched
+    names = ["background", "tumour_core", "oedema", "calcification"]
+    assert (postprocess_labels(lab, names, lesions_need_core=False) == lab).all()
+    assert (postprocess_labels(lab, ["background", "organ"], lesions_need_core=True) == lab).all()
+    empty = np.zeros((4, 4, 4), np.uint8)
+    assert drop_lesions_without_core(empty)[1] == 0

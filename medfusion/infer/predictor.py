@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfusion.infer.postprocess import postprocess_labels
 from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.models.network import MedFusionNet, channels_last
 from medfusion.models.package import load_package, pick_device
@@ -40,6 +41,7 @@ class Predictor:
         mc_samples: int = 8,
         amp: bool = True,
         sliding_window: bool = True,
+        lesions_need_core: bool = True,
     ) -> None:
         self.device = pick_device(device)
         self.model, self.meta = load_package(package, self.device)
@@ -50,6 +52,7 @@ class Predictor:
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
         self.roi = package_roi(self.meta) if sliding_window else None
         self.class_names: list[str] = list(self.meta["class_names"])
+        self.lesions_need_core = lesions_need_core
         self.score_names: list[str] = list(self.meta["score_names"])
 
     @property
@@ -86,7 +89,7 @@ class Predictor:
         spread = torch.cat(samples).std(0).cpu().numpy()
         pg = probs[0].cpu().numpy()
         pct = t.to_ct_grid(pg)
-        labels = pct.argmax(0).astype(np.uint8)
+        labels = postprocess_labels(pct.argmax(0).astype(np.uint8), self.class_names, self.lesions_need_core)
         return Prediction(
             pg,
             pct,

@@ -232,6 +232,7 @@ def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
         opts.pipeline.infer.tta,
         opts.pipeline.infer.mc_samples,
         opts.pipeline.infer.sliding_window,
+        opts.pipeline.infer.lesions_need_core,
     )
     if key not in _WORKER_PREDICTOR:
         import torch
@@ -244,6 +245,7 @@ def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
             opts.pipeline.infer.mc_samples,
             opts.pipeline.infer.amp,
             opts.pipeline.infer.sliding_window,
+            opts.pipeline.infer.lesions_need_core,
         )
     return process_case(Path(folder), opts, _WORKER_PREDICTOR[key])
 
@@ -295,6 +297,7 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
             opts.pipeline.infer.mc_samples,
             opts.pipeline.infer.amp,
             opts.pipeline.infer.sliding_window,
+            opts.pipeline.infer.lesions_need_core,
         )
         model_info = predictor.describe()
         for f in todo:
