@@ -175,7 +175,7 @@ def test_diagnosis_stage_pretrains_note_head_and_refits_score_head(
     assert meta["network"]["note_head"] and meta["training"]["diagnosis_stage"]["note"]["n_val"] == 150
     assert model.note_text is not None
     stack = meta["training"]["diagnosis_stage"]["stack"]
-    assert np.isclose(float(model.note_scale[0]), stack["note_scale"][0])
+    assert np.isclose(float(model.note_scale[0].detach()), stack["note_scale"][0])
     inputs = np.load(run / "diagnosis_inputs.npz")
     assert inputs["val_heads"].shape[0] == inputs["val_y"].shape[0] == stack["n_cases"]
     assert inputs["train_heads"].shape[0] == 2 * meta["training"]["n_train"]
