@@ -40,6 +40,19 @@ class RegistrationConfig(StrictModel):
 # Values that settings stored before a field existed stand for (the field's default has changed since):
 # a stored record without the field was made with this value, not with today's default.
 LEGACY_REGISTRATION = {"mask_dilation_mm": 0.0, "sampling_strategy": "random"}
+# Fields that existed for a while and were removed, with the value that meant what the code does now:
+# a stored record holding that value is read without the field; any other value stays a mismatch.
+REMOVED_REGISTRATION: dict[str, object] = {"consistency_levels": "coarse"}
+
+
+def upgrade_registration(stored: dict[str, object]) -> dict[str, object]:
+    """Stored registration settings as today's fields: absent new fields take their old values,
+    removed fields that held what the code now does are dropped."""
+    out = {**LEGACY_REGISTRATION, **stored}
+    for key, value in REMOVED_REGISTRATION.items():
+        if key in out and out[key] == value:
+            del out[key]
+    return out
 
 
 class PreprocessConfig(StrictModel):

@@ -195,6 +195,12 @@ def test_settings_stored_before_a_default_changed_keep_their_old_meaning() -> No
     assert now["registration"]["mask_dilation_mm"] > 0
     assert _same(old, then) and not _same(old, now)
     assert _same(old["registration"], then["registration"], RegistrationConfig)
+    # a record holding a since-removed field at the value that meant today's behaviour is still valid;
+    # at another value it is not
+    removed = {**then, "registration": {**then["registration"], "consistency_levels": "coarse"}}
+    assert _same(removed, then)
+    removed["registration"]["consistency_levels"] = "full"
+    assert not _same(removed, then)
 
 
 def test_stacking_recovers_the_gains_of_a_known_combination() -> None:

@@ -15,7 +15,7 @@ import torch
 from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 
-from medfusion.config import LEGACY_REGISTRATION, PreprocessConfig
+from medfusion.config import PreprocessConfig, upgrade_registration
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig
 from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, Vocabulary, sha256_of
@@ -137,7 +137,7 @@ def load_package(
 def preprocess_config(meta: dict[str, Any]) -> PreprocessConfig:
     """The package's preprocessing; registration fields it predates take the values it was made with."""
     pre = dict(meta["preprocess"])
-    pre["registration"] = {**LEGACY_REGISTRATION, **pre.get("registration", {})}
+    pre["registration"] = upgrade_registration(pre.get("registration", {}))
     try:
         return PreprocessConfig.model_validate(pre)
     except ValidationError as exc:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
-from medfusion.config import LEGACY_REGISTRATION, PreprocessConfig, RegistrationConfig, StrictModel
+from medfusion.config import PreprocessConfig, RegistrationConfig, StrictModel, upgrade_registration
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
@@ -45,7 +45,7 @@ def _same(
     reg = stored if model is RegistrationConfig else stored.get("registration")
     if isinstance(reg, dict):  # fields whose default changed: absent means the old value
         stored = dict(stored)
-        reg = {**LEGACY_REGISTRATION, **reg}
+        reg = upgrade_registration(reg)
         if model is RegistrationConfig:
             stored = reg
         else:
