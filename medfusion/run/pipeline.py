@@ -224,30 +224,28 @@ _WORKER_PREDICTOR: dict[tuple[Any, ...], Any] = {}
 
 def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
     """Dask task: each worker process loads the model once and keeps it."""
-    from medfusion.infer.predictor import Predictor
-
-    key = (
-        opts.model,
-        opts.device,
-        opts.pipeline.infer.tta,
-        opts.pipeline.infer.mc_samples,
-        opts.pipeline.infer.sliding_window,
-        opts.pipeline.infer.lesions_need_core,
-    )
+    key = (opts.model, opts.device, opts.pipeline.infer.model_dump_json())
     if key not in _WORKER_PREDICTOR:
         import torch
 
         torch.set_num_threads(1)
-        _WORKER_PREDICTOR[key] = Predictor(
-            opts.model,
-            opts.device,
-            opts.pipeline.infer.tta,
-            opts.pipeline.infer.mc_samples,
-            opts.pipeline.infer.amp,
-            opts.pipeline.infer.sliding_window,
-            opts.pipeline.infer.lesions_need_core,
-        )
+        _WORKER_PREDICTOR[key] = _predictor(opts)
     return process_case(Path(folder), opts, _WORKER_PREDICTOR[key])
+
+
+def _predictor(opts: RunOptions) -> Any:  # Predictor (torch is imported lazily)
+    from medfusion.infer.predictor import Predictor
+
+    infer = opts.pipeline.infer
+    return Predictor(
+        opts.model,
+        opts.device,
+        infer.tta,
+        infer.mc_samples,
+        infer.amp,
+        infer.sliding_window,
+        infer.lesions_need_core,
+    )
 
 
 def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> dict[str, Any]:
@@ -288,17 +286,7 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
             "weights_sha256": meta.get("weights_sha256"),
         }
     else:
-        from medfusion.infer.predictor import Predictor
-
-        predictor = Predictor(
-            opts.model,
-            opts.device,
-            opts.pipeline.infer.tta,
-            opts.pipeline.infer.mc_samples,
-            opts.pipeline.infer.amp,
-            opts.pipeline.infer.sliding_window,
-            opts.pipeline.infer.lesions_need_core,
-        )
+        predictor = _predictor(opts)
         model_info = predictor.describe()
         for f in todo:
             rows.append(process_case(f, opts, predictor))

@@ -141,11 +141,10 @@ class PresentDiceCELoss(torch.nn.Module):
         k = logits.shape[1]
         per_class = self.dice(logits, label).reshape(-1 if self.batch else logits.shape[0], k - 1)
         ref = label[:, 0]
-        classes = torch.arange(1, k, device=label.device)
+        # (crops, classes): which foreground classes each crop's reference holds
+        present = torch.stack([(ref == c).flatten(1).any(1) for c in range(1, k)], 1)
         if self.batch:
-            present = (ref[None] == classes.view(-1, 1, 1, 1, 1)).flatten(1).any(1)[None]
-        else:
-            present = (ref[:, None] == classes.view(1, -1, 1, 1, 1)).flatten(2).any(2)
+            present = present.any(0, keepdim=True)
         pres = present.to(per_class.dtype)
         dice = (per_class * pres).sum() / pres.sum().clamp(min=1.0)
         ce = F.cross_entropy(logits, ref.long(), weight=self.weight)
