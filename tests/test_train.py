@@ -68,6 +68,27 @@ def test_resume_continues_from_checkpoint(cohort: Path, cache: Path, tmp_path: P
     assert epochs == [0, 1, 2]
 
 
+def test_init_from_starts_from_a_package_and_checks_its_network(
+    cohort: Path, cache: Path, tmp_path: Path
+) -> None:
+    os.environ["MEDFUSION_QUIET"] = "1"
+    first = train(TrainConfig.model_validate(_cfg(cohort, cache, epochs=1)), tmp_path / "a")
+    source, meta = load_package(first["package"])
+    # zero epochs: the package written is the source's weights, re-packaged with the source's word list
+    tuned = train(
+        TrainConfig.model_validate(_cfg(cohort, cache, epochs=0, init_from=first["package"])), tmp_path / "b"
+    )
+    model, meta_b = load_package(tuned["package"])
+    assert meta_b["vocabulary"] == meta["vocabulary"]
+    a, b = source.state_dict(), model.state_dict()
+    moved = [k for k in a if k not in ("temperature",) and not np.allclose(a[k].numpy(), b[k].numpy())]
+    assert not [k for k in moved if not k.startswith(("head_gain", "note_scale", "head_bias"))]
+    bad = _cfg(cohort, cache, epochs=0, init_from=first["package"])
+    bad["network"] = {"fusion": "sequence", "channels": [4, 8, 16, 16]}
+    with pytest.raises(ValueError, match="channels"):
+        train(TrainConfig.model_validate(bad), tmp_path / "c")
+
+
 def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, tmp_path: Path) -> None:
     cfg_path = tmp_path / "ddp.yaml"
     cfg_path.write_text(yaml.safe_dump(_cfg(cohort, cache, epochs=1, steps_per_epoch=3, batch_size=1)))

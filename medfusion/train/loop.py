@@ -22,7 +22,7 @@ from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.infer.windowed import forward_case
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig, channels_last
-from medfusion.models.package import pick_device, save_package
+from medfusion.models.package import load_package, pick_device, save_package
 from medfusion.synth.notes import SCORE_NAMES
 from medfusion.synth.phantom import CLASS_NAMES
 from medfusion.text.encoders import Vocabulary
@@ -105,6 +105,10 @@ class TrainConfig(StrictModel):
     # most crops (a calcification in 1 of 5) is pushed to probability 0 everywhere long before the
     # network can tell where it is, and stays there
     dice_present_only: bool = False
+    # fine-tuning: start from this model package's weights and word list (its network settings must be
+    # this config's), with a fresh optimiser and learning-rate schedule. Ignored when --resume finds a
+    # checkpoint in OUT
+    init_from: str | None = None
     ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
@@ -273,6 +277,18 @@ class Trainer:
         if path.exists():
             rec = json.loads(path.read_text())
             return Vocabulary(rec["words"], rec["negation"], rec["numbers"])
+        if self.cfg.init_from:
+            _, meta = load_package(self.cfg.init_from)
+            vocab = Vocabulary(
+                list(meta.get("vocabulary", [])),
+                bool(meta.get("vocabulary_negation", True)),
+                bool(meta.get("vocabulary_numbers", False)),
+            )
+            if _rank() == 0:
+                write_json(
+                    path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers}
+                )
+            return vocab
         notes = [r["note"] for r in train]
         d = self.cfg.diagnosis
         fresh = (
@@ -315,6 +331,16 @@ class Trainer:
         bce = torch.nn.BCEWithLogitsLoss()
         start_epoch, best, bad = 0, -np.inf, 0
         ckpt = self.out / "checkpoint"
+        if cfg.init_from and not (resume and (ckpt / "state.json").exists()) and not package_only:
+            self._init_from(model, cfg.init_from)
+            # the starting weights are the first candidate: fine-tuning never ships a model that
+            # validates worse than the one it started from
+            if _rank() == 0:
+                metrics = self.validate(model, val[: cfg.data.val_per_epoch])
+                best = self._selection_score(metrics)
+                self._save_weights(model, self.out / "best.safetensors")
+                rec = {"epoch": -1, "init_from": cfg.init_from, "dice": metrics["dice"]}
+                self.log({**rec, "auroc": metrics["auroc"], "brier": metrics["brier"]})
         if resume and (ckpt / "state.json").exists():
             self._load_weights(model, ckpt / "model.safetensors")
             state = json.loads((ckpt / "state.json").read_text())
@@ -379,7 +405,7 @@ class Trainer:
             self.log(rec)
             if _rank() == 0:
                 print(json.dumps(rec))
-                score = float(np.nanmean(metrics["dice"])) + float(np.nan_to_num(metrics["auroc"]))
+                score = self._selection_score(metrics)
                 if score > best:
                     best, bad = score, 0
                     self._save_weights(model, self.out / "best.safetensors")
@@ -452,6 +478,23 @@ class Trainer:
                 assert bias is not None
                 bias[k].copy_(bias[1:k].mean() if k > 1 else torch.zeros(()))
         print(f"segmentation head rows {classes} re-initialised")
+
+    @staticmethod
+    def _selection_score(metrics: dict[str, Any]) -> float:
+        return float(np.nanmean(metrics["dice"])) + float(np.nan_to_num(metrics["auroc"]))
+
+    def _init_from(self, model: MedFusionNet, package: str) -> None:
+        """Copy a package's weights (SHA-256 checked by load_package) into the freshly built network."""
+        source, meta = load_package(package)
+        ours, theirs = self.cfg.network.model_dump(), source.cfg.model_dump()
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        if differ:
+            msg = f"{package}: init_from needs the package's network settings; these differ: " + ", ".join(
+                f"{k} (config {ours[k]!r}, package {theirs.get(k)!r})" for k in differ
+            )
+            raise ValueError(msg)
+        model.load_state_dict(source.state_dict())
+        print(f"weights from {meta.get('name')} {meta.get('version')} ({package})")
 
     def _load_weights(self, model: MedFusionNet, path: Path) -> None:
         """Load a checkpoint; a note head absent from it (a run from before `network.note_head`) keeps its
