@@ -209,11 +209,13 @@ def test_settings_stored_before_a_default_changed_keep_their_old_meaning() -> No
     from medfusion.train.data import _same
 
     old = PreprocessConfig().model_dump(mode="json")
-    for key in ("mask_dilation_mm", "sampling_strategy"):
+    polish = ("polish_iterations", "polish_smoothing_mm", "polish_histogram_bins")
+    for key in ("mask_dilation_mm", "sampling_strategy", *polish):
         del old["registration"][key]  # as written before these fields existed
-    then = PreprocessConfig(registration=RegistrationConfig(mask_dilation_mm=0.0)).model_dump(mode="json")
+    then_reg = RegistrationConfig(mask_dilation_mm=0.0, polish_iterations=0)
+    then = PreprocessConfig(registration=then_reg).model_dump(mode="json")
     now = PreprocessConfig().model_dump(mode="json")
-    assert now["registration"]["mask_dilation_mm"] > 0
+    assert now["registration"]["mask_dilation_mm"] > 0 and now["registration"]["polish_iterations"] > 0
     assert _same(old, then) and not _same(old, now)
     assert _same(old["registration"], then["registration"], RegistrationConfig)
     # a record holding a since-removed field at the value that meant today's behaviour is still valid;

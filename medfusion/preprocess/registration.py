@@ -2,7 +2,9 @@
 
 Recipe: head masks; moments-centred start; an exhaustive coarse rotation search (so that ±15°
 starts converge); then Mattes mutual information over a multi-resolution pyramid, optimised by
-regular-step gradient descent with physical-shift scales. The QC verdict compares the result with
+regular-step gradient descent with physical-shift scales; last, a polishing pass at full resolution
+on images smoothed by 1 mm with a 16-bin histogram (the unsmoothed 32-bin metric's optimum lies
+≈ 0.45 mm from the truth on the synthetic pairs, the smoothed 16-bin one's ≈ 0.15 mm). The QC verdict compares the result with
 an independent registration run the other way (CT → MR, from its own start) and checks head-mask
 overlap, so a wrong transform cannot pass silently.
 
@@ -99,10 +101,10 @@ def _float(vol: Volume) -> sitk.Image:
 
 
 def _method(
-    fmask: sitk.Image, sampling: list[float], cfg: RegistrationConfig
+    fmask: sitk.Image, sampling: list[float], cfg: RegistrationConfig, bins: int | None = None
 ) -> sitk.ImageRegistrationMethod:
     reg = sitk.ImageRegistrationMethod()
-    reg.SetMetricAsMattesMutualInformation(cfg.histogram_bins)
+    reg.SetMetricAsMattesMutualInformation(bins or cfg.histogram_bins)
     reg.SetMetricSamplingStrategy(reg.REGULAR if cfg.sampling_strategy == "regular" else reg.RANDOM)
     reg.SetMetricSamplingPercentagePerLevel(sampling, cfg.seed)
     reg.SetMetricFixedMask(fmask)
@@ -148,11 +150,16 @@ def _refine(
     cfg: RegistrationConfig,
     levels: slice,
     iterations: int,
+    polish: bool = False,
 ) -> tuple[float, int]:
     shrink, smooth, sampling = cfg.shrink_factors[levels], cfg.smoothing_mm[levels], cfg.sampling[levels]
-    reg = _method(fmask, sampling, cfg)
+    bins = None
+    if polish:  # full resolution, smoothed, coarser histogram, small first step
+        shrink, smooth, sampling = [1], [cfg.polish_smoothing_mm], cfg.sampling[-1:]
+        bins = cfg.polish_histogram_bins
+    reg = _method(fmask, sampling, cfg, bins)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=4.0,
+        learningRate=1.0 if polish else 4.0,
         minStep=1e-4,
         numberOfIterations=iterations,
         relaxationFactor=0.7,
@@ -198,6 +205,9 @@ def _estimate(
     if not quick:
         metric, it = _refine(fixed, moving, fmask, tx, cfg, slice(1, None), cfg.iterations)
         total += it
+        if cfg.polish_iterations > 0:
+            metric, it = _refine(fixed, moving, fmask, tx, cfg, slice(None), cfg.polish_iterations, True)
+            total += it
         if cfg.affine:
             aff = sitk.AffineTransform(3)
             aff.SetMatrix(tx.GetMatrix())
