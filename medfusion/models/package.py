@@ -93,6 +93,15 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+def package_vocabulary(meta: dict[str, Any]) -> Vocabulary:
+    """The note tokenizer's word list stored in `model.json`."""
+    return Vocabulary(
+        list(meta.get("vocabulary", [])),
+        bool(meta.get("vocabulary_negation", True)),
+        bool(meta.get("vocabulary_numbers", False)),
+    )
+
+
 def load_package(
     path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[MedFusionNet, dict[str, Any]]:
@@ -113,14 +122,7 @@ def load_package(
         raise PackageError(msg)
     try:
         cfg = NetConfig.model_validate(meta["network"])
-        model = ARCHITECTURES[arch](
-            cfg,
-            Vocabulary(
-                list(meta.get("vocabulary", [])),
-                bool(meta.get("vocabulary_negation", True)),
-                bool(meta.get("vocabulary_numbers", False)),
-            ),
-        )
+        model = ARCHITECTURES[arch](cfg, package_vocabulary(meta))
         state = load_file(str(weights))
         missing, unexpected = model.load_state_dict(state, strict=False)
         absent = sorted(set(missing) - external_weights(model))

@@ -22,7 +22,7 @@ from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.infer.windowed import forward_case
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig, channels_last
-from medfusion.models.package import load_package, pick_device, save_package
+from medfusion.models.package import load_package, package_vocabulary, pick_device, save_package
 from medfusion.synth.notes import SCORE_NAMES
 from medfusion.synth.phantom import CLASS_NAMES
 from medfusion.text.encoders import Vocabulary
@@ -278,12 +278,7 @@ class Trainer:
             rec = json.loads(path.read_text())
             return Vocabulary(rec["words"], rec["negation"], rec["numbers"])
         if self.cfg.init_from:
-            _, meta = load_package(self.cfg.init_from)
-            vocab = Vocabulary(
-                list(meta.get("vocabulary", [])),
-                bool(meta.get("vocabulary_negation", True)),
-                bool(meta.get("vocabulary_numbers", False)),
-            )
+            vocab = package_vocabulary(load_package(self.cfg.init_from)[1])
             if _rank() == 0:
                 write_json(
                     path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers}
