@@ -310,3 +310,25 @@ def test_present_only_dice_leaves_an_absent_class_to_the_cross_entropy() -> None
     # per-crop Dice: a class present in one crop counts in that crop only
     per_crop = PresentDiceCELoss(batch=False, smooth=1e-5, weight=None)(logits, label)
     assert torch.isfinite(per_crop) and not torch.allclose(per_crop, ours)
+
+
+@pytest.mark.parametrize("name", ["train_default.yaml", "finetune_default.yaml"])
+def test_shipped_training_recipes_validate_and_keep_the_cache_settings(name: str) -> None:
+    """The recipes in pipelines/ load, and their preprocessing is the one the shipped model was made
+    with (a field added since must be pinned there, or the cache would be rebuilt)."""
+    from medfusion.config import load_yaml_model
+    from medfusion.models.package import DEFAULT_PACKAGE, preprocess_config, read_meta
+    from medfusion.train.data import _same
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_yaml_model(root / "pipelines" / name, TrainConfig)
+    shipped = preprocess_config(read_meta(DEFAULT_PACKAGE)).model_dump(mode="json")
+    assert _same(cfg.preprocess.model_dump(mode="json"), shipped)
+
+
+@pytest.mark.parametrize("name", ["default.yaml", "evaluate-fast.yaml"])
+def test_shipped_run_pipelines_validate(name: str) -> None:
+    from medfusion.config import PipelineConfig, load_yaml_model
+
+    root = Path(__file__).resolve().parent.parent
+    assert load_yaml_model(root / "pipelines" / name, PipelineConfig).name
