@@ -4,9 +4,9 @@ Recipe: head masks; moments-centred start; an exhaustive coarse rotation search 
 starts converge); then Mattes mutual information over a multi-resolution pyramid, optimised by
 regular-step gradient descent with physical-shift scales; last, a polishing pass at full resolution
 on images smoothed by 1 mm with a 16-bin histogram (the unsmoothed 32-bin metric's optimum lies
-≈ 0.45 mm from the truth on the synthetic pairs, the smoothed 16-bin one's ≈ 0.15 mm). The QC verdict compares the result with
-an independent registration run the other way (CT → MR, from its own start) and checks head-mask
-overlap, so a wrong transform cannot pass silently.
+≈ 0.45 mm from the truth on the synthetic pairs, the smoothed 16-bin one's ≈ 0.15 mm). The QC
+verdict compares the result with an independent registration run the other way (CT → MR, from its
+own start) and checks head-mask overlap, so a wrong transform cannot pass silently.
 
 Transforms follow ITK: they map a CT (fixed) point in LPS mm to the MR (moving) point.
 """
