@@ -23,7 +23,9 @@ class RegistrationConfig(StrictModel):
     smoothing_mm: list[float] = [2.0, 1.0, 0.0]
     sampling: list[float] = [0.2, 0.1, 0.05]
     iterations: int = 200
-    candidates: int = 3
+    # rotation-search starts refined at the coarse levels (3 until 0.5: the same TRE on 40 test pairs,
+    # ≈ 15-30 % slower; benchmarks/RESULTS.md)
+    candidates: int = 2
     histogram_bins: int = 32
     sampling_strategy: Literal["random", "regular"] = "random"
     # the metric's fixed mask is the CT head mask grown by this much, so that the skin-air edge is
