@@ -142,32 +142,46 @@ def _candidates(
     return init, sorted(seen)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stage:
+    """One optimiser run: its pyramid levels, histogram bins and first step (mm)."""
+
+    shrink: list[int]
+    smooth: list[float]
+    sampling: list[float]
+    bins: int | None = None  # None: cfg.histogram_bins
+    learning_rate: float = 4.0
+
+
+def _pyramid(cfg: RegistrationConfig, levels: slice) -> _Stage:
+    return _Stage(cfg.shrink_factors[levels], cfg.smoothing_mm[levels], cfg.sampling[levels])
+
+
+def _polish(cfg: RegistrationConfig) -> _Stage:
+    """Full resolution on smoothed images with a coarser histogram, small first step."""
+    return _Stage([1], [cfg.polish_smoothing_mm], cfg.sampling[-1:], cfg.polish_histogram_bins, 1.0)
+
+
 def _refine(
     fixed: sitk.Image,
     moving: sitk.Image,
     fmask: sitk.Image,
     tx: sitk.Transform,
     cfg: RegistrationConfig,
-    levels: slice,
+    stage: _Stage,
     iterations: int,
-    polish: bool = False,
 ) -> tuple[float, int]:
-    shrink, smooth, sampling = cfg.shrink_factors[levels], cfg.smoothing_mm[levels], cfg.sampling[levels]
-    bins = None
-    if polish:  # full resolution, smoothed, coarser histogram, small first step
-        shrink, smooth, sampling = [1], [cfg.polish_smoothing_mm], cfg.sampling[-1:]
-        bins = cfg.polish_histogram_bins
-    reg = _method(fmask, sampling, cfg, bins)
+    reg = _method(fmask, stage.sampling, cfg, stage.bins)
     reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0 if polish else 4.0,
+        learningRate=stage.learning_rate,
         minStep=1e-4,
         numberOfIterations=iterations,
         relaxationFactor=0.7,
         gradientMagnitudeTolerance=1e-8,
     )
     reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel(shrink)
-    reg.SetSmoothingSigmasPerLevel(smooth)
+    reg.SetShrinkFactorsPerLevel(stage.shrink)
+    reg.SetSmoothingSigmasPerLevel(stage.smooth)
     reg.SetInitialTransform(tx, inPlace=True)
     iters = [0]
     reg.AddCommand(sitk.sitkIterationEvent, lambda: iters.__setitem__(0, iters[0] + 1))
@@ -189,7 +203,7 @@ def _estimate(
         radius = [max(1, int(round(cfg.mask_dilation_mm / sp))) for sp in fmask.GetSpacing()]
         fmask = sitk.BinaryDilate(fmask, radius)
     init, ranked = _candidates(fixed, moving, fmask, mmask, cfg)
-    coarse = slice(0, len(cfg.shrink_factors) - 1)
+    coarse, fine = _pyramid(cfg, slice(0, len(cfg.shrink_factors) - 1)), _pyramid(cfg, slice(1, None))
     best: tuple[float, sitk.Euler3DTransform] | None = None
     total = 0
     for _, params in ranked[: cfg.candidates]:
@@ -203,17 +217,17 @@ def _estimate(
     metric, tx = best
     final: sitk.Transform = tx
     if not quick:
-        metric, it = _refine(fixed, moving, fmask, tx, cfg, slice(1, None), cfg.iterations)
+        metric, it = _refine(fixed, moving, fmask, tx, cfg, fine, cfg.iterations)
         total += it
         if cfg.polish_iterations > 0:
-            metric, it = _refine(fixed, moving, fmask, tx, cfg, slice(None), cfg.polish_iterations, True)
+            metric, it = _refine(fixed, moving, fmask, tx, cfg, _polish(cfg), cfg.polish_iterations)
             total += it
         if cfg.affine:
             aff = sitk.AffineTransform(3)
             aff.SetMatrix(tx.GetMatrix())
             aff.SetTranslation(tx.GetTranslation())
             aff.SetCenter(tx.GetCenter())
-            metric, it = _refine(fixed, moving, fmask, aff, cfg, slice(1, None), cfg.iterations)
+            metric, it = _refine(fixed, moving, fmask, aff, cfg, fine, cfg.iterations)
             total += it
             final = aff
     return sitk_to_matrix(final), metric, total

@@ -227,6 +227,7 @@ class Trainer:
         self.out = out
         self.device = pick_device(cfg.device)
         torch.set_num_threads(max(1, cfg.threads))
+        self._source: tuple[MedFusionNet, dict[str, Any]] | None = None
 
     def log(self, rec: dict[str, Any]) -> None:
         if _rank() != 0:
@@ -278,21 +279,17 @@ class Trainer:
             rec = json.loads(path.read_text())
             return Vocabulary(rec["words"], rec["negation"], rec["numbers"])
         if self.cfg.init_from:
-            vocab = package_vocabulary(load_package(self.cfg.init_from)[1])
-            if _rank() == 0:
-                write_json(
-                    path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers}
-                )
-            return vocab
-        notes = [r["note"] for r in train]
-        d = self.cfg.diagnosis
-        fresh = (
-            not (self.out / "checkpoint" / "state.json").exists()
-            and not (self.out / "best.safetensors").exists()
-        )
-        if fresh and d.note_corpus and d.note_epochs > 0 and self.cfg.network.note_head:
-            notes += read_note_corpus(d.note_corpus, self.cfg.score_names)[0]
-        vocab = Vocabulary.fit(notes)
+            vocab = package_vocabulary(self._source_package()[1])
+        else:
+            notes = [r["note"] for r in train]
+            d = self.cfg.diagnosis
+            fresh = (
+                not (self.out / "checkpoint" / "state.json").exists()
+                and not (self.out / "best.safetensors").exists()
+            )
+            if fresh and d.note_corpus and d.note_epochs > 0 and self.cfg.network.note_head:
+                notes += read_note_corpus(d.note_corpus, self.cfg.score_names)[0]
+            vocab = Vocabulary.fit(notes)
         if _rank() == 0:
             write_json(path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers})
         return vocab
@@ -478,9 +475,16 @@ class Trainer:
     def _selection_score(metrics: dict[str, Any]) -> float:
         return float(np.nanmean(metrics["dice"])) + float(np.nan_to_num(metrics["auroc"]))
 
+    def _source_package(self) -> tuple[MedFusionNet, dict[str, Any]]:
+        """The `init_from` package, loaded once (word list and weights both come from it)."""
+        if self._source is None:
+            assert self.cfg.init_from
+            self._source = load_package(self.cfg.init_from)
+        return self._source
+
     def _init_from(self, model: MedFusionNet, package: str) -> None:
         """Copy a package's weights (SHA-256 checked by load_package) into the freshly built network."""
-        source, meta = load_package(package)
+        source, meta = self._source_package()
         ours, theirs = self.cfg.network.model_dump(), source.cfg.model_dump()
         differ = sorted(k for k in ours if ours[k] != theirs.get(k))
         if differ:
