@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from safetensors.torch import load_file
 
 from medfusion.models.package import load_package
 from medfusion.train.loop import TrainConfig, fit_temperature, split_patients, train
@@ -87,6 +88,32 @@ def test_init_from_starts_from_a_package_and_checks_its_network(
     bad["network"] = {"fusion": "sequence", "channels": [4, 8, 16, 16]}
     with pytest.raises(ValueError, match="channels"):
         train(TrainConfig.model_validate(bad), tmp_path / "c")
+
+
+def test_fine_tune_trains_only_the_named_parts_and_distils_the_scores(
+    cohort: Path, cache: Path, tmp_path: Path
+) -> None:
+    os.environ["MEDFUSION_QUIET"] = "1"
+    first = train(TrainConfig.model_validate(_cfg(cohort, cache, epochs=1)), tmp_path / "a")
+    kw = {"init_from": first["package"], "distill_from": first["package"], "distill_weight": 1.0}
+    tuned = train(
+        TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, trainable=["decoder.", "seg_head."], **kw)),
+        tmp_path / "b",
+    )
+    assert tuned["package"]
+    # the last epoch's weights (the package may hold the starting ones: they are the first candidate)
+    a = load_package(first["package"])[0].state_dict()
+    b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    moved = {k.split(".")[0] for k in a if not np.allclose(a[k].numpy(), b[k].numpy())}
+    assert moved == {"decoder", "seg_head"}
+    log = [json.loads(line) for line in (tmp_path / "b" / "train.jsonl").read_text().splitlines()]
+    assert log[-1]["distill_mse"] >= 0
+    with pytest.raises(ValueError, match="distill_from"):
+        TrainConfig.model_validate(_cfg(cohort, cache, distill_weight=1.0))
+    with pytest.raises(ValueError, match="no parameter name starts with"):
+        train(
+            TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, trainable=["decodr."])), tmp_path / "c"
+        )
 
 
 def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, tmp_path: Path) -> None:

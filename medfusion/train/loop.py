@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from monai.losses import DiceCELoss, DiceLoss
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from medfusion.config import PreprocessConfig, StrictModel
@@ -109,6 +109,15 @@ class TrainConfig(StrictModel):
     # this config's), with a fresh optimiser and learning-rate schedule. Ignored when --resume finds a
     # checkpoint in OUT
     init_from: str | None = None
+    # train only the parameters whose names start with one of these prefixes (e.g. ["decoder.",
+    # "seg_head."]); the rest keep their starting values. None: train everything
+    trainable: list[str] | None = None
+    # knowledge distillation ("learning without forgetting", Li & Hoiem 2016): a frozen teacher package
+    # sees every training batch, and the squared difference between its score logits and the network's,
+    # times `distill_weight`, joins the loss. Lets a fine-tune change the segmentation while the
+    # diagnosis keeps what the teacher learned. The teacher must read the same inputs (preprocessing)
+    distill_from: str | None = None
+    distill_weight: float = Field(default=0.0, ge=0)
     ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
@@ -119,6 +128,13 @@ class TrainConfig(StrictModel):
     device: str = "auto"
     class_names: list[str] = list(CLASS_NAMES)
     score_names: list[str] = list(SCORE_NAMES)
+
+    @model_validator(mode="after")
+    def _distillation_needs_a_teacher(self) -> TrainConfig:
+        if self.distill_weight > 0 and not self.distill_from:
+            msg = "distill_weight > 0 needs distill_from (the teacher package)"
+            raise ValueError(msg)
+        return self
 
 
 # --- Helpers ---
@@ -304,10 +320,12 @@ class Trainer:
         model = MedFusionNet(cfg.network, vocab).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        trained = self._trainable(model)
+        teacher = self._teacher() if cfg.distill_weight > 0 else None
         ddp_model: torch.nn.Module = model
         if _world() > 1:
             ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * _world()))
         total_steps = cfg.epochs * steps
         warm = max(1, total_steps // 10)
@@ -369,7 +387,8 @@ class Trainer:
             seed_everything(cfg.seed + epoch * 7919 + _rank())
             model.train()
             t0 = time.perf_counter()
-            losses = []
+            losses: list[float] = []
+            gaps: list[float] = []  # squared score-logit gap to the teacher
             order = rng.permutation(len(train))
             order = order[_rank() :: _world()]
             for step in range(steps):
@@ -377,12 +396,18 @@ class Trainer:
                 batch = self._batch([train[i] for i in idx], aug, rng)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
                     seg, sc = ddp_model(batch["ct"], batch["mr"], batch["has_mr"], batch["notes"])
-                    loss = cfg.seg_weight * seg_loss(seg.float(), batch["label"]) + cfg.score_weight * bce(
-                        sc.float(), batch["scores"]
-                    )
+                    loss = cfg.score_weight * bce(sc.float(), batch["scores"])
+                    if cfg.seg_weight > 0:
+                        loss = loss + cfg.seg_weight * seg_loss(seg.float(), batch["label"])
+                    if teacher is not None:
+                        with torch.no_grad():
+                            _, target = teacher(batch["ct"], batch["mr"], batch["has_mr"], batch["notes"])
+                        gap = F.mse_loss(sc.float(), target.float())
+                        gaps.append(float(gap.detach()))
+                        loss = loss + cfg.distill_weight * gap
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+                torch.nn.utils.clip_grad_norm_(trained, 5.0)
                 opt.step()
                 sched.step()
                 losses.append(float(loss.detach()))
@@ -392,6 +417,7 @@ class Trainer:
                 "epoch": epoch,
                 "loss": float(np.mean(losses)),
                 "seconds": round(time.perf_counter() - t0, 1),
+                **({"distill_mse": round(float(np.mean(gaps)), 4)} if gaps else {}),
                 **{k: v for k, v in metrics.items() if k not in ("logits", "heads", "note_logits")},
             }
             self.log(rec)
@@ -494,6 +520,42 @@ class Trainer:
             raise ValueError(msg)
         model.load_state_dict(source.state_dict())
         print(f"weights from {meta.get('name')} {meta.get('version')} ({package})")
+
+    def _trainable(self, model: MedFusionNet) -> list[torch.nn.Parameter]:
+        """The parameters the optimiser moves (`trainable` prefixes); the others get requires_grad False."""
+        prefixes = self.cfg.trainable
+        if prefixes is None:
+            return list(model.parameters())
+        names = [n for n, _ in model.named_parameters()]
+        unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
+        if unknown:
+            msg = f"trainable: no parameter name starts with {unknown}; names start with e.g. " + ", ".join(
+                sorted({n.split(".")[0] + "." for n in names})
+            )
+            raise ValueError(msg)
+        params = []
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith(tuple(prefixes)))
+            if p.requires_grad:
+                params.append(p)
+        frozen = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params)
+        print(f"training {sum(p.numel() for p in params)} parameters, {frozen} held")
+        return params
+
+    def _teacher(self) -> MedFusionNet:
+        """The `distill_from` package (SHA-checked), frozen, in eval mode, on the training device."""
+        assert self.cfg.distill_from
+        teacher, meta = load_package(self.cfg.distill_from)
+        if list(meta.get("score_names", [])) != list(self.cfg.score_names):
+            msg = f"{self.cfg.distill_from}: its scores {meta.get('score_names')} are not {self.cfg.score_names}"
+            raise ValueError(msg)
+        teacher = teacher.to(self.device).eval()
+        if self.cfg.channels_last:
+            teacher = teacher.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        print(f"distilling the scores of {meta.get('name')} {meta.get('version')} ({self.cfg.distill_from})")
+        return teacher
 
     def _load_weights(self, model: MedFusionNet, path: Path) -> None:
         """Load a checkpoint; a note head absent from it (a run from before `network.note_head`) keeps its
