@@ -450,6 +450,56 @@ def evaluate(
     out_c.print(f"written to {out or pred / 'evaluation'}")
 
 
+# --- compare ---
+
+
+@app.command()
+def compare(
+    pred: Annotated[Path, typer.Option("--pred", help="Output folder of `medfusion run` (model A).")],
+    baseline: Annotated[
+        Path, typer.Option("--baseline", help="Output folder of another run on the same patients (model B).")
+    ],
+    labels: Annotated[
+        Path, typer.Option("--labels", help="Labels folder (with labels.csv) or a labels CSV.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="JSON to write (default: PRED/evaluation/compare.json).")
+    ] = None,
+    bootstrap: Annotated[int, typer.Option(min=100, help="Bootstrap resamples (over patients).")] = 2000,
+) -> None:
+    """Paired A − B differences (Dice per class, AUROC, Brier) with bootstrap CIs over patients.
+
+    Both runs need `medfusion evaluate` first (its per-case Dice is read back)."""
+    from medfusion.evaluate.compare import compare as run_compare
+    from medfusion.io.atomic import write_json
+
+    try:
+        res = run_compare(pred, baseline, labels, bootstrap)
+    except (ValueError, InputError) as exc:
+        _fail(exc)
+    t = Table(title=f"A = {pred}  vs  B = {baseline}  (paired over patients)")
+    for col in ("measure", "A", "B", "A − B (95% CI)", "p", "A better / worse"):
+        t.add_column(col)
+
+    def pv(v: float) -> str:  # a bootstrap p-value cannot be resolved below 1 / resamples
+        return f"<{1 / bootstrap:.4f}" if v == 0 else f"{v:.3f}"
+
+    for c, r in res["segmentation"].items():
+        ci = f"{r['delta']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})"
+        t.add_row(
+            f"Dice {c}", f"{r['a']:.3f}", f"{r['b']:.3f}", ci, f"{r['p']:.3f}", f"{r['better']}/{r['worse']}"
+        )
+    for s, rec in res["diagnosis"].items():
+        for m, r in rec.items():
+            ci = f"{r['delta']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})"
+            t.add_row(f"{m} {s}", f"{r['a']:.3f}", f"{r['b']:.3f}", ci, pv(r["p"]), "")
+    Console().print(t)
+    Console().print("Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py).")
+    target = out or pred / "evaluation" / "compare.json"
+    write_json(target, res)
+    Console().print(f"written to {target}")
+
+
 def main() -> None:
     app()
 

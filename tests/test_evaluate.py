@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from medfusion.cli import app
 from medfusion.evaluate.diagnosis import diagnosis_metrics, ece
 from medfusion.evaluate.segmentation import case_metrics, dice, surface_metrics
+from medfusion.io.errors import InputError
 
 
 def _blob(shape: tuple[int, int, int], centre: np.ndarray, r: float, rng: np.random.Generator) -> np.ndarray:
@@ -188,3 +189,53 @@ def test_ece_comes_with_what_a_calibrated_model_would_score() -> None:
     overconfident = np.where(p > 0.5, 0.99, 0.01)
     d = diagnosis_metrics(calibrated, overconfident, {"model": 0.5}, n_boot=200)
     assert d["ece"]["calibrated_null"]["p_value"] < 0.01
+
+
+def _fake_run(root: Path, dice: dict[str, list[float]], probs: list[float]) -> Path:
+    """A run folder as `medfusion run` + `medfusion evaluate` leave it, with given per-case values."""
+    (root / "evaluation").mkdir(parents=True)
+    lines = ["patient_id,class,dice,empty"]
+    for c, vals in dice.items():
+        for i, v in enumerate(vals):
+            lines.append(f"P{i:03d},{c},{v},{'both' if np.isnan(v) else ''}")
+    (root / "evaluation" / "metrics_per_case.csv").write_text("\n".join(lines) + "\n")
+    for i, pr in enumerate(probs):
+        (root / f"P{i:03d}").mkdir()
+        (root / f"P{i:03d}" / "scores.json").write_text(json.dumps({"probabilities": {"malignant": pr}}))
+    return root
+
+
+def test_compare_pairs_the_runs_over_patients(tmp_path: Path) -> None:
+    from medfusion.evaluate.compare import compare
+
+    rng = np.random.default_rng(0)
+    n = 60
+    y = (np.arange(n) % 2).astype(int)
+    base = rng.uniform(0.5, 0.9, n)
+    base[0] = np.nan  # both masks empty: counts 1 for both runs
+    good = np.clip(y * 0.6 + rng.normal(0.2, 0.15, n), 0, 1)
+    a = _fake_run(tmp_path / "a", {"core": list(base + 0.02)}, list(good))
+    b = _fake_run(tmp_path / "b", {"core": list(base)}, list(rng.uniform(0, 1, n)))
+    (tmp_path / "labels.csv").write_text(
+        "patient_id,malignant\n" + "".join(f"P{i:03d},{v}\n" for i, v in enumerate(y))
+    )
+    res = compare(a, b, tmp_path / "labels.csv", n_boot=500)
+    core = res["segmentation"]["core"]
+    # a small but consistent gain is significant when paired, though far inside either run's spread
+    assert core["delta"] == pytest.approx(0.02 * (n - 1) / n)
+    assert 0 < core["ci_low"] <= core["delta"] <= core["ci_high"] and core["p"] < 0.01
+    assert (core["better"], core["worse"]) == (n - 1, 0)
+    auc = res["diagnosis"]["malignant"]["auroc"]
+    assert auc["a"] > 0.9 and auc["delta"] > 0.3 and auc["ci_low"] > 0
+    # the same run against itself: no difference
+    same = compare(a, a, tmp_path / "labels.csv", n_boot=200)
+    assert same["segmentation"]["core"]["delta"] == 0 and same["diagnosis"]["malignant"]["auroc"]["p"] == 1.0
+    args = ["compare", "--pred", str(a), "--baseline", str(b), "--labels", str(tmp_path / "labels.csv")]
+    result = CliRunner().invoke(app, [*args, "--bootstrap", "200"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((a / "evaluation" / "compare.json").read_text())["b"] == str(b)
+    (b / "evaluation" / "metrics_per_case.csv").unlink()
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "medfusion evaluate" in result.output.replace("\n", "")
+    with pytest.raises(InputError, match="medfusion evaluate"):
+        compare(a, b, tmp_path / "labels.csv")
