@@ -487,7 +487,7 @@ def compare(
     for c, r in res["segmentation"].items():
         ci = f"{r['delta']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})"
         t.add_row(
-            f"Dice {c}", f"{r['a']:.3f}", f"{r['b']:.3f}", ci, f"{r['p']:.3f}", f"{r['better']}/{r['worse']}"
+            f"Dice {c}", f"{r['a']:.3f}", f"{r['b']:.3f}", ci, pv(r["p"]), f"{r['better']}/{r['worse']}"
         )
     for s, rec in res["diagnosis"].items():
         for m, r in rec.items():
