@@ -97,15 +97,18 @@ def test_fine_tune_trains_only_the_named_parts_and_distils_the_scores(
     first = train(TrainConfig.model_validate(_cfg(cohort, cache, epochs=1)), tmp_path / "a")
     kw = {"init_from": first["package"], "distill_from": first["package"], "distill_weight": 1.0}
     tuned = train(
-        TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, trainable=["decoder.", "seg_head."], **kw)),
+        TrainConfig.model_validate(
+            _cfg(cohort, cache, epochs=1, trainable=["decoder.", "seg_head."], selection="last", **kw)
+        ),
         tmp_path / "b",
     )
-    assert tuned["package"]
-    # the last epoch's weights (the package may hold the starting ones: they are the first candidate)
     a = load_package(first["package"])[0].state_dict()
-    b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "checkpoint" / "model.safetensors"))  # the last epoch's weights
     moved = {k.split(".")[0] for k in a if not np.allclose(a[k].numpy(), b[k].numpy())}
     assert moved == {"decoder", "seg_head"}
+    # selection "last" packages that epoch (with "best" the package may hold the starting weights)
+    packaged = load_package(tuned["package"])[0].state_dict()
+    assert all(np.array_equal(packaged[k].numpy(), b[k].numpy()) for k in b if k.startswith("decoder."))
     log = [json.loads(line) for line in (tmp_path / "b" / "train.jsonl").read_text().splitlines()]
     assert log[-1]["distill_mse"] >= 0
     with pytest.raises(ValueError, match="distill_from"):
@@ -339,7 +342,7 @@ def test_present_only_dice_leaves_an_absent_class_to_the_cross_entropy() -> None
     assert torch.isfinite(per_crop) and not torch.allclose(per_crop, ours)
 
 
-@pytest.mark.parametrize("name", ["train_default.yaml", "finetune_default.yaml"])
+@pytest.mark.parametrize("name", ["train_default.yaml", "finetune_default.yaml", "distill_default.yaml"])
 def test_shipped_training_recipes_validate_and_keep_the_cache_settings(name: str) -> None:
     """The recipes in pipelines/ load, and their preprocessing is the one the shipped model was made
     with (a field added since must be pinned there, or the cache would be rebuilt)."""

@@ -8,7 +8,7 @@ import os
 import random
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -121,6 +121,9 @@ class TrainConfig(StrictModel):
     ce_class_weights: list[float] | None = None
     score_weight: float = 0.5
     patience: int = 8
+    # which epoch is packaged: the best by the validation selection score, or the last one (for runs whose
+    # selection score cannot see what they change, e.g. a score-head distillation judged on 24 patients)
+    selection: Literal["best", "last"] = "best"
     seed: int = 0
     workers: int = 2
     threads: int = 2
@@ -424,7 +427,7 @@ class Trainer:
             if _rank() == 0:
                 print(json.dumps(rec))
                 score = self._selection_score(metrics)
-                if score > best:
+                if cfg.selection == "last" or score > best:
                     best, bad = score, 0
                     self._save_weights(model, self.out / "best.safetensors")
                 else:
