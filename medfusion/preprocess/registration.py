@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -171,11 +170,8 @@ def _refine(
     cfg: RegistrationConfig,
     stage: _Stage,
     iterations: int,
-    threads: int | None = None,
 ) -> tuple[float, int]:
     reg = _method(fmask, stage.sampling, cfg, stage.bins)
-    if threads is not None:
-        reg.SetNumberOfThreads(threads)
     reg.SetOptimizerAsRegularStepGradientDescent(
         learningRate=stage.learning_rate,
         minStep=1e-4,
@@ -208,20 +204,17 @@ def _estimate(
         fmask = sitk.BinaryDilate(fmask, radius)
     init, ranked = _candidates(fixed, moving, fmask, mmask, cfg)
     coarse, fine = _pyramid(cfg, slice(0, len(cfg.shrink_factors) - 1)), _pyramid(cfg, slice(1, None))
-    starts = []
+    best: tuple[float, sitk.Euler3DTransform] | None = None
+    total = 0
     for _, params in ranked[: cfg.candidates]:
         tx = sitk.Euler3DTransform(init)
         tx.SetParameters(params)
-        starts.append(tx)
-    # the candidates side by side, ITK's threads shared out between them: at the coarse levels a metric
-    # evaluation is too small to keep several threads busy, while independent runs are not (SimpleITK
-    # releases the GIL while it executes)
-    threads = max(1, sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() // max(1, len(starts)))
-    with ThreadPoolExecutor(max_workers=len(starts)) as pool:
-        runs = list(pool.map(lambda tx: _refine(fixed, moving, fmask, tx, cfg, coarse, 80, threads), starts))
-    total = sum(it for _, it in runs)
-    pick = min(range(len(starts)), key=lambda i: runs[i][0])  # first of equals, as the serial loop did
-    metric, tx = runs[pick][0], starts[pick]
+        metric, it = _refine(fixed, moving, fmask, tx, cfg, coarse, 80)
+        total += it
+        if best is None or metric < best[0]:
+            best = (metric, tx)
+    assert best is not None
+    metric, tx = best
     final: sitk.Transform = tx
     if not quick:
         metric, it = _refine(fixed, moving, fmask, tx, cfg, fine, cfg.iterations)
@@ -248,12 +241,7 @@ def register(ct: Volume, mr: Volume, cfg: RegistrationConfig | None = None) -> R
     cfg = cfg or RegistrationConfig()
     t0 = time.perf_counter()
     needs_qc = cfg.mode != "skip" or cfg.consistency_check
-    masks: Masks | None = None
-    if needs_qc:  # computed once, shared with the QC; the two side by side (connected components and
-        # hole filling are mostly single-threaded in ITK)
-        with ThreadPoolExecutor(max_workers=2) as pool:
-            ct_mask, mr_mask = pool.map(head_mask, (ct, mr))
-        masks = (ct_mask, mr_mask)
+    masks = (head_mask(ct), head_mask(mr)) if needs_qc else None  # computed once, shared with the QC
     if cfg.mode == "skip":
         res = RegistrationResult(np.eye(4), float("nan"), 0, 0.0, "skip")
     elif cfg.mode == "file":
