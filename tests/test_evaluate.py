@@ -191,7 +191,7 @@ def test_ece_comes_with_what_a_calibrated_model_would_score() -> None:
     assert d["ece"]["calibrated_null"]["p_value"] < 0.01
 
 
-def _fake_run(root: Path, dice: dict[str, list[float]], probs: list[float]) -> Path:
+def _evaluated_run(root: Path, dice: dict[str, list[float]], probs: list[float]) -> Path:
     """A run folder as `medfusion run` + `medfusion evaluate` leave it, with given per-case values."""
     (root / "evaluation").mkdir(parents=True)
     lines = ["patient_id,class,dice,empty"]
@@ -214,8 +214,8 @@ def test_compare_pairs_the_runs_over_patients(tmp_path: Path) -> None:
     base = rng.uniform(0.5, 0.9, n)
     base[0] = np.nan  # both masks empty: counts 1 for both runs
     good = np.clip(y * 0.6 + rng.normal(0.2, 0.15, n), 0, 1)
-    a = _fake_run(tmp_path / "a", {"core": list(base + 0.02)}, list(good))
-    b = _fake_run(tmp_path / "b", {"core": list(base)}, list(rng.uniform(0, 1, n)))
+    a = _evaluated_run(tmp_path / "a", {"core": list(base + 0.02)}, list(good))
+    b = _evaluated_run(tmp_path / "b", {"core": list(base)}, list(rng.uniform(0, 1, n)))
     (tmp_path / "labels.csv").write_text(
         "patient_id,malignant\n" + "".join(f"P{i:03d},{v}\n" for i, v in enumerate(y))
     )
