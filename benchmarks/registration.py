@@ -31,7 +31,12 @@ import SimpleITK as sitk
 
 from medfusion.config import RegistrationConfig
 from medfusion.io.case import load_case
-from medfusion.preprocess.registration import register, sitk_to_matrix, target_registration_error
+from medfusion.preprocess.registration import (
+    quality_check,
+    register,
+    sitk_to_matrix,
+    target_registration_error,
+)
 
 
 def tutorial_recipe(ct: sitk.Image, mr: sitk.Image) -> np.ndarray:
@@ -83,6 +88,34 @@ def run_method(name: str, case: Any) -> Any:
     return tutorial_recipe(case.ct.to_sitk(), case.mr[0].to_sitk())
 
 
+def qc_on_wrong_transforms(cohort: Path, pids: list[str], seed: int = 5) -> None:
+    rng = np.random.default_rng(seed)
+    caught = caught_before = 0
+    for pid in pids:
+        case = load_case(cohort / "patients" / pid)
+        assert case.ct is not None
+        truth = np.array(
+            json.loads((cohort / "labels" / pid / "truth.json").read_text())["registration"]["matrix_lps"]
+        )
+        axis = rng.normal(size=3)
+        angle = np.radians(rng.uniform(6, 12))
+        rot = sitk.VersorTransform((axis / np.linalg.norm(axis)).tolist(), float(angle))
+        shift = rng.normal(size=3)
+        shift *= rng.uniform(6, 12) / np.linalg.norm(shift)
+        wrong = truth.copy()
+        wrong[:3, :3] = truth[:3, :3] @ np.array(rot.GetMatrix()).reshape(3, 3)
+        wrong[:3, 3] += shift
+        tre = float(np.mean(target_registration_error(wrong, truth, case.ct, n=20)))
+        qc = quality_check(case.ct, case.mr[0], wrong, RegistrationConfig())
+        caught += not qc["passed"]
+        # before 0.5 the consistency check was the round-trip distance alone (mean ≤ max_consistency_mm)
+        gap = qc["consistency_mm"]["mean"]
+        caught_before += not (qc["checks"]["head_overlap"] and gap <= RegistrationConfig().max_consistency_mm)
+        verdict = "pass" if qc["passed"] else "fail"
+        print(pid, f"TRE {tre:.1f} mm, round trip {gap:.1f} mm:", verdict, qc["checks"], flush=True)
+    print(f"QC failed {caught} of {len(pids)} wrong transforms (round-trip distance alone: {caught_before})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cohort", type=Path, required=True)
@@ -95,6 +128,12 @@ def main() -> None:
         help="medfusion with its QC only (a large-n TRE run: its TRE and how its verdict flags failures)",
     )
     ap.add_argument("--start", type=int, default=0, help="skip the first START patients of the cohort")
+    ap.add_argument(
+        "--qc-wrong",
+        action="store_true",
+        help="the QC's sensitivity instead: its verdict on each pair's true transform spoiled by a random "
+        "6-12° rotation and 6-12 mm shift (every one should fail)",
+    )
     args = ap.parse_args()
     externals = {
         name: (py, script)
@@ -105,6 +144,9 @@ def main() -> None:
         if py
     }
     pids = sorted(p.name for p in (args.cohort / "patients").iterdir())[args.start : args.start + args.n]
+    if args.qc_wrong:
+        qc_on_wrong_transforms(args.cohort, pids)
+        return
     res: dict[str, dict[str, list[float]]] = {
         "medfusion": {"err": [], "worst": [], "s": []},
         "medfusion (+QC)": {"err": [], "worst": [], "s": []},
