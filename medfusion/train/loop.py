@@ -324,7 +324,7 @@ class Trainer:
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         trained = self._trainable(model)
-        teacher = self._teacher() if cfg.distill_weight > 0 else None
+        teacher = self._teacher() if cfg.distill_weight > 0 and not package_only else None
         ddp_model: torch.nn.Module = model
         if _world() > 1:
             ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
