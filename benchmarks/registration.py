@@ -90,6 +90,7 @@ def run_method(name: str, case: Any) -> Any:
 
 def qc_on_wrong_transforms(cohort: Path, pids: list[str], seed: int = 5) -> None:
     rng = np.random.default_rng(seed)
+    cfg = RegistrationConfig()
     caught = caught_before = 0
     for pid in pids:
         case = load_case(cohort / "patients" / pid)
@@ -106,11 +107,11 @@ def qc_on_wrong_transforms(cohort: Path, pids: list[str], seed: int = 5) -> None
         wrong[:3, :3] = truth[:3, :3] @ np.array(rot.GetMatrix()).reshape(3, 3)
         wrong[:3, 3] += shift
         tre = float(np.mean(target_registration_error(wrong, truth, case.ct, n=20)))
-        qc = quality_check(case.ct, case.mr[0], wrong, RegistrationConfig())
+        qc = quality_check(case.ct, case.mr[0], wrong, cfg)
         caught += not qc["passed"]
         # before 0.5 the consistency check was the round-trip distance alone (mean ≤ max_consistency_mm)
         gap = qc["consistency_mm"]["mean"]
-        caught_before += not (qc["checks"]["head_overlap"] and gap <= RegistrationConfig().max_consistency_mm)
+        caught_before += not (qc["checks"]["head_overlap"] and gap <= cfg.max_consistency_mm)
         verdict = "pass" if qc["passed"] else "fail"
         print(pid, f"TRE {tre:.1f} mm, round trip {gap:.1f} mm:", verdict, qc["checks"], flush=True)
     print(f"QC failed {caught} of {len(pids)} wrong transforms (round-trip distance alone: {caught_before})")

@@ -484,15 +484,15 @@ def compare(
     def pv(v: float) -> str:  # a bootstrap p-value cannot be resolved below 1 / resamples
         return f"<{1 / bootstrap:.4f}" if v == 0 else f"{v:.3f}"
 
-    for c, r in res["segmentation"].items():
+    def row(measure: str, r: dict[str, Any], counts: str = "") -> None:
         ci = f"{r['delta']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})"
-        t.add_row(
-            f"Dice {c}", f"{r['a']:.3f}", f"{r['b']:.3f}", ci, pv(r["p"]), f"{r['better']}/{r['worse']}"
-        )
+        t.add_row(measure, f"{r['a']:.3f}", f"{r['b']:.3f}", ci, pv(r["p"]), counts)
+
+    for c, r in res["segmentation"].items():
+        row(f"Dice {c}", r, f"{r['better']}/{r['worse']}")
     for s, rec in res["diagnosis"].items():
         for m, r in rec.items():
-            ci = f"{r['delta']:+.3f} ({r['ci_low']:+.3f} to {r['ci_high']:+.3f})"
-            t.add_row(f"{m} {s}", f"{r['a']:.3f}", f"{r['b']:.3f}", ci, pv(r["p"]), "")
+            row(f"{m} {s}", r)
     Console().print(t)
     Console().print("Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py).")
     target = out or pred / "evaluation" / "compare.json"

@@ -28,6 +28,11 @@ def _labels_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
         return list(reader), list(reader.fieldnames or [])
 
 
+def labels_csv_path(labels: Path) -> Path:
+    """The labels CSV given either itself or the labels folder that holds `labels.csv`."""
+    return labels if labels.suffix == ".csv" else labels / "labels.csv"
+
+
 def align_reference(ref: Volume, pred: Volume) -> tuple[Volume, str]:
     """The reference on the prediction's grid: as is, or resampled (nearest) with a note."""
     if ref.same_grid(pred, tol=1e-3):
@@ -53,7 +58,7 @@ def evaluate(
     subgroups: list[str] | None = None,
 ) -> dict[str, Any]:
     labels_dir = labels if labels.is_dir() else labels.parent
-    csv_path = labels if labels.suffix == ".csv" else labels / "labels.csv"
+    csv_path = labels_csv_path(labels)
     patients = sorted(p.name for p in pred_dir.iterdir() if (p / "scores.json").exists())
     if not patients:
         raise InputError(pred_dir, "no patient outputs (OUT/<id>/scores.json) found")

@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
-from medfusion.evaluate.cohort import _labels_table
+from medfusion.evaluate.cohort import _labels_table, labels_csv_path
+from medfusion.evaluate.diagnosis import METRICS
 from medfusion.io.errors import InputError
 
 
@@ -68,15 +68,6 @@ def _paired(rows: np.ndarray, diff: Any, n_boot: int, rng: np.random.Generator) 
     }
 
 
-def _auroc(rows: np.ndarray, col: int) -> float:
-    y = rows[:, 0]
-    return float(roc_auc_score(y, rows[:, col])) if 0 < y.sum() < len(y) else float("nan")
-
-
-def _brier(rows: np.ndarray, col: int) -> float:
-    return float(np.mean((rows[:, col] - rows[:, 0]) ** 2))
-
-
 def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Paired differences A − B (Dice per class, AUROC and Brier per score) over the common patients."""
     rng = np.random.default_rng(seed)
@@ -96,7 +87,7 @@ def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: in
             "better": int((pair[:, 0] > pair[:, 1] + 1e-9).sum()),
             "worse": int((pair[:, 0] < pair[:, 1] - 1e-9).sum()),
         }
-    csv_path = labels if labels.suffix == ".csv" else labels / "labels.csv"
+    csv_path = labels_csv_path(labels)
     if not csv_path.exists():
         raise InputError(csv_path, "labels CSV not found")
     table, fields = _labels_table(csv_path)
@@ -111,12 +102,16 @@ def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: in
         ]
         # one row per patient (label, p_A, p_B), resampled together
         rows = np.array([[float(by_pid[p][s]), prob_a[p][s], prob_b[p][s]] for p in ids], float)
-        out["diagnosis"][s] = {
-            name: {
-                **_paired(rows, lambda r, f=fn: f(r, 1) - f(r, 2), n_boot, rng),
-                "a": fn(rows, 1),
-                "b": fn(rows, 2),
+        out["diagnosis"][s] = {}
+        for name in ("auroc", "brier"):
+            fn = METRICS[name]  # the same functions `medfusion evaluate` reports
+
+            def diff(r: np.ndarray, fn: Any = fn) -> float:
+                return fn(r[:, 0], r[:, 1]) - fn(r[:, 0], r[:, 2])
+
+            out["diagnosis"][s][name] = {
+                **_paired(rows, diff, n_boot, rng),
+                "a": fn(rows[:, 0], rows[:, 1]),
+                "b": fn(rows[:, 0], rows[:, 2]),
             }
-            for name, fn in (("auroc", _auroc), ("brier", _brier))
-        }
     return out
