@@ -362,3 +362,25 @@ def test_shipped_run_pipelines_validate(name: str) -> None:
 
     root = Path(__file__).resolve().parent.parent
     assert load_yaml_model(root / "pipelines" / name, PipelineConfig).name
+
+
+def test_measurement_term_is_fitted_packaged_and_validated(cohort: Path, cache: Path, tmp_path: Path) -> None:
+    """`diagnosis.measures`: the training cases' reference label maps are measured, the term is fitted
+    and stored as buffers of the package; a config that cannot fit it is refused up front."""
+    os.environ["MEDFUSION_QUIET"] = "1"
+    net = {"fusion": "sequence", "channels": [4, 8, 16, 32], "note_head": True, "measures": True}
+    diag = {"stack": True, "measures": True}
+    summary = train(
+        TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, network=net, diagnosis=diag)), tmp_path / "m"
+    )
+    log = [json.loads(line) for line in (tmp_path / "m" / "train.jsonl").read_text().splitlines()]
+    stage = [r for r in log if r.get("stage") == "measures"]
+    assert len(stage) == 1 and stage[0]["n_cases"] == 2
+    inputs = np.load(tmp_path / "m" / "diagnosis_inputs.npz")
+    assert inputs["train_measures"].shape == (2, 7) and inputs["val_measures"].shape == (1, 7)
+    model, meta = load_package(summary["package"])
+    assert meta["network"]["measures"] and "measures" in meta["training"]["diagnosis_stage"]
+    # the buffers hold the training features' standardisation
+    assert np.allclose(model.measure_mean.numpy(), inputs["train_measures"].mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="network.measures"):
+        TrainConfig.model_validate(_cfg(cohort, cache, diagnosis=diag))

@@ -11,6 +11,8 @@ import torch
 
 from medfusion.infer.postprocess import postprocess_labels
 from medfusion.infer.windowed import forward_case, package_roi
+from medfusion.models.measures import FEATURES as MEASURE_FEATURES
+from medfusion.models.measures import lesion_features
 from medfusion.models.network import MedFusionNet, channels_last
 from medfusion.models.package import load_package, pick_device
 from medfusion.preprocess.prepare import CaseTensors
@@ -23,6 +25,8 @@ class Prediction:
     labels_ct: np.ndarray  # (z, y, x) uint8 on the CT grid
     scores: dict[str, float]  # calibrated probabilities
     uncertainty: dict[str, float]  # std of the calibrated probability over MC-dropout and TTA samples
+    # the label map's measurements that the scores read (network.measures; empty otherwise)
+    score_features: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 class Predictor:
@@ -75,19 +79,27 @@ class Predictor:
         probs, heads = self._passes(ct, mr, has, t.note)
         off = self.model.note_logits([t.note]).float()
         score = self.model.score_logits
-        samples = [self.model.calibrated(score(h, off)) for h in heads]
+        pg = probs[0].cpu().numpy()
+        features: dict[str, float] = {}
+        meas = None
+        if self.model.cfg.measures:  # measurements of the label map on the model grid, as in training
+            f = lesion_features(pg.argmax(0), tuple(t.grid.spacing[::-1]), self.class_names)
+            features = {n: round(float(v), 4) for n, v in zip(MEASURE_FEATURES, f, strict=True)}
+            meas = torch.from_numpy(f)[None].to(dev)
+        samples = [self.model.calibrated(score(h, off, meas)) for h in heads]
         if self.mc_samples > 0:
             self.model.score_head.train()  # dropout on, for Monte-Carlo sampling of the score head only
             gen_state = torch.random.get_rng_state()
             torch.manual_seed(0)  # the same case gives the same uncertainty
             for _ in range(self.mc_samples):
                 for h in heads:
-                    samples.append(self.model.calibrated(score(h, off)))
+                    samples.append(self.model.calibrated(score(h, off, meas)))
             torch.random.set_rng_state(gen_state)
             self.model.score_head.eval()
-        point = self.model.calibrated(torch.stack([score(h, off) for h in heads]).mean(0))[0].cpu().numpy()
+        point = (
+            self.model.calibrated(torch.stack([score(h, off, meas) for h in heads]).mean(0))[0].cpu().numpy()
+        )
         spread = torch.cat(samples).std(0).cpu().numpy()
-        pg = probs[0].cpu().numpy()
         pct = t.to_ct_grid(pg)
         labels = postprocess_labels(pct.argmax(0).astype(np.uint8), self.class_names, self.lesions_need_core)
         return Prediction(
@@ -96,6 +108,7 @@ class Predictor:
             labels,
             {n: float(point[i]) for i, n in enumerate(self.score_names)},
             {n: float(spread[i]) for i, n in enumerate(self.score_names)},
+            features,
         )
 
     def describe(self) -> dict[str, Any]:

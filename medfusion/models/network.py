@@ -25,6 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from medfusion.config import StrictModel
+from medfusion.models.measures import FEATURES as MEASURE_FEATURES
 from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, TextEncoder, Vocabulary, minilm_encoder
 
 Fusion = Literal["spatial", "feature_concat", "feature_gated", "sequence", "film"]
@@ -55,6 +56,9 @@ class NetConfig(StrictModel):
     # score head's (the synthetic diagnosis is additive in log-odds; the note path can be pre-trained on
     # a notes-only corpus, see train.loop.DiagnosisConfig)
     note_head: bool = False
+    # a logistic term on measurements of the predicted label map (models/measures.py) joins the score
+    # logit; its coefficients are fitted by the diagnosis stage and stored as buffers
+    measures: bool = False
 
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -184,6 +188,10 @@ class MedFusionNet(nn.Module):
 
     architecture = "medfusion-unet-v1"
     temperature: torch.Tensor  # buffer: per-score temperature, fitted on the validation split
+    measure_mean: torch.Tensor  # buffers of the measurement term (network.measures)
+    measure_std: torch.Tensor
+    measure_coef: torch.Tensor
+    measure_gain: torch.Tensor
 
     @property
     def device(self) -> torch.device:
@@ -231,6 +239,12 @@ class MedFusionNet(nn.Module):
         else:
             self.note_text = None
         self.register_buffer("temperature", torch.ones(cfg.n_scores))
+        if cfg.measures:
+            f = len(MEASURE_FEATURES)
+            self.register_buffer("measure_mean", torch.zeros(f))
+            self.register_buffer("measure_std", torch.ones(f))
+            self.register_buffer("measure_coef", torch.zeros(cfg.n_scores, f))
+            self.register_buffer("measure_gain", torch.zeros(cfg.n_scores))
 
     # --- Forward ---
 
@@ -253,13 +267,26 @@ class MedFusionNet(nn.Module):
         raw = self.note_logits(notes)
         return raw if self.note_text is None else self.note_scale * raw
 
-    def score_logits(self, head_in: torch.Tensor, note_logits: torch.Tensor) -> torch.Tensor:
+    def score_logits(
+        self, head_in: torch.Tensor, note_logits: torch.Tensor, measures: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Uncalibrated score logits from the score head's input and the case's `note_logits` (late
-        fusion: gain × image-side logit + bias + gain × note logit)."""
+        fusion: gain × image-side logit + bias + gain × note logit), plus, with `network.measures`, the
+        gain × measurement logit of the predicted label map's `measures` (B, F). Without `measures` that
+        term is left out: `forward` on a crop has no whole-volume label map to measure."""
         if self.note_text is None:
-            return self.score_head(head_in) + note_logits.to(head_in.dtype)
-        image = self.head_gain * self.score_head(head_in) + self.head_bias
-        return image + self.note_scale * note_logits.to(head_in.dtype)
+            out = self.score_head(head_in) + note_logits.to(head_in.dtype)
+        else:
+            image = self.head_gain * self.score_head(head_in) + self.head_bias
+            out = image + self.note_scale * note_logits.to(head_in.dtype)
+        if measures is not None and self.cfg.measures:
+            out = out + self.measure_gain * self.measure_logits(measures).to(out.dtype)
+        return out
+
+    def measure_logits(self, measures: torch.Tensor) -> torch.Tensor:
+        """The measurement model's logit (B, S) before its gain: standardised features × coefficients."""
+        z = (measures.to(self.measure_std.dtype) - self.measure_mean) / self.measure_std
+        return z @ self.measure_coef.T
 
     def encode(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]

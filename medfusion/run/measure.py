@@ -6,23 +6,14 @@ from typing import Any
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial.distance import pdist
 
 from medfusion.io.volume import Volume
+from medfusion.models.measures import feret_diameter_mm
 
 
 def largest_diameter_mm(mask: np.ndarray, vol: Volume, max_points: int = 3000) -> float:
     """Largest distance (mm) between two voxel centres of `mask` (max Feret diameter; 0 if empty)."""
-    idx = np.argwhere(mask)
-    if len(idx) < 2:
-        return float(len(idx) and max(vol.spacing))
-    if len(idx) > max_points:  # the boundary holds the extremes; subsample it deterministically
-        edge = mask & ~ndimage.binary_erosion(mask)
-        idx = np.argwhere(edge)
-        if len(idx) > max_points:
-            idx = idx[np.linspace(0, len(idx) - 1, max_points).astype(int)]
-    pts = vol.index_to_world(idx[:, ::-1].astype(float))
-    return float(pdist(pts).max())
+    return feret_diameter_mm(mask, tuple(vol.spacing[::-1]), max_points)
 
 
 def measure(labels: Volume, class_names: list[str], lesion_class: int = 1) -> dict[str, Any]:

@@ -158,6 +158,7 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             "threshold": 0.5,
             "uncertainty": pred.uncertainty,
             "measurements": meas,
+            **({"score_features": pred.score_features} if pred.score_features else {}),
             "model": predictor.describe(),
             "inputs": _provenance(case),
             "qc_verdict": qc["verdict"],

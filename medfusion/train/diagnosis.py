@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 from medfusion.config import StrictModel
 from medfusion.infer.windowed import centred_window
 from medfusion.io.errors import InputError
+from medfusion.models.measures import FEATURES as MEASURE_FEATURES
 from medfusion.models.network import MedFusionNet
 from medfusion.train.data import note_augment, to_tensor
 
@@ -46,6 +47,11 @@ class DiagnosisConfig(StrictModel):
     # training-case features overfits (they are features of cases the trunk has memorised)
     stack: bool = False
     stack_c: float = 1.0  # inverse L2 strength of that regression
+    # fit the measurement term (network.measures, models/measures.py): a logistic regression of the
+    # labels on the note logit and the measurements of the training cases' reference label maps; the
+    # stacking then weighs it beside the image-side and note logits on the validation split
+    measures: bool = False
+    measures_c: float = 1.0  # inverse L2 strength (standardised features)
 
 
 def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -244,38 +250,100 @@ def nonnegative_logistic(x: np.ndarray, y: np.ndarray, c: float) -> tuple[list[f
     return [0.0] * x.shape[1], float(np.log(rate / (1 - rate)))
 
 
+def fit_measure_model(
+    model: MedFusionNet, features: np.ndarray, note_logits: np.ndarray, y: np.ndarray, c: float
+) -> dict[str, Any]:
+    """Fit the measurement term of a `network.measures` model on training cases: per score, an L2
+    logistic regression of the label on (note logit, standardised `features` of the reference label
+    maps). The features' coefficients are stored (`measure_coef`, with the standardisation); the note's
+    is not (the stacking fits the note's gain), nor the intercept. The gain starts at 1.
+
+    The note logit is in the regression so that the features' weights are those given the note: the
+    note head was trained on a separate corpus, so on these cases it is out of sample; the reference
+    label maps stand for what a good segmentation measures (the trunk has seen these cases, its own
+    predictions on them would be better than on new ones)."""
+    from sklearn.linear_model import LogisticRegression
+
+    if not model.cfg.measures:
+        msg = "the measurement term needs network.measures: true"
+        raise ValueError(msg)
+    mean = features.mean(0)
+    std = features.std(0)
+    std[std < 1e-6] = 1.0  # a constant feature (e.g. one lesion in every case) gets weight 0 anyway
+    z = (features - mean) / std
+    coefs, auroc = [], []
+    for k in range(y.shape[1]):
+        if len(np.unique(y[:, k])) < 2:
+            coefs.append(np.zeros(features.shape[1]))
+            auroc.append(float("nan"))
+            continue
+        x = np.concatenate([note_logits[:, k : k + 1], z], 1)
+        lr = LogisticRegression(C=c, max_iter=2000).fit(x, y[:, k])
+        coefs.append(lr.coef_[0][1:])
+        auroc.append(float(roc_auc_score(y[:, k], lr.decision_function(x))))
+    with torch.no_grad():
+        model.measure_mean.copy_(torch.from_numpy(mean).float())
+        model.measure_std.copy_(torch.from_numpy(std).float())
+        model.measure_coef.copy_(torch.from_numpy(np.array(coefs)).float())
+        model.measure_gain.fill_(1.0)
+    return {
+        "features": list(MEASURE_FEATURES),
+        "coef": [[round(float(v), 4) for v in row] for row in coefs],
+        "train_auroc": auroc,
+        "n_cases": len(y),
+    }
+
+
 def stack_logits(
-    model: MedFusionNet, heads: np.ndarray, note_logits: np.ndarray, y: np.ndarray, c: float
+    model: MedFusionNet,
+    heads: np.ndarray,
+    note_logits: np.ndarray,
+    y: np.ndarray,
+    c: float,
+    measures: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Fit `head_gain`, `note_scale` and `head_bias` per score by an L2 logistic regression of the labels on
-    (image-side logit, note logit) over the given (validation) cases, gains kept ≥ 0."""
+    (image-side logit, note logit) over the given (validation) cases, gains kept ≥ 0; with `measures`
+    (the cases' predicted label maps' features, network.measures) the measurement logit is a third
+    column and its gain is `measure_gain`."""
     if model.note_text is None:
         msg = "stacking needs network.note_head: true"
         raise ValueError(msg)
     dev = model.device
     with torch.no_grad():
         s = model.score_head(torch.from_numpy(heads).to(dev)).float().cpu().numpy()
-    gains, scales, biases = [], [], []
+        m = (
+            model.measure_logits(torch.from_numpy(measures).to(dev)).float().cpu().numpy()
+            if measures is not None and model.cfg.measures
+            else None
+        )
+    gains, scales, biases, mgains = [], [], [], []
     skipped = []
     for k in range(y.shape[1]):
         if len(np.unique(y[:, k])) < 2:  # one class only: nothing to fit, the gains stay as they are
             gains.append(float(model.head_gain[k].detach()))
             scales.append(float(model.note_scale[k].detach()))
             biases.append(float(model.head_bias[k].detach()))
+            mgains.append(float(model.measure_gain[k].detach()) if m is not None else 0.0)
             skipped.append(k)
             continue
-        coef, bias = nonnegative_logistic(np.stack([s[:, k], note_logits[:, k]], 1), y[:, k], c)
+        cols = [s[:, k], note_logits[:, k]] + ([m[:, k]] if m is not None else [])
+        coef, bias = nonnegative_logistic(np.stack(cols, 1), y[:, k], c)
         gains.append(coef[0])
         scales.append(coef[1])
+        mgains.append(coef[2] if m is not None else 0.0)
         biases.append(bias)
     with torch.no_grad():
         model.head_gain.copy_(torch.tensor(gains))
         model.note_scale.copy_(torch.tensor(scales))
         model.head_bias.copy_(torch.tensor(biases))
+        if m is not None:
+            model.measure_gain.copy_(torch.tensor(mgains))
     return {
         "head_gain": [float(g) for g in gains],
         "note_scale": [float(v) for v in scales],
         "head_bias": [float(b) for b in biases],
+        **({"measure_gain": [float(g) for g in mgains]} if m is not None else {}),
         "n_cases": len(y),
         "skipped_scores": skipped,
     }

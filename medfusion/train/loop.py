@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.infer.windowed import forward_case
 from medfusion.io.atomic import atomic_path, write_json
+from medfusion.models.measures import grid_spacing_zyx, lesion_features
 from medfusion.models.network import MedFusionNet, NetConfig, channels_last
 from medfusion.models.package import load_package, package_vocabulary, pick_device, save_package
 from medfusion.synth.notes import SCORE_NAMES
@@ -36,6 +37,7 @@ from medfusion.train.data import (
 )
 from medfusion.train.diagnosis import (
     DiagnosisConfig,
+    fit_measure_model,
     fit_score_head,
     mean_auroc,
     pretrain_note_head,
@@ -44,8 +46,9 @@ from medfusion.train.diagnosis import (
     training_heads,
 )
 
-# state keys of the late-fusion note head (network.note_head), absent from checkpoints made without it
-NOTE_HEAD_KEYS = ("note_text.", "note_logit.", "note_scale", "head_gain", "head_bias")
+# state keys fitted by the diagnosis stage (network.note_head, network.measures), absent from checkpoints
+# made without them
+LATE_FUSION_KEYS = ("note_text.", "note_logit.", "note_scale", "head_gain", "head_bias", "measure_")
 
 # --- Config ---
 
@@ -136,6 +139,14 @@ class TrainConfig(StrictModel):
     def _distillation_needs_a_teacher(self) -> TrainConfig:
         if self.distill_weight > 0 and not self.distill_from:
             msg = "distill_weight > 0 needs distill_from (the teacher package)"
+            raise ValueError(msg)
+        return self
+
+    @model_validator(mode="after")
+    def _measures_need_their_network(self) -> TrainConfig:
+        d, n = self.diagnosis, self.network
+        if d.measures and not (n.measures and n.note_head and d.stack):
+            msg = "diagnosis.measures needs network.measures: true, network.note_head: true and diagnosis.stack: true (the stacking fits the measurement term's gain)"
             raise ValueError(msg)
         return self
 
@@ -240,6 +251,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 # --- Loop ---
 
 
+# validation outputs that are arrays (kept out of the logged metrics)
+ARRAYS = ("logits", "heads", "note_logits", "measures")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path) -> None:
         self.cfg = cfg
@@ -247,6 +262,7 @@ class Trainer:
         self.device = pick_device(cfg.device)
         torch.set_num_threads(max(1, cfg.threads))
         self._source: tuple[MedFusionNet, dict[str, Any]] | None = None
+        self.spacing_zyx = grid_spacing_zyx(cfg.preprocess.target_spacing_mm)
 
     def log(self, rec: dict[str, Any]) -> None:
         if _rank() != 0:
@@ -421,7 +437,7 @@ class Trainer:
                 "loss": float(np.mean(losses)),
                 "seconds": round(time.perf_counter() - t0, 1),
                 **({"distill_mse": round(float(np.mean(gaps)), 4)} if gaps else {}),
-                **{k: v for k, v in metrics.items() if k not in ("logits", "heads", "note_logits")},
+                **{k: v for k, v in metrics.items() if k not in ARRAYS},
             }
             self.log(rec)
             if _rank() == 0:
@@ -457,9 +473,7 @@ class Trainer:
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
             y_val = np.stack([v["scores"] for v in val])
             p_cal = 1 / (1 + np.exp(-final["logits"] / temps))
-            metrics_out = {
-                k: v for k, v in final.items() if k not in ("logits", "heads", "note_logits", "stage")
-            }
+            metrics_out = {k: v for k, v in final.items() if k not in (*ARRAYS, "stage")}
             metrics_out["brier"] = float(np.mean((p_cal - y_val) ** 2))
             save_package(
                 model.cpu(),
@@ -515,13 +529,17 @@ class Trainer:
         """Copy a package's weights (SHA-256 checked by load_package) into the freshly built network."""
         source, meta = self._source_package()
         ours, theirs = self.cfg.network.model_dump(), source.cfg.model_dump()
-        differ = sorted(k for k in ours if ours[k] != theirs.get(k))
+        # the measurement term has no trained weights: a package without it can start one that has it
+        differ = sorted(k for k in ours if ours[k] != theirs.get(k) and k != "measures")
         if differ:
             msg = f"{package}: init_from needs the package's network settings; these differ: " + ", ".join(
                 f"{k} (config {ours[k]!r}, package {theirs.get(k)!r})" for k in differ
             )
             raise ValueError(msg)
-        model.load_state_dict(source.state_dict())
+        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+        if unexpected or [k for k in missing if not k.startswith("measure_")]:
+            msg = f"{package}: weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})"
+            raise ValueError(msg)
         print(f"weights from {meta.get('name')} {meta.get('version')} ({package})")
 
     def _trainable(self, model: MedFusionNet) -> list[torch.nn.Parameter]:
@@ -561,17 +579,20 @@ class Trainer:
         return teacher
 
     def _load_weights(self, model: MedFusionNet, path: Path) -> None:
-        """Load a checkpoint; a note head absent from it (a run from before `network.note_head`) keeps its
-        fresh initialisation and is trained by the diagnosis stage."""
+        """Load a checkpoint; a note head or measurement term absent from it (a run from before
+        `network.note_head` / `network.measures`) keeps its fresh initialisation and is fitted by the
+        diagnosis stage."""
         missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-        absent = [k for k in missing if not k.startswith(NOTE_HEAD_KEYS)]
+        absent = [k for k in missing if not k.startswith(LATE_FUSION_KEYS)]
         if absent or unexpected:
             msg = (
                 f"{path}: weights do not fit the network (missing {absent[:3]}, unexpected {unexpected[:3]})"
             )
             raise RuntimeError(msg)
         if missing:
-            print(f"{path}: no note head stored; it starts fresh")
+            print(
+                f"{path}: no {'note head' if any(k.startswith('note_') for k in missing) else 'measurement term'} stored; it starts fresh"
+            )
 
     def diagnosis_stage(
         self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
@@ -597,14 +618,34 @@ class Trainer:
             stage["head"] = fit_score_head(
                 model, fitted, (final["heads"], final["note_logits"], y_val), d, cfg.seed, self._log_stage
             )
+        if d.measures:
+            feats = np.array([lesion_features(r["target"], self.spacing_zyx, cfg.class_names) for r in train])
+            with torch.inference_mode():
+                notes_tr = np.concatenate(
+                    [model.note_logits([r["note"]]).float().cpu().numpy() for r in train]
+                )
+            y_tr = np.stack([r["scores"] for r in train])
+            stage["measures"] = fit_measure_model(model, feats, notes_tr, y_tr, d.measures_c)
+            self._log_stage({"stage": "measures", **stage["measures"]})
+            inputs.update(
+                train_measures=feats,
+                train_note_logits_all=notes_tr,
+                train_y_all=y_tr,
+                val_measures=final["measures"],
+            )
         if d.stack:
-            stage["stack"] = stack_logits(model, final["heads"], final["note_logits"], y_val, d.stack_c)
+            stage["stack"] = stack_logits(
+                model, final["heads"], final["note_logits"], y_val, d.stack_c, final.get("measures")
+            )
             self._log_stage({"stage": "stack", **stage["stack"]})
         if d.head_epochs > 0 or d.stack:
             with torch.no_grad():
                 dev = self.device
+                meas = final.get("measures")
                 z = model.score_logits(
-                    torch.from_numpy(final["heads"]).to(dev), torch.from_numpy(final["note_logits"]).to(dev)
+                    torch.from_numpy(final["heads"]).to(dev),
+                    torch.from_numpy(final["note_logits"]).to(dev),
+                    None if meas is None else torch.from_numpy(meas).to(dev),
                 )
             final["logits"] = z.cpu().numpy()
             final.update(self._score_metrics(final["logits"], y_val))
@@ -667,6 +708,7 @@ class Trainer:
         lesion-centred window (infer/windowed.py), no test-time flips."""
         model.eval()
         dices, logits, ys, heads_out, notes = [], [], [], [], []
+        measures: list[np.ndarray] = []
         for r in val:
             ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
@@ -675,7 +717,12 @@ class Trainer:
             pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
             note = model.note_logits([r["note"]]).float()
-            logits.append((model.score_logits(heads[0], note) / model.temperature).cpu().numpy()[0])
+            meas = None
+            if model.cfg.measures:
+                feats = lesion_features(pred, self.spacing_zyx, self.cfg.class_names)
+                measures.append(feats)
+                meas = torch.from_numpy(feats)[None].to(self.device)
+            logits.append((model.score_logits(heads[0], note, meas) / model.temperature).cpu().numpy()[0])
             heads_out.append(heads[0].cpu().numpy()[0])
             notes.append(note.cpu().numpy()[0])
             ys.append(r["scores"])
@@ -688,6 +735,7 @@ class Trainer:
             "logits": lg,
             "heads": np.array(heads_out, np.float32),
             "note_logits": np.array(notes, np.float32),
+            **({"measures": np.array(measures, np.float32)} if measures else {}),
         }
 
     def _save_weights(self, model: MedFusionNet, path: Path) -> None:
