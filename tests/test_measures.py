@@ -66,8 +66,12 @@ def test_measure_term_learns_the_signs_and_the_stacking_weighs_it() -> None:
     m = model.measure_logits(torch.from_numpy(feats[400:])).detach().numpy()[:, 0]
     assert roc_auc_score(y[400:, 0], m + note[400:, 0]) > 0.75
     heads = rng.normal(size=(200, model.score_head[0].in_features)).astype(np.float32)
-    fit = stack_logits(model, heads, note[400:], y[400:], c=100.0, measures=feats[400:])
-    assert fit["measure_gain"][0] > 0.5 and fit["note_scale"][0] > 0.5
+    mfit = fit
+    fit = stack_logits(model, heads, note[400:], y[400:], c=100.0, measures=feats[400:], measure_fit=mfit)
+    # the stacking weighs the whole measurement model (its note coefficient included) against the image
+    assert fit["measure_gain"][0] > 0.5 and fit["head_gain"][0] < 0.3
+    assert fit["note_scale"][0] == pytest.approx(fit["measure_gain"][0] * mfit["note_coef"][0], rel=1e-5)
+    assert 0.7 < mfit["note_coef"][0] < 1.4  # the note's true coefficient is 1
     assert float(model.measure_gain[0]) == pytest.approx(fit["measure_gain"][0])
     with torch.no_grad():
         h, nt, f = (torch.from_numpy(a) for a in (heads[:3], note[400:403], feats[400:403]))

@@ -17,6 +17,7 @@ from medfusion.cli import app
 from medfusion.io.case import load_case
 from medfusion.io.nifti import read_nifti
 from medfusion.io.seg import read_dicom_seg
+from medfusion.models.measures import FEATURES as MEASURE_FEATURES
 from medfusion.preprocess.resample import resample
 
 
@@ -50,6 +51,9 @@ def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
             assert (out / pid / name).exists(), (pid, name)
         scores = json.loads((out / pid / "scores.json").read_text())
         assert 0 <= scores["probabilities"]["malignant"] <= 1 and "malignant" in scores["uncertainty"]
+        # the shipped model's diagnosis reads the label map's measurements and reports them
+        assert list(scores["score_features"]) == list(MEASURE_FEATURES)
+        assert scores["score_features"]["lesion_present"] == float(scores["measurements"]["lesion_count"] > 0)
         assert scores["model"]["name"] and set(scores["measurements"]["volumes_ml"]) == {
             "tumour_core",
             "oedema",

@@ -342,7 +342,9 @@ def test_present_only_dice_leaves_an_absent_class_to_the_cross_entropy() -> None
     assert torch.isfinite(per_crop) and not torch.allclose(per_crop, ours)
 
 
-@pytest.mark.parametrize("name", ["train_default.yaml", "finetune_default.yaml", "distill_default.yaml"])
+@pytest.mark.parametrize(
+    "name", ["train_default.yaml", "finetune_default.yaml", "distill_default.yaml", "measures_default.yaml"]
+)
 def test_shipped_training_recipes_validate_and_keep_the_cache_settings(name: str) -> None:
     """The recipes in pipelines/ load, and their preprocessing is the one the shipped model was made
     with (a field added since must be pinned there, or the cache would be rebuilt)."""

@@ -82,20 +82,23 @@ def lesion_features(labels: np.ndarray, spacing_zyx: tuple[float, ...], class_na
     if len(with_core) == 0:
         out[FEATURES.index("oedema_radius_ratio")] = 1.0
         return out
-    solid = is_core if calc_k is None else is_core | (labels == calc_k)
+    calc = np.zeros_like(is_core) if calc_k is None else labels == calc_k
+    solid = is_core | calc
     ml = float(np.prod(spacing_zyx)) / 1000.0
     sizes = np.bincount(comp.ravel(), minlength=n + 1)
     solid_sizes = np.bincount(comp[solid], minlength=n + 1)
     main = int(with_core[np.argmax(solid_sizes[with_core])])
-    keep = np.isin(comp, with_core)
-    oedema = keep & ~solid
+    lesion = np.zeros(n + 1, bool)
+    lesion[with_core] = True
+    box = ndimage.find_objects(comp, max_label=main)[main - 1]  # the main lesion's bounding box
+    n_solid = int(solid_sizes[lesion].sum())
     out[:] = [
         1.0,
-        feret_diameter_mm(solid & (comp == main), spacing_zyx),
+        feret_diameter_mm(solid[box] & (comp[box] == main), spacing_zyx),
         (sizes[main] / max(int(solid_sizes[main]), 1)) ** (1.0 / 3.0),
-        float(calc_k is not None and bool((keep & (labels == calc_k)).any())),
-        np.log1p(float((keep & solid).sum()) * ml),
-        np.log1p(float(oedema.sum()) * ml),
+        float(bool(lesion[comp[calc]].any())),
+        np.log1p(n_solid * ml),
+        np.log1p(float(sizes[lesion].sum() - n_solid) * ml),
         float(len(with_core)),
     ]
     return out

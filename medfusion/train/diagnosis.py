@@ -253,10 +253,11 @@ def nonnegative_logistic(x: np.ndarray, y: np.ndarray, c: float) -> tuple[list[f
 def fit_measure_model(
     model: MedFusionNet, features: np.ndarray, note_logits: np.ndarray, y: np.ndarray, c: float
 ) -> dict[str, Any]:
-    """Fit the measurement term of a `network.measures` model on training cases: per score, an L2
+    """Fit the measurement model of a `network.measures` network on training cases: per score, an L2
     logistic regression of the label on (note logit, standardised `features` of the reference label
-    maps). The features' coefficients are stored (`measure_coef`, with the standardisation); the note's
-    is not (the stacking fits the note's gain), nor the intercept. The gain starts at 1.
+    maps). The features' coefficients are stored (`measure_coef`, with the standardisation, gain 1);
+    the note's coefficient and the intercept are returned (`note_coef`, `intercept`) for the stacking,
+    which weighs this whole model (note included) against the image-side logit.
 
     The note logit is in the regression so that the features' weights are those given the note: the
     note head was trained on a separate corpus, so on these cases it is out of sample; the reference
@@ -271,15 +272,19 @@ def fit_measure_model(
     std = features.std(0)
     std[std < 1e-6] = 1.0  # a constant feature (e.g. one lesion in every case) gets weight 0 anyway
     z = (features - mean) / std
-    coefs, auroc = [], []
+    coefs, note_coef, intercept, auroc = [], [], [], []
     for k in range(y.shape[1]):
         if len(np.unique(y[:, k])) < 2:
             coefs.append(np.zeros(features.shape[1]))
+            note_coef.append(1.0)
+            intercept.append(0.0)
             auroc.append(float("nan"))
             continue
         x = np.concatenate([note_logits[:, k : k + 1], z], 1)
         lr = LogisticRegression(C=c, max_iter=2000).fit(x, y[:, k])
         coefs.append(lr.coef_[0][1:])
+        note_coef.append(float(lr.coef_[0][0]))
+        intercept.append(float(lr.intercept_[0]))
         auroc.append(float(roc_auc_score(y[:, k], lr.decision_function(x))))
     with torch.no_grad():
         model.measure_mean.copy_(torch.from_numpy(mean).float())
@@ -289,7 +294,9 @@ def fit_measure_model(
     return {
         "features": list(MEASURE_FEATURES),
         "coef": [[round(float(v), 4) for v in row] for row in coefs],
-        "train_auroc": auroc,
+        "note_coef": note_coef,
+        "intercept": intercept,
+        "train_auroc": auroc,  # in sample
         "n_cases": len(y),
     }
 
@@ -301,11 +308,17 @@ def stack_logits(
     y: np.ndarray,
     c: float,
     measures: np.ndarray | None = None,
+    measure_fit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fit `head_gain`, `note_scale` and `head_bias` per score by an L2 logistic regression of the labels on
-    (image-side logit, note logit) over the given (validation) cases, gains kept ≥ 0; with `measures`
-    (the cases' predicted label maps' features, network.measures) the measurement logit is a third
-    column and its gain is `measure_gain`."""
+    (image-side logit, note logit) over the given (validation) cases, gains kept ≥ 0.
+
+    With `measures` (the cases' predicted label maps' features) and `measure_fit` (what
+    `fit_measure_model` returned), the second column is instead the whole measurement model's logit
+    (note coefficient × note logit + measurement logit + intercept, fitted on the training cases): two
+    gains and a bias from the validation split, the note-to-measurement balance from the larger
+    training split. Its gain g is unfolded into `measure_gain` = g, `note_scale` = g × note
+    coefficient and the bias."""
     if model.note_text is None:
         msg = "stacking needs network.note_head: true"
         raise ValueError(msg)
@@ -314,7 +327,7 @@ def stack_logits(
         s = model.score_head(torch.from_numpy(heads).to(dev)).float().cpu().numpy()
         m = (
             model.measure_logits(torch.from_numpy(measures).to(dev)).float().cpu().numpy()
-            if measures is not None and model.cfg.measures
+            if measures is not None and model.cfg.measures and measure_fit is not None
             else None
         )
     gains, scales, biases, mgains = [], [], [], []
@@ -327,12 +340,21 @@ def stack_logits(
             mgains.append(float(model.measure_gain[k].detach()) if m is not None else 0.0)
             skipped.append(k)
             continue
-        cols = [s[:, k], note_logits[:, k]] + ([m[:, k]] if m is not None else [])
-        coef, bias = nonnegative_logistic(np.stack(cols, 1), y[:, k], c)
+        if m is None:
+            coef, bias = nonnegative_logistic(np.stack([s[:, k], note_logits[:, k]], 1), y[:, k], c)
+            gains.append(coef[0])
+            scales.append(coef[1])
+            mgains.append(0.0)
+            biases.append(bias)
+            continue
+        assert measure_fit is not None  # m is only set with it
+        note_coef, icpt = measure_fit["note_coef"][k], measure_fit["intercept"][k]
+        full = note_coef * note_logits[:, k] + m[:, k] + icpt
+        coef, bias = nonnegative_logistic(np.stack([s[:, k], full], 1), y[:, k], c)
         gains.append(coef[0])
-        scales.append(coef[1])
-        mgains.append(coef[2] if m is not None else 0.0)
-        biases.append(bias)
+        scales.append(coef[1] * note_coef)
+        mgains.append(coef[1])
+        biases.append(bias + coef[1] * icpt)
     with torch.no_grad():
         model.head_gain.copy_(torch.tensor(gains))
         model.note_scale.copy_(torch.tensor(scales))

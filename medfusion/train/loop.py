@@ -635,7 +635,13 @@ class Trainer:
             )
         if d.stack:
             stage["stack"] = stack_logits(
-                model, final["heads"], final["note_logits"], y_val, d.stack_c, final.get("measures")
+                model,
+                final["heads"],
+                final["note_logits"],
+                y_val,
+                d.stack_c,
+                final.get("measures"),
+                stage.get("measures"),
             )
             self._log_stage({"stage": "stack", **stage["stack"]})
         if d.head_epochs > 0 or d.stack:
