@@ -10,11 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from safetensors.torch import load_file
 
 from medfusion.models.package import load_package
-from medfusion.train.loop import TrainConfig, fit_temperature, split_patients, train
+from medfusion.train.loop import TrainConfig, Trainer, fit_temperature, split_patients, train
 
 
 def _cfg(cohort: Path, cache: Path, **kw: object) -> dict:
@@ -372,9 +373,8 @@ def test_measurement_term_is_fitted_packaged_and_validated(cohort: Path, cache: 
     os.environ["MEDFUSION_QUIET"] = "1"
     net = {"fusion": "sequence", "channels": [4, 8, 16, 32], "note_head": True, "measures": True}
     diag = {"stack": True, "measures": True}
-    summary = train(
-        TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, network=net, diagnosis=diag)), tmp_path / "m"
-    )
+    cfg = TrainConfig.model_validate(_cfg(cohort, cache, epochs=1, network=net, diagnosis=diag))
+    summary = train(cfg, tmp_path / "m")
     log = [json.loads(line) for line in (tmp_path / "m" / "train.jsonl").read_text().splitlines()]
     stage = [r for r in log if r.get("stage") == "measures"]
     assert len(stage) == 1 and stage[0]["n_cases"] == 2
@@ -384,5 +384,12 @@ def test_measurement_term_is_fitted_packaged_and_validated(cohort: Path, cache: 
     assert meta["network"]["measures"] and "measures" in meta["training"]["diagnosis_stage"]
     # the buffers hold the training features' standardisation
     assert np.allclose(model.measure_mean.numpy(), inputs["train_measures"].mean(0), atol=1e-5)
+    # the note logits it was fitted on are the packaged note head's, without dropout
+    train_recs = Trainer(cfg, tmp_path / "m").prepare()[0]
+    with torch.inference_mode():
+        again = np.concatenate(
+            [model.note_logits([r["note"]]).numpy() for r in train_recs]
+        )  # one by one, as inference
+    assert np.allclose(again, inputs["train_note_logits_all"], atol=1e-5)
     with pytest.raises(ValueError, match="network.measures"):
         TrainConfig.model_validate(_cfg(cohort, cache, diagnosis=diag))

@@ -620,6 +620,7 @@ class Trainer:
             )
         if d.measures:
             feats = np.array([lesion_features(r["target"], self.spacing_zyx, cfg.class_names) for r in train])
+            model.eval()  # validate() leaves the model in training mode: no dropout on these note logits
             with torch.inference_mode():
                 notes_tr = np.concatenate(
                     [model.note_logits([r["note"]]).float().cpu().numpy() for r in train]
