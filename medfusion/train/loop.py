@@ -608,6 +608,7 @@ class Trainer:
                 model, notes, y, d, a.sentence_shuffle, a.sentence_drop, cfg.seed, self._log_stage
             )
         final = self.validate(model, val)
+        model.eval()  # validate() leaves the model training: no dropout in what is fitted below
         y_val = np.stack([v["scores"] for v in val])
         inputs = {"val_heads": final["heads"], "val_note_logits": final["note_logits"], "val_y": y_val}
         if d.head_epochs > 0:
@@ -620,7 +621,6 @@ class Trainer:
             )
         if d.measures:
             feats = np.array([lesion_features(r["target"], self.spacing_zyx, cfg.class_names) for r in train])
-            model.eval()  # validate() leaves the model in training mode: no dropout on these note logits
             with torch.inference_mode():
                 notes_tr = np.concatenate(
                     [model.note_logits([r["note"]]).float().cpu().numpy() for r in train]
