@@ -73,13 +73,9 @@ def lesion_features(labels: np.ndarray, spacing_zyx: tuple[float, ...], class_na
     core_k, calc_k = class_roles(class_names)
     out = np.zeros(len(FEATURES), np.float32)
     comp, n = ndimage.label(labels > 0, structure=_CONNECTIVITY)
-    if n == 0:
-        out[FEATURES.index("oedema_radius_ratio")] = 1.0
-        return out
     is_core = labels == core_k
-    with_core = np.unique(comp[is_core])
-    with_core = with_core[with_core > 0]
-    if len(with_core) == 0:
+    with_core = np.unique(comp[is_core])  # core voxels are foreground: every label here is > 0
+    if len(with_core) == 0:  # nothing found: zeros, and a ratio of 1 (no oedema around no core)
         out[FEATURES.index("oedema_radius_ratio")] = 1.0
         return out
     calc = np.zeros_like(is_core) if calc_k is None else labels == calc_k
