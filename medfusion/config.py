@@ -94,6 +94,9 @@ class InferConfig(StrictModel):
 class OutputConfig(StrictModel):
     dicom_seg: bool = True
     report: bool = True
+    # probabilities.nii.gz: the class probabilities on the CT grid before the argmax and the clean-up
+    # (4-D, classes last, uint8 scaled by 1/255), for ensembling, other thresholds or uncertainty maps
+    probabilities: bool = False
 
 
 class PipelineConfig(StrictModel):

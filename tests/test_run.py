@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import highdicom as hd
+import nibabel as nib
 import numpy as np
 import pytest
 from pypdf import PdfReader
@@ -31,7 +32,11 @@ def run_out(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
     (bad / "slice1.dcm").write_bytes(b"\x00" * 300)
     (bad / "note.txt").write_text("No history of malignancy.\n")
     out = tmp / "out"
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu"])
+    pipeline = tmp / "pipeline.yaml"  # the default pipeline, plus the probability maps
+    default = (Path(__file__).parents[1] / "pipelines" / "default.yaml").read_text()
+    pipeline.write_text(default.replace("probabilities: false", "probabilities: true"))
+    args = ["run", str(patients), "--out", str(out), "--device", "cpu", "--pipeline", str(pipeline)]
+    res = CliRunner().invoke(app, args)
     return patients, out, res
 
 
@@ -74,6 +79,25 @@ def test_outputs_are_in_the_ct_geometry_and_seg_matches(run_out: tuple) -> None:
     if seg.array.any():
         back = resample(read_dicom_seg(out / pid / "segmentation.dcm"), ct, label=True)
         assert np.array_equal(back.array, seg.array)
+
+
+def test_probability_maps_are_the_label_maps_source(run_out: tuple) -> None:
+    patients, out, _ = run_out
+    pid = sorted(p.name for p in patients.iterdir() if p.name != "BROKEN01")[0]
+    ct = load_case(patients / pid).ct
+    img = nib.load(out / pid / "probabilities.nii.gz")
+    seg = nib.load(out / pid / "segmentation.nii.gz")
+    assert img.shape == (*seg.shape, 4) and img.get_data_dtype() == np.uint8
+    assert np.allclose(img.affine, seg.affine, atol=1e-4)
+    assert img.header["descrip"].tobytes().decode().rstrip("\x00").endswith("oedema,calcification")
+    assert img.dataobj.slope == pytest.approx(1 / 255)  # nibabel moves the header's scaling here
+    p = np.asarray(img.dataobj, dtype=np.float32)
+    assert np.abs(p.sum(-1) - 1).max() < 4 / 255 + 1e-6  # each class rounded to 1/255
+    labels = np.asarray(seg.dataobj)
+    kept = labels > 0  # the clean-up only ever sets voxels to background
+    agree = np.mean(p.argmax(-1)[kept] == labels[kept]) if kept.any() else 1.0
+    assert agree > 0.99, agree  # argmax of the stored (rounded) probabilities is the label map
+    assert ct.shape[::-1] == seg.shape
 
 
 def test_pdf_has_pages_and_scores(run_out: tuple) -> None:

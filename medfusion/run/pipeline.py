@@ -27,7 +27,7 @@ from medfusion.config import PipelineConfig
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case
 from medfusion.io.errors import InputError
-from medfusion.io.nifti import write_nifti
+from medfusion.io.nifti import write_nifti, write_probabilities
 from medfusion.models.package import preprocess_config
 
 log = logging.getLogger("medfusion.run")
@@ -119,8 +119,15 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             {
                 "labels": {str(k): n for k, n in enumerate(class_names)},
                 "geometry": "the CT's own grid (same shape and affine)",
+                **(
+                    {"probabilities": "probabilities.nii.gz: one volume per label above, in that order"}
+                    if opts.pipeline.outputs.probabilities
+                    else {}
+                ),
             },
         )
+        if opts.pipeline.outputs.probabilities:
+            write_probabilities(pred.probs_ct, case.ct, tmp / "probabilities.nii.gz", class_names)
         if opts.pipeline.outputs.dicom_seg and case.ct.meta.get("format") == "dicom":
             from medfusion.io.seg import write_dicom_seg
 
