@@ -283,6 +283,37 @@ def test_stacking_recovers_the_gains_of_a_known_combination() -> None:
     assert fit["note_scale"][0] == 0.0 and abs(fit["head_gain"][0] - gain) < 0.3 * gain
 
 
+def test_out_of_fold_stacked_logits_give_a_less_overconfident_temperature() -> None:
+    from sklearn.model_selection import StratifiedKFold
+
+    from medfusion.train.diagnosis import nonnegative_logistic, out_of_fold_logits
+    from medfusion.train.loop import fit_temperature
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(0, 1, (64, 2))
+    y = (rng.random(64) < 1 / (1 + np.exp(-(1.2 * x[:, 0] + 0.8 * x[:, 1])))).astype(float)
+    oof = out_of_fold_logits(x, y, 1.0, 8)
+    assert np.isfinite(oof).all()
+    tr, te = next(StratifiedKFold(n_splits=8, shuffle=True, random_state=0).split(x, y))
+    coef, bias = nonnegative_logistic(x[tr], y[tr], 1.0)  # each case is scored without its own fold
+    assert np.allclose(oof[te], x[te] @ np.asarray(coef) + bias)
+    assert np.isnan(out_of_fold_logits(x, y, 1.0, 0)).all()
+    one = np.zeros(64)
+    one[3] = 1.0  # a single positive: no stratified split exists
+    assert np.isnan(out_of_fold_logits(x, one, 1.0, 8)).all()
+    # what it is for: in-sample stacked logits are over-confident, so their temperature is too low
+    higher = 0
+    for seed in range(20):
+        r = np.random.default_rng(seed)
+        x = r.normal(0, 1, (64, 2))
+        y = (r.random(64) < 1 / (1 + np.exp(-(0.8 * x[:, 0] + 0.5 * x[:, 1])))).astype(float)
+        coef, bias = nonnegative_logistic(x, y, 1.0)
+        t_in = fit_temperature((x @ np.asarray(coef) + bias)[:, None], y[:, None])[0]
+        t_oof = fit_temperature(out_of_fold_logits(x, y, 1.0, 8)[:, None], y[:, None])[0]
+        higher += t_oof > t_in
+    assert higher >= 15, higher
+
+
 def test_reinit_classes_gives_a_collapsed_class_fresh_rows() -> None:
     import torch
 
@@ -344,7 +375,14 @@ def test_present_only_dice_leaves_an_absent_class_to_the_cross_entropy() -> None
 
 
 @pytest.mark.parametrize(
-    "name", ["train_default.yaml", "finetune_default.yaml", "distill_default.yaml", "measures_default.yaml"]
+    "name",
+    [
+        "train_default.yaml",
+        "finetune_default.yaml",
+        "distill_default.yaml",
+        "measures_default.yaml",
+        "segrefine_default.yaml",
+    ],
 )
 def test_shipped_training_recipes_validate_and_keep_the_cache_settings(name: str) -> None:
     """The recipes in pipelines/ load, and their preprocessing is the one the shipped model was made

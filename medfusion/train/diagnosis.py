@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import Field
 from sklearn.metrics import roc_auc_score
 
 from medfusion.config import StrictModel
@@ -52,6 +53,10 @@ class DiagnosisConfig(StrictModel):
     # stacking then weighs it beside the image-side and note logits on the validation split
     measures: bool = False
     measures_c: float = 1.0  # inverse L2 strength (standardised features)
+    # with `stack`, the temperature is fitted on out-of-fold stacked logits (the stacking refitted on
+    # the other folds of the validation split) instead of on the in-sample ones, which are
+    # over-confident by construction; 0: in-sample, as before 0.7.0
+    temperature_folds: int = Field(default=8, ge=0)
 
 
 def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -309,6 +314,7 @@ def stack_logits(
     c: float,
     measures: np.ndarray | None = None,
     measure_fit: dict[str, Any] | None = None,
+    folds: int = 0,
 ) -> dict[str, Any]:
     """Fit `head_gain`, `note_scale` and `head_bias` per score by an L2 logistic regression of the labels on
     (image-side logit, note logit) over the given (validation) cases, gains kept ≥ 0.
@@ -318,7 +324,10 @@ def stack_logits(
     (note coefficient × note logit + measurement logit + intercept, fitted on the training cases): two
     gains and a bias from the validation split, the note-to-measurement balance from the larger
     training split. Its gain g is unfolded into `measure_gain` = g, `note_scale` = g × note
-    coefficient and the bias."""
+    coefficient and the bias.
+
+    `out_of_fold_logits` (N, S) in the result: with `folds` ≥ 2, each case's stacked logit from the
+    regression refitted without its fold (for an honest temperature); NaN where not computed."""
     if model.note_text is None:
         msg = "stacking needs network.note_head: true"
         raise ValueError(msg)
@@ -332,6 +341,7 @@ def stack_logits(
         )
     gains, scales, biases, mgains = [], [], [], []
     skipped = []
+    oof = np.full(y.shape, np.nan)  # out-of-fold stacked logits, for the temperature (NaN: none)
     for k in range(y.shape[1]):
         if len(np.unique(y[:, k])) < 2:  # one class only: nothing to fit, the gains stay as they are
             gains.append(float(model.head_gain[k].detach()))
@@ -341,20 +351,24 @@ def stack_logits(
             skipped.append(k)
             continue
         if m is None:
-            coef, bias = nonnegative_logistic(np.stack([s[:, k], note_logits[:, k]], 1), y[:, k], c)
+            cols = np.stack([s[:, k], note_logits[:, k]], 1)
+            coef, bias = nonnegative_logistic(cols, y[:, k], c)
             gains.append(coef[0])
             scales.append(coef[1])
             mgains.append(0.0)
             biases.append(bias)
+            oof[:, k] = out_of_fold_logits(cols, y[:, k], c, folds)
             continue
         assert measure_fit is not None  # m is only set with it
         note_coef, icpt = measure_fit["note_coef"][k], measure_fit["intercept"][k]
         full = note_coef * note_logits[:, k] + m[:, k] + icpt
-        coef, bias = nonnegative_logistic(np.stack([s[:, k], full], 1), y[:, k], c)
+        cols = np.stack([s[:, k], full], 1)
+        coef, bias = nonnegative_logistic(cols, y[:, k], c)
         gains.append(coef[0])
         scales.append(coef[1] * note_coef)
         mgains.append(coef[1])
         biases.append(bias + coef[1] * icpt)
+        oof[:, k] = out_of_fold_logits(cols, y[:, k], c, folds)
     with torch.no_grad():
         model.head_gain.copy_(torch.tensor(gains))
         model.note_scale.copy_(torch.tensor(scales))
@@ -368,4 +382,20 @@ def stack_logits(
         **({"measure_gain": [float(g) for g in mgains]} if m is not None else {}),
         "n_cases": len(y),
         "skipped_scores": skipped,
+        "out_of_fold_logits": oof,  # an array: the caller takes it out before logging
     }
+
+
+def out_of_fold_logits(x: np.ndarray, y: np.ndarray, c: float, folds: int) -> np.ndarray:
+    """Each case's stacked logit from the non-negative regression fitted on the other folds (stratified,
+    seeded); NaN everywhere when `folds` < 2 or a class has fewer cases than two folds need."""
+    from sklearn.model_selection import StratifiedKFold
+
+    out = np.full(len(y), np.nan)
+    k = min(folds, int(np.bincount(y.astype(int), minlength=2).min()))
+    if k < 2:
+        return out
+    for tr, te in StratifiedKFold(n_splits=k, shuffle=True, random_state=0).split(x, y):
+        coef, bias = nonnegative_logistic(x[tr], y[tr], c)
+        out[te] = x[te] @ np.asarray(coef) + bias
+    return out

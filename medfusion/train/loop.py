@@ -252,7 +252,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 # validation outputs that are arrays (kept out of the logged metrics)
-ARRAYS = ("logits", "heads", "note_logits", "measures")
+ARRAYS = ("logits", "heads", "note_logits", "measures", "calibration_logits")
 
 
 class Trainer:
@@ -468,7 +468,10 @@ class Trainer:
         if _rank() == 0:
             self._load_weights(model, self.out / "best.safetensors")
             final = self.diagnosis_stage(model, train, val)
-            temps = fit_temperature(final["logits"], np.stack([v["scores"] for v in val]))
+            # out of fold where the stacking made them (in-sample stacked logits are over-confident)
+            temps = fit_temperature(
+                final.get("calibration_logits", final["logits"]), np.stack([v["scores"] for v in val])
+            )
             model.temperature.copy_(torch.from_numpy(temps))
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
             y_val = np.stack([v["scores"] for v in val])
@@ -643,7 +646,11 @@ class Trainer:
                 d.stack_c,
                 final.get("measures"),
                 stage.get("measures"),
+                d.temperature_folds,
             )
+            oof = stage["stack"].pop("out_of_fold_logits")
+            if not np.isnan(oof).any():
+                final["calibration_logits"] = oof
             self._log_stage({"stage": "stack", **stage["stack"]})
         if d.head_epochs > 0 or d.stack:
             with torch.no_grad():
