@@ -468,10 +468,11 @@ class Trainer:
         if _rank() == 0:
             self._load_weights(model, self.out / "best.safetensors")
             final = self.diagnosis_stage(model, train, val)
-            # out of fold where the stacking made them (in-sample stacked logits are over-confident)
-            temps = fit_temperature(
-                final.get("calibration_logits", final["logits"]), np.stack([v["scores"] for v in val])
-            )
+            # out of fold where the stacking made them (in-sample stacked logits are over-confident);
+            # in-sample for a score without them (temperature_folds 0, or too few cases of a class)
+            cal = final.get("calibration_logits")
+            cal = final["logits"] if cal is None else np.where(np.isnan(cal), final["logits"], cal)
+            temps = fit_temperature(cal, np.stack([v["scores"] for v in val]))
             model.temperature.copy_(torch.from_numpy(temps))
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
             y_val = np.stack([v["scores"] for v in val])
@@ -648,9 +649,7 @@ class Trainer:
                 stage.get("measures"),
                 d.temperature_folds,
             )
-            oof = stage["stack"].pop("out_of_fold_logits")
-            if not np.isnan(oof).any():
-                final["calibration_logits"] = oof
+            final["calibration_logits"] = stage["stack"].pop("out_of_fold_logits")  # NaN: not computed
             self._log_stage({"stage": "stack", **stage["stack"]})
         if d.head_epochs > 0 or d.stack:
             with torch.no_grad():
