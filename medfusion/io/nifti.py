@@ -111,9 +111,11 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     )
 
 
-def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
+def volume_to_nifti(volume: Volume, data_xyz: np.ndarray | None = None) -> nib.Nifti1Image:
+    """`volume` as NIfTI; `data_xyz` (x, y, z[, …]) replaces its array, e.g. 4-D data on its grid."""
     affine = _RAS_TO_LPS @ volume.affine
-    img = nib.Nifti1Image(np.ascontiguousarray(volume.array.transpose(2, 1, 0)), affine)
+    data = volume.array.transpose(2, 1, 0) if data_xyz is None else data_xyz
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.header.set_qform(affine, code=1)
     img.header.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
@@ -130,9 +132,7 @@ def write_probabilities(probs: np.ndarray, grid: Volume, path: str | Path, class
         msg = f"probabilities of shape {probs.shape} do not fit the grid {grid.shape}"
         raise ValueError(msg)
     q = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
-    img = volume_to_nifti(grid.with_array(np.zeros(grid.shape, np.uint8)))
-    out = nib.Nifti1Image(np.ascontiguousarray(q.transpose(3, 2, 1, 0)), img.affine, img.header)
-    out.header.set_data_dtype(np.uint8)
+    out = volume_to_nifti(grid, q.transpose(3, 2, 1, 0))
     out.header.set_slope_inter(1.0 / 255.0, 0.0)
     out.header["descrip"] = ("p: " + ",".join(class_names))[:79].encode()
     with atomic_path(path) as tmp:

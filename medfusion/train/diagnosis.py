@@ -357,17 +357,16 @@ def stack_logits(
             scales.append(coef[1])
             mgains.append(0.0)
             biases.append(bias)
-            oof[:, k] = out_of_fold_logits(cols, y[:, k], c, folds)
-            continue
-        assert measure_fit is not None  # m is only set with it
-        note_coef, icpt = measure_fit["note_coef"][k], measure_fit["intercept"][k]
-        full = note_coef * note_logits[:, k] + m[:, k] + icpt
-        cols = np.stack([s[:, k], full], 1)
-        coef, bias = nonnegative_logistic(cols, y[:, k], c)
-        gains.append(coef[0])
-        scales.append(coef[1] * note_coef)
-        mgains.append(coef[1])
-        biases.append(bias + coef[1] * icpt)
+        else:
+            assert measure_fit is not None  # m is only set with it
+            note_coef, icpt = measure_fit["note_coef"][k], measure_fit["intercept"][k]
+            full = note_coef * note_logits[:, k] + m[:, k] + icpt
+            cols = np.stack([s[:, k], full], 1)
+            coef, bias = nonnegative_logistic(cols, y[:, k], c)
+            gains.append(coef[0])
+            scales.append(coef[1] * note_coef)
+            mgains.append(coef[1])
+            biases.append(bias + coef[1] * icpt)
         oof[:, k] = out_of_fold_logits(cols, y[:, k], c, folds)
     with torch.no_grad():
         model.head_gain.copy_(torch.tensor(gains))

@@ -472,10 +472,10 @@ class Trainer:
             # in-sample for a score without them (temperature_folds 0, or too few cases of a class)
             cal = final.get("calibration_logits")
             cal = final["logits"] if cal is None else np.where(np.isnan(cal), final["logits"], cal)
-            temps = fit_temperature(cal, np.stack([v["scores"] for v in val]))
+            y_val = np.stack([v["scores"] for v in val])
+            temps = fit_temperature(cal, y_val)
             model.temperature.copy_(torch.from_numpy(temps))
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
-            y_val = np.stack([v["scores"] for v in val])
             p_cal = 1 / (1 + np.exp(-final["logits"] / temps))
             metrics_out = {k: v for k, v in final.items() if k not in (*ARRAYS, "stage")}
             metrics_out["brier"] = float(np.mean((p_cal - y_val) ** 2))
