@@ -74,7 +74,7 @@ def score(
         has = torch.tensor([bool(r["has_mr"])])
         # as inference and validation run: windows of the training crop, the score from the
         # lesion-centred window (a whole-volume pass is a different input for a crop-trained network)
-        seg, heads = forward_case(model, ct, mr, has, r["note"], crop, [()])
+        seg, heads = forward_case(model, ct, mr, has, r["note"], crop, [()], overlap=0.25)  # as recorded
         sc = model.score_logits(heads[0], model.note_logits([r["note"]]))
         pred = seg.argmax(1)[0].numpy()
         for k in range(1, n_classes):

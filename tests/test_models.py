@@ -224,3 +224,39 @@ def test_invalid_preprocess_settings_in_a_package_are_named() -> None:
     meta = {"name": "m", "version": "9", "preprocess": {"registration": {"no_such_setting": 1}}}
     with pytest.raises(PackageError, match=r"registration\.no_such_setting"):
         preprocess_config(meta)
+
+
+class _WindowRecorder(torch.nn.Module):
+    """Stands in for the network in forward_case: records where each window starts (the inputs hold
+    their own z, y, x indices) and predicts background."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.starts: list[tuple[int, int, int]] = []
+
+    def encode(
+        self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.starts.append((int(ct[0, 0, 0, 0, 0]), int(ct[0, 1, 0, 0, 0]), int(mr[0, 0, 0, 0, 0])))
+        seg = torch.zeros(ct.shape[0], 2, *ct.shape[2:])
+        seg[:, 0] = 30.0
+        return seg, torch.zeros(ct.shape[0], 4)
+
+
+@pytest.mark.parametrize(
+    ("overlap", "z_starts", "y_starts"), [(0.5, [0, 24, 48], [0, 32, 64]), (0.25, [0, 36, 48], [0, 48, 64])]
+)
+def test_sliding_windows_follow_the_overlap(overlap: float, z_starts: list[int], y_starts: list[int]) -> None:
+    from medfusion.infer.windowed import forward_case
+
+    z, y, x = torch.meshgrid(torch.arange(96.0), torch.arange(128.0), torch.arange(128.0), indexing="ij")
+    ct, mr = torch.stack([z, y])[None], x[None, None]
+    rec = _WindowRecorder()
+    probs, heads = forward_case(rec, ct, mr, torch.tensor([True]), "", [48, 64, 64], [()], overlap=overlap)  # type: ignore[arg-type]
+    assert probs.shape == (1, 2, 96, 128, 128) and torch.allclose(probs[:, 0], torch.ones(1))
+    *windows, score_window = rec.starts
+    # 27 windows either way: at 0.5 evenly spaced, at 0.25 bunched towards the far edge
+    assert len(windows) == len(set(windows)) == 27
+    assert sorted({s[0] for s in windows}) == z_starts
+    assert sorted({s[1] for s in windows}) == y_starts == sorted({s[2] for s in windows})
+    assert score_window == (24, 32, 32)  # no lesion predicted: the window centred on the volume

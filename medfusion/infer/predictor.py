@@ -46,6 +46,7 @@ class Predictor:
         amp: bool = True,
         sliding_window: bool = True,
         lesions_need_core: bool = True,
+        window_overlap: float = 0.5,
     ) -> None:
         self.device = pick_device(device)
         self.model, self.meta = load_package(package, self.device)
@@ -55,6 +56,7 @@ class Predictor:
         self.amp = amp and self.device.type == "cuda"
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
         self.roi = package_roi(self.meta) if sliding_window else None
+        self.window_overlap = window_overlap
         self.class_names: list[str] = list(self.meta["class_names"])
         self.lesions_need_core = lesions_need_core
         self.score_names: list[str] = list(self.meta["score_names"])
@@ -67,7 +69,7 @@ class Predictor:
         self, ct: torch.Tensor, mr: torch.Tensor, has: torch.Tensor, note: str
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         flips: list[tuple[int, ...]] = [()] + ([(4,)] if self.tta else [])
-        return forward_case(self.model, ct, mr, has, note, self.roi, flips, self.amp)
+        return forward_case(self.model, ct, mr, has, note, self.roi, flips, self.amp, self.window_overlap)
 
     @torch.inference_mode()
     def predict(self, t: CaseTensors) -> Prediction:

@@ -53,11 +53,12 @@ def forward_case(
     roi: list[int] | None,
     flips: list[tuple[int, ...]],
     amp: bool = False,
-    overlap: float = 0.25,
+    overlap: float = 0.5,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Class probabilities (1, K, z, y, x) averaged over `flips`, and the score head's input per flip.
 
-    `roi` None (or at least the volume's size) runs the whole volume at once."""
+    `roi` None (or at least the volume's size) runs the whole volume at once; otherwise windows of
+    `roi` overlapping by the fraction `overlap`, blended with Gaussian weights."""
     dev = ct.device.type
     nct = ct.shape[1]
 

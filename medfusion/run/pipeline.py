@@ -253,6 +253,7 @@ def _predictor(opts: RunOptions) -> Any:  # Predictor (torch is imported lazily)
         infer.amp,
         infer.sliding_window,
         infer.lesions_need_core,
+        infer.window_overlap,
     )
 
 

@@ -726,7 +726,8 @@ class Trainer:
             ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
             has = torch.tensor([bool(r["has_mr"])], device=self.device)
-            probs, heads = forward_case(model, ct, mr, has, r["note"], self.cfg.crop_size, [()])
+            # windows overlapping by 0.25: the recipes' checkpoint selections were made with it
+            probs, heads = forward_case(model, ct, mr, has, r["note"], self.cfg.crop_size, [()], overlap=0.25)
             pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
             note = model.note_logits([r["note"]]).float()
