@@ -87,8 +87,8 @@ class InferConfig(StrictModel):
     sliding_window: bool = True
     # fraction by which neighbouring windows overlap. At 0.5 the windows fall evenly over the
     # 128 × 128 × 96 grid (3 per axis, the same count as at 0.25, so the same time) instead of bunching
-    # at the far edge; dev cohort: tumour-core Dice +0.015 (benchmarks/RESULTS.md). Training validation
-    # and the ablation keep the 0.25 their recorded numbers were made with.
+    # at the far edge; dev cohort: tumour-core Dice +0.020 (benchmarks/RESULTS.md). Training validation
+    # has its own setting (TrainConfig.val_window_overlap).
     window_overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
     # set lesions (connected foreground) without a tumour-core voxel to background: oedema and
     # calcification islands with no tumour are false positives (infer/postprocess.py); applies to

@@ -395,6 +395,9 @@ def test_shipped_training_recipes_validate_and_keep_the_cache_settings(name: str
     cfg = load_yaml_model(root / "pipelines" / name, TrainConfig)
     shipped = preprocess_config(read_meta(DEFAULT_PACKAGE)).model_dump(mode="json")
     assert _same(cfg.preprocess.model_dump(mode="json"), shipped)
+    # validation windows as these recipes were run (their checkpoint selections depend on it)
+    assert cfg.val_window_overlap == 0.25
+    assert TrainConfig.model_fields["val_window_overlap"].default == 0.5  # a new recipe's: as inference
 
 
 @pytest.mark.parametrize("name", ["default.yaml", "evaluate-fast.yaml"])

@@ -91,6 +91,10 @@ class TrainConfig(StrictModel):
     steps_per_epoch: int | None = None
     batch_size: int = 2
     crop_size: list[int] = [48, 48, 48]
+    # validation windows overlap by this fraction: as inference does (`infer.window_overlap`), so the
+    # checkpoint selection, the stacking and the temperature see what `medfusion run` sees. The shipped
+    # model's recipes pin 0.25, the value their selections were made with (before session 9)
+    val_window_overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
     lr: float = 2e-3
     weight_decay: float = 1e-4
     seg_weight: float = 1.0
@@ -726,8 +730,9 @@ class Trainer:
             ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
             has = torch.tensor([bool(r["has_mr"])], device=self.device)
-            # windows overlapping by 0.25: the recipes' checkpoint selections were made with it
-            probs, heads = forward_case(model, ct, mr, has, r["note"], self.cfg.crop_size, [()], overlap=0.25)
+            probs, heads = forward_case(
+                model, ct, mr, has, r["note"], self.cfg.crop_size, [()], overlap=self.cfg.val_window_overlap
+            )
             pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
             note = model.note_logits([r["note"]]).float()
