@@ -273,7 +273,10 @@ def quality_check(
     qc: dict[str, Any] = {"head_mask_dice": round(dice, 4), "checks": {}}
     qc["checks"]["head_overlap"] = dice >= cfg.min_head_dice
     if cfg.consistency_check:
-        back, _, _ = _estimate(mr, ct, cfg, (mmask, fmask), quick=True)  # MR → CT points, its own start
+        # MR → CT points from its own start; the best rotation-search candidate only (a reverse run
+        # that lands in another optimum is settled by the metric comparison below)
+        rev = cfg.model_copy(update={"candidates": 1})
+        back, _, _ = _estimate(mr, ct, rev, (mmask, fmask), quick=True)
         pts = _head_points(ct, fmask, 200, cfg.seed)
         fwd = _apply(matrix, pts)
         round_trip = _apply(back, fwd)
