@@ -20,9 +20,8 @@ from medfusion.config import PipelineConfig
 from medfusion.infer.predictor import Predictor
 from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.io.case import find_patient_folders, load_case
-from medfusion.models.package import preprocess_config
 from medfusion.preprocess.prepare import prepare_case
-from medfusion.run.pipeline import RunOptions, run_cohort
+from medfusion.run.pipeline import RunOptions, run_cohort, run_preprocess_config
 
 
 def main() -> None:
@@ -48,7 +47,7 @@ def main() -> None:
     # default overlap and at the quarter used before session 9) against the whole grid in one pass
     # (what a crop-trained network must not be run as: see infer/windowed.py), same network and input
     pred = Predictor(device="cpu", tta=False, mc_samples=0)
-    tensors = prepare_case(load_case(folders[0]), preprocess_config(pred.meta))
+    tensors = prepare_case(load_case(folders[0]), run_preprocess_config(PipelineConfig(), pred.meta))
     ct = torch.from_numpy(tensors.ct)[None].float()
     mr = torch.from_numpy(tensors.mr)[None].float()
     has = torch.tensor([True])

@@ -109,6 +109,11 @@ class PipelineConfig(StrictModel):
     # the reverse-registration consistency check is QC, not a model input: on by default at run time
     # whatever the package's training preprocessing said
     registration_consistency_check: bool = True
+    # which settings register the MR onto the CT when `preprocess` is not given: "library" — this
+    # version's RegistrationConfig defaults (the most accurate measured, benchmarks/RESULTS.md; what
+    # `medfusion register` uses); "package" — the ones stored in the model package, i.e. what its
+    # training cases were registered with. The package's mode and transform file are kept either way.
+    registration: Literal["library", "package"] = "library"
     preprocess: PreprocessConfig | None = None  # None: the model package's own preprocessing
     infer: InferConfig = InferConfig()
     outputs: OutputConfig = OutputConfig()

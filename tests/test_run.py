@@ -15,6 +15,7 @@ from pypdf import PdfReader
 from typer.testing import CliRunner
 
 from medfusion.cli import app
+from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfig
 from medfusion.io.case import load_case
 from medfusion.io.nifti import read_nifti
 from medfusion.io.seg import read_dicom_seg
@@ -64,6 +65,10 @@ def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
             "oedema",
             "calcification",
         }
+        # registered with this version's settings (not the package's stored ones), and says so
+        reg = json.loads((out / pid / "qc.json").read_text())["registration"]
+        assert reg["settings_from"] == "library"
+        assert reg["settings"] == RegistrationConfig().model_dump(mode="json")
     assert not list(out.glob(".tmp-*"))
 
 
@@ -166,3 +171,28 @@ def test_lesions_without_a_tumour_core_are_dropped() -> None:
     assert (postprocess_labels(lab, ["background", "organ"], lesions_need_core=True) == lab).all()
     empty = np.zeros((4, 4, 4), np.uint8)
     assert drop_lesions_without_core(empty)[1] == 0
+
+
+def test_run_registration_settings_come_from_where_the_pipeline_says() -> None:
+    from medfusion.models.package import DEFAULT_PACKAGE, preprocess_config, read_meta
+    from medfusion.run.pipeline import run_preprocess_config
+
+    meta = read_meta(DEFAULT_PACKAGE)
+    stored = preprocess_config(meta)
+    assert stored.registration != RegistrationConfig(consistency_check=True)  # else this test shows nothing
+    lib = run_preprocess_config(PipelineConfig(), meta)
+    assert lib.registration == RegistrationConfig()  # library defaults, consistency check on
+    assert lib.model_dump(exclude={"registration"}) == stored.model_dump(exclude={"registration"})
+    pkg = run_preprocess_config(
+        PipelineConfig(registration="package", registration_consistency_check=False), meta
+    )
+    assert pkg.registration == stored.registration.model_copy(update={"consistency_check": False})
+    # the package's mode (and transform file) survive the switch to library settings
+    skipped = {**meta, "preprocess": {**meta["preprocess"], "registration": {"mode": "skip"}}}
+    assert run_preprocess_config(PipelineConfig(), skipped).registration.mode == "skip"
+    # a pipeline's own preprocessing is used as given
+    own = PreprocessConfig(registration=RegistrationConfig(candidates=5))
+    got = run_preprocess_config(PipelineConfig(preprocess=own, registration="package"), meta)
+    assert got.registration.candidates == 5 and got.target_size == own.target_size
+    with pytest.raises(ValueError, match="registration"):
+        PipelineConfig.model_validate({"registration": "elastix"})

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from medfusion import __version__
-from medfusion.config import PipelineConfig
+from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfig
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case
 from medfusion.io.errors import InputError
@@ -75,6 +75,20 @@ def _provenance(case: Any) -> dict[str, Any]:
     }
 
 
+def run_preprocess_config(pipeline: PipelineConfig, meta: dict[str, Any]) -> PreprocessConfig:
+    """The preprocessing a run uses: the pipeline's own if it gives one, otherwise the package's, with
+    the registration settings the pipeline asks for and its consistency-check switch."""
+    if pipeline.preprocess is not None:
+        cfg = pipeline.preprocess.model_copy(deep=True)
+    else:
+        cfg = preprocess_config(meta)
+        if pipeline.registration == "library":
+            stored = cfg.registration
+            cfg.registration = RegistrationConfig(mode=stored.mode, transform_file=stored.transform_file)
+    cfg.registration.consistency_check = pipeline.registration_consistency_check
+    return cfg
+
+
 def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, Any]:
     """Run one patient; returns its summary row. Raises nothing for bad input: it writes error.json."""
     from medfusion.preprocess.prepare import prepare_case
@@ -95,8 +109,7 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             raise InputError(folder, "no usable CT volume" + (f" ({detail})" if detail else ""))
         t["load"] = time.perf_counter() - t0
         stage = "register"
-        cfg = (opts.pipeline.preprocess or preprocess_config(predictor.meta)).model_copy(deep=True)
-        cfg.registration.consistency_check = opts.pipeline.registration_consistency_check
+        cfg = run_preprocess_config(opts.pipeline, predictor.meta)
         tensors = prepare_case(case, cfg)
         t["register"] = tensors.timings.get("register", 0.0)
         t["resample"] = tensors.timings.get("resample", 0.0)
@@ -151,7 +164,11 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
                 "skipped_objects": [{"path": p, "why": w} for p, w in case.skipped],
                 "choices": case.choices,
             },
-            "registration": reg.to_json() if reg is not None else {"mode": "none", "reason": "no MR volume"},
+            "registration": {
+                **(reg.to_json() if reg is not None else {"mode": "none", "reason": "no MR volume"}),
+                "settings_from": "pipeline" if opts.pipeline.preprocess else opts.pipeline.registration,
+                "settings": cfg.registration.model_dump(mode="json"),
+            },
             "mr_used_by_model": mr_used,
             "verdict": "pass"
             if (reg is None or reg.passed) and not case.errors
