@@ -500,6 +500,40 @@ def compare(
     Console().print(f"written to {target}")
 
 
+# --- calibrate ---
+
+
+@app.command()
+def calibrate(
+    pred: Annotated[
+        Path,
+        typer.Option("--pred", help="Output folder of `medfusion run` on a labelled cohort, with --model."),
+    ],
+    labels: Annotated[
+        Path, typer.Option("--labels", help="Labels folder (with labels.csv) or a labels CSV.")
+    ],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for the re-calibrated package (must not exist).")
+    ],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="Package that made the run (default: the shipped one).")
+    ] = None,
+) -> None:
+    """Refit the score temperature on a labelled run; writes a new package (only the temperature differs).
+
+    Measure the new package on other patients than these: on the fitted cases it looks better than it is."""
+    from medfusion.models.package import PackageError
+    from medfusion.train.calibrate import describe, recalibrate
+
+    try:
+        record = recalibrate(pred, labels, out, model)
+    except (ValueError, InputError, PackageError) as exc:
+        _fail(exc)
+    for line in describe(record):
+        Console().print(line)
+    Console().print(f"written to {out}; use it with `medfusion run --model {out}`")
+
+
 def main() -> None:
     app()
 

@@ -1,0 +1,159 @@
+"""Re-calibration of a model package on a labelled cohort: `medfusion calibrate`.
+
+A package's temperature is fitted on its own validation split; on another site's data (scanners,
+case mix, another pipeline setting) its probabilities can drift while the ranking holds. This refits
+the per-score temperature on the scores that `medfusion run` wrote for a labelled cohort and writes a
+new package that differs from the old one only in that buffer (and in `model.json`: the new weights
+hash, a version suffix and the record of the fit). Temperature scaling is monotone: AUROC, the
+segmentation and every other output stay as they were.
+
+`scores.json` holds p = sigmoid(z / T) for the network's logit z and the package's temperature T, so
+logit(p) = z / T is recovered exactly from the run; the fit finds the factor t that minimises the
+negative log-likelihood of sigmoid(logit(p) / t), and the new temperature is T · t. The scores must
+come from this very package (its weights hash is checked), and the fit holds for runs with the same
+pipeline settings (TTA, windows, registration), which the record copies from the run's `run.json`.
+Measure the new package on a cohort other than the one it was fitted on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from medfusion.evaluate.cohort import _labels_table, labels_csv_path
+from medfusion.evaluate.diagnosis import METRICS, ece
+from medfusion.io.atomic import write_json
+from medfusion.io.errors import InputError
+from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.text.encoders import sha256_of
+from medfusion.train.loop import fit_temperature
+
+MIN_PER_CLASS = 10  # positives and negatives each: fewer cannot place a temperature
+
+
+def _nll(y: np.ndarray, p: np.ndarray) -> float:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+
+
+def _summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    return {"nll": _nll(y, p), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
+
+
+def recalibrate(pred: Path, labels: Path, out: Path, model: Path | None = None) -> dict[str, Any]:
+    """Fit the temperature of `model` (default: the shipped package) on the run `pred` against
+    `labels`, write the new package to `out` (which must not exist) and return the fit's record."""
+    src = Path(model) if model is not None else DEFAULT_PACKAGE
+    meta = read_meta(src)
+    if out.exists():
+        raise InputError(out, "already exists; give a new folder for the re-calibrated package")
+    csv_path = labels_csv_path(labels)
+    if not csv_path.exists():
+        raise InputError(csv_path, "labels CSV not found")
+    table, fields = _labels_table(csv_path)
+    by_pid = {r["patient_id"]: r for r in table}
+    runs = (
+        sorted(p for p in Path(pred).iterdir() if (p / "scores.json").exists()) if Path(pred).is_dir() else []
+    )
+    if not runs:
+        raise InputError(pred, "no patient outputs (OUT/<id>/scores.json) found")
+    probs: dict[str, dict[str, float]] = {}
+    for folder in runs:
+        sc = json.loads((folder / "scores.json").read_text())
+        made_by = sc.get("model", {}).get("weights_sha256")
+        if made_by != meta.get("weights_sha256"):
+            raise InputError(
+                folder / "scores.json",
+                f"written by weights {str(made_by)[:12]}…, not by the package being re-calibrated "
+                f"({str(meta.get('weights_sha256'))[:12]}…, {src})",
+            )
+        probs[folder.name] = sc.get("probabilities", {})
+    weights, _ = load_package(src)  # validates the package before anything is written
+    t_old = weights.temperature.detach().cpu().numpy().astype(np.float64)
+    t_new = t_old.copy()
+    record: dict[str, Any] = {"pred": str(pred), "labels": str(csv_path), "scores": {}}
+    for i, name in enumerate(meta["score_names"]):
+        ids = [p for p in probs if name in probs[p] and by_pid.get(p, {}).get(name, "") != ""]
+        if name not in fields or not ids:
+            record["scores"][name] = {"kept": "no labels for this score in the cohort"}
+            continue
+        y = np.array([float(by_pid[p][name]) for p in ids])
+        p = np.clip(np.array([probs[p][name] for p in ids], float), 1e-7, 1 - 1e-7)
+        n_pos, n_neg = int(y.sum()), int(len(y) - y.sum())
+        if min(n_pos, n_neg) < MIN_PER_CLASS:
+            msg = f"score {name!r}: {n_pos} positive and {n_neg} negative cases; re-calibration needs at least {MIN_PER_CLASS} of each"
+            raise InputError(csv_path, msg)
+        z = np.log(p / (1 - p))  # the network's logit over the package's temperature
+        factor = float(fit_temperature(z[:, None], y[:, None])[0])
+        t_new[i] = t_old[i] * factor
+        p_new = 1 / (1 + np.exp(-z / factor))
+        record["scores"][name] = {
+            "n": len(y),
+            "positives": n_pos,
+            "temperature_before": float(t_old[i]),
+            "temperature_after": float(t_new[i]),
+            # in-sample: on the cases the temperature was fitted on
+            "fitted_cohort_before": _summary(y, p),
+            "fitted_cohort_after": _summary(y, p_new),
+        }
+    run_json = Path(pred) / "run.json"
+    if run_json.exists():
+        record["run_config"] = json.loads(run_json.read_text()).get("config")
+    _write(src, out, meta, torch.from_numpy(t_new.astype(np.float32)), record)
+    return record
+
+
+def _write(
+    src: Path, out: Path, meta: dict[str, Any], temperature: torch.Tensor, record: dict[str, Any]
+) -> None:
+    """The source package with a new temperature, built aside and renamed into place."""
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        for f in src.iterdir():
+            if f.is_file() and f.name not in ("weights.safetensors", "model.json"):
+                shutil.copy2(f, tmp / f.name)
+        state = load_file(str(src / "weights.safetensors"))
+        state["temperature"] = temperature.to(state["temperature"].dtype)
+        save_file(state, str(tmp / "weights.safetensors"))
+        new_meta = dict(meta)
+        new_meta["version"] = f"{meta.get('version')}+recalibrated"
+        new_meta["weights_sha256"] = sha256_of(tmp / "weights.safetensors")
+        new_meta["recalibration"] = {
+            **record,
+            "from": {
+                "name": meta.get("name"),
+                "version": meta.get("version"),
+                "weights_sha256": meta.get("weights_sha256"),
+            },
+        }
+        write_json(tmp / "model.json", new_meta)
+        load_package(tmp)  # the new package loads (hash, architecture, every weight)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def describe(record: dict[str, Any]) -> list[str]:
+    """One line per score for the terminal."""
+    lines = []
+    for name, r in record["scores"].items():
+        if "kept" in r:
+            lines.append(f"{name}: temperature kept ({r['kept']})")
+            continue
+        b, a = r["fitted_cohort_before"], r["fitted_cohort_after"]
+        lines.append(
+            f"{name}: temperature {r['temperature_before']:.3f} → {r['temperature_after']:.3f} "
+            f"on {r['n']} cases ({r['positives']} positive); on those cases NLL {b['nll']:.3f} → {a['nll']:.3f}, "
+            f"Brier {b['brier']:.3f} → {a['brier']:.3f}, ECE {b['ece']:.3f} → {a['ece']:.3f}"
+        )
+    return lines

@@ -1,0 +1,101 @@
+"""`medfusion calibrate`: the temperature refitted on a labelled run, written as a new package."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from medfusion.cli import app
+from medfusion.io.errors import InputError
+from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.train.calibrate import recalibrate
+
+
+def fake_run(
+    tmp: Path, sharpen: float, n: int = 400, seed: int = 0, sha: str | None = None
+) -> tuple[Path, Path]:
+    """A run whose probabilities are sigmoid(sharpen · z) for outcomes drawn as Bernoulli(sigmoid(z)):
+    over-confident for sharpen > 1, calibrated at 1."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0.0, 2.0, n)
+    y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
+    sha = sha or read_meta(DEFAULT_PACKAGE)["weights_sha256"]
+    run, labels = tmp / "run", tmp / "labels"
+    labels.mkdir(parents=True)
+    with open(labels / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["patient_id", "malignant"])
+        for i in range(n):
+            pid = f"P{i:04d}"
+            w.writerow([pid, y[i]])
+            (run / pid).mkdir(parents=True)
+            scores = {"probabilities": {"malignant": float(1 / (1 + np.exp(-sharpen * z[i])))}}
+            (run / pid / "scores.json").write_text(json.dumps({**scores, "model": {"weights_sha256": sha}}))
+    (run / "run.json").write_text(json.dumps({"config": {"name": "default"}}))
+    return run, labels
+
+
+def test_an_overconfident_run_gets_a_larger_temperature(tmp_path: Path) -> None:
+    run, labels = fake_run(tmp_path, sharpen=2.0)
+    out = tmp_path / "pkg"
+    rec = recalibrate(run, labels, out)
+    r = rec["scores"]["malignant"]
+    before = float(load_file(str(DEFAULT_PACKAGE / "weights.safetensors"))["temperature"][0])
+    assert r["temperature_before"] == pytest.approx(before)
+    assert 1.6 < r["temperature_after"] / before < 2.5  # the sharpening undone (sampling noise aside)
+    assert r["fitted_cohort_after"]["nll"] < r["fitted_cohort_before"]["nll"]
+    assert r["fitted_cohort_after"]["ece"] < r["fitted_cohort_before"]["ece"]
+    model, meta = load_package(out)  # hash and every weight check out
+    assert float(model.temperature[0]) == pytest.approx(r["temperature_after"], rel=1e-6)
+    assert meta["version"].endswith("+recalibrated") and meta["recalibration"]["run_config"] == {
+        "name": "default"
+    }
+    old, new = (
+        load_file(str(DEFAULT_PACKAGE / "weights.safetensors")),
+        load_file(str(out / "weights.safetensors")),
+    )
+    assert set(old) == set(new) and all(torch.equal(old[k], new[k]) for k in old if k != "temperature")
+    assert {k: v for k, v in meta.items() if k not in ("version", "weights_sha256", "recalibration")} == {
+        k: v for k, v in read_meta(DEFAULT_PACKAGE).items() if k not in ("version", "weights_sha256")
+    }
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_a_calibrated_run_keeps_its_temperature(tmp_path: Path) -> None:
+    run, labels = fake_run(tmp_path, sharpen=1.0, seed=1)
+    r = recalibrate(run, labels, tmp_path / "pkg")["scores"]["malignant"]
+    assert 0.85 < r["temperature_after"] / r["temperature_before"] < 1.18
+
+
+def test_refusals_name_the_problem_and_write_nothing(tmp_path: Path) -> None:
+    run, labels = fake_run(tmp_path / "a", sharpen=2.0, sha="0" * 64)
+    with pytest.raises(InputError, match="scores.json.*not by the package"):
+        recalibrate(run, labels, tmp_path / "p1")
+    run, labels = fake_run(tmp_path / "b", sharpen=2.0, n=15)
+    with pytest.raises(InputError, match="at least 10 of each"):
+        recalibrate(run, labels, tmp_path / "p2")
+    (tmp_path / "p3").mkdir()
+    with pytest.raises(InputError, match="already exists"):
+        recalibrate(run, labels, tmp_path / "p3")
+    assert not (tmp_path / "p1").exists() and not (tmp_path / "p2").exists()
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_cli_calibrate(tmp_path: Path) -> None:
+    run, labels = fake_run(tmp_path, sharpen=2.0, n=120)
+    res = CliRunner().invoke(
+        app, ["calibrate", "--pred", str(run), "--labels", str(labels), "--out", str(tmp_path / "pkg")]
+    )
+    assert res.exit_code == 0, res.output
+    assert "malignant: temperature" in res.output and (tmp_path / "pkg" / "model.json").exists()
+    res = CliRunner().invoke(
+        app, ["calibrate", "--pred", str(run), "--labels", str(labels), "--out", str(tmp_path / "pkg")]
+    )
+    assert res.exit_code != 0 and "already exists" in res.output
