@@ -196,3 +196,20 @@ def test_run_registration_settings_come_from_where_the_pipeline_says() -> None:
     assert got.registration.candidates == 5 and got.target_size == own.target_size
     with pytest.raises(ValueError, match="registration"):
         PipelineConfig.model_validate({"registration": "elastix"})
+
+
+def test_dicom_seg_of_an_empty_map_is_written_quietly_and_reads_back_empty(
+    cohort: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medfusion.io.seg import write_dicom_seg
+
+    ct = load_case(cohort / "patients" / sorted(p.name for p in (cohort / "patients").iterdir())[0]).ct
+    empty = ct.with_array(np.zeros(ct.shape, np.int16), "SEG")
+    with caplog.at_level("WARNING"):  # highdicom logged a warning per lesion-free patient before
+        write_dicom_seg(
+            empty, ct, ["background", "tumour_core"], tmp_path / "seg.dcm", model_name="m", model_version="1"
+        )
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+    ds = hd.seg.segread(str(tmp_path / "seg.dcm"))
+    assert int(ds.NumberOfFrames) == ct.shape[0]
+    assert not read_dicom_seg(tmp_path / "seg.dcm").array.any()

@@ -62,6 +62,9 @@ def write_dicom_seg(
         pixel_array=labels.array.astype(np.uint8),  # frames follow the CT's sorted slice order
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
+        # frames with no segment are left out; a map with nothing in it keeps them all (what highdicom
+        # would fall back to anyway, with a warning per lesion-free patient)
+        omit_empty_frames=bool(labels.array.any()),
         series_instance_uid=hd.UID(),
         series_number=300,
         sop_instance_uid=hd.UID(),
