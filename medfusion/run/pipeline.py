@@ -288,11 +288,20 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
     if opts.workers > 1 or opts.cluster:
         from dask.distributed import Client, LocalCluster, as_completed
 
+        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # not --debug
+            # Dask's logging config (applied on import) prints the scheduler's start-up and shut-down at
+            # INFO, with a traceback for each comm it closes at the end: keep it to warnings
+            logging.getLogger("distributed").setLevel(logging.WARNING)
         cluster = (
             None
             if opts.cluster
             else LocalCluster(
-                n_workers=opts.workers, threads_per_worker=1, processes=True, dashboard_address=None
+                n_workers=opts.workers,
+                threads_per_worker=1,
+                processes=True,
+                # None does not switch the scheduler's HTTP server off (dask/distributed#8136); a free
+                # port on the loopback keeps it off the network and out of another cluster's way
+                dashboard_address="127.0.0.1:0",
             )
         )
         with Client(opts.cluster or cluster) as client:
