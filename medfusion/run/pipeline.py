@@ -166,7 +166,9 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             },
             "registration": {
                 **(reg.to_json() if reg is not None else {"mode": "none", "reason": "no MR volume"}),
-                "settings_from": "pipeline" if opts.pipeline.preprocess else opts.pipeline.registration,
+                "settings_from": "pipeline"
+                if opts.pipeline.preprocess is not None
+                else opts.pipeline.registration,
                 "settings": cfg.registration.model_dump(mode="json"),
             },
             "mr_used_by_model": mr_used,
