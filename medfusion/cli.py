@@ -518,15 +518,28 @@ def calibrate(
     model: Annotated[
         Path | None, typer.Option("--model", help="Package that made the run (default: the shipped one).")
     ] = None,
+    method: Annotated[
+        str,
+        typer.Option(
+            help="platt: slope and intercept on the logit (moves the mean probability too); temperature: a scale only."
+        ),
+    ] = "platt",
+    version: Annotated[
+        str | None, typer.Option(help="Version of the new package (default: the old one + '+recalibrated').")
+    ] = None,
 ) -> None:
-    """Refit the score temperature on a labelled run; writes a new package (only the temperature differs).
+    """Refit the score calibration on a labelled run; writes a new package (only the calibration differs).
 
     Measure the new package on other patients than these: on the fitted cases it looks better than it is."""
     from medfusion.models.package import PackageError
     from medfusion.train.calibrate import describe, recalibrate
 
+    if method not in ("platt", "temperature"):
+        _fail(ValueError(f"--method {method!r}: choose platt or temperature"))
     try:
-        record = recalibrate(pred, labels, out, model)
+        record = recalibrate(
+            pred, labels, out, model, "platt" if method == "platt" else "temperature", version
+        )
     except (ValueError, InputError, PackageError) as exc:
         _fail(exc)
     for line in describe(record):

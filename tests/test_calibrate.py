@@ -19,10 +19,10 @@ from medfusion.train.calibrate import recalibrate
 
 
 def fake_run(
-    tmp: Path, sharpen: float, n: int = 400, seed: int = 0, sha: str | None = None
+    tmp: Path, sharpen: float, n: int = 400, seed: int = 0, sha: str | None = None, shift: float = 0.0
 ) -> tuple[Path, Path]:
-    """A run whose probabilities are sigmoid(sharpen · z) for outcomes drawn as Bernoulli(sigmoid(z)):
-    over-confident for sharpen > 1, calibrated at 1."""
+    """A run whose probabilities are sigmoid(sharpen · z + shift) for outcomes drawn as
+    Bernoulli(sigmoid(z)): over-confident for sharpen > 1, too low for shift < 0, calibrated at (1, 0)."""
     rng = np.random.default_rng(seed)
     z = rng.normal(0.0, 2.0, n)
     y = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(int)
@@ -36,16 +36,31 @@ def fake_run(
             pid = f"P{i:04d}"
             w.writerow([pid, y[i]])
             (run / pid).mkdir(parents=True)
-            scores = {"probabilities": {"malignant": float(1 / (1 + np.exp(-sharpen * z[i])))}}
+            scores = {"probabilities": {"malignant": float(1 / (1 + np.exp(-(sharpen * z[i] + shift))))}}
             (run / pid / "scores.json").write_text(json.dumps({**scores, "model": {"weights_sha256": sha}}))
     (run / "run.json").write_text(json.dumps({"config": {"name": "default"}}))
     return run, labels
 
 
-def test_an_overconfident_run_gets_a_larger_temperature(tmp_path: Path) -> None:
+def _only_these_differ(out: Path, keys: set[str]) -> None:
+    old, new = (
+        load_file(str(DEFAULT_PACKAGE / "weights.safetensors")),
+        load_file(str(out / "weights.safetensors")),
+    )
+    assert set(old) == set(new)
+    assert {k for k in old if not torch.equal(old[k], new[k])} <= keys
+    meta = read_meta(out)
+    assert {k: v for k, v in meta.items() if k not in ("version", "weights_sha256", "recalibration")} == {
+        k: v
+        for k, v in read_meta(DEFAULT_PACKAGE).items()
+        if k not in ("version", "weights_sha256", "recalibration")
+    }
+
+
+def test_temperature_method_undoes_overconfidence(tmp_path: Path) -> None:
     run, labels = fake_run(tmp_path, sharpen=2.0)
     out = tmp_path / "pkg"
-    rec = recalibrate(run, labels, out)
+    rec = recalibrate(run, labels, out, method="temperature")
     r = rec["scores"]["malignant"]
     before = float(load_file(str(DEFAULT_PACKAGE / "weights.safetensors"))["temperature"][0])
     assert r["temperature_before"] == pytest.approx(before)
@@ -57,20 +72,42 @@ def test_an_overconfident_run_gets_a_larger_temperature(tmp_path: Path) -> None:
     assert meta["version"].endswith("+recalibrated") and meta["recalibration"]["run_config"] == {
         "name": "default"
     }
-    old, new = (
-        load_file(str(DEFAULT_PACKAGE / "weights.safetensors")),
-        load_file(str(out / "weights.safetensors")),
-    )
-    assert set(old) == set(new) and all(torch.equal(old[k], new[k]) for k in old if k != "temperature")
-    assert {k: v for k, v in meta.items() if k not in ("version", "weights_sha256", "recalibration")} == {
-        k: v for k, v in read_meta(DEFAULT_PACKAGE).items() if k not in ("version", "weights_sha256")
-    }
+    _only_these_differ(out, {"temperature"})
     assert not list(tmp_path.glob(".tmp-*"))
 
 
-def test_a_calibrated_run_keeps_its_temperature(tmp_path: Path) -> None:
+def test_platt_moves_the_mean_and_the_package_computes_exactly_that(tmp_path: Path) -> None:
+    from medfusion.models.measures import FEATURES
+
+    run, labels = fake_run(tmp_path, sharpen=1.0, shift=-1.0)  # every probability too low
+    out = tmp_path / "pkg"
+    r = recalibrate(run, labels, out, version="9.9.9")["scores"]["malignant"]
+    assert 0.8 < r["slope"] < 1.25 and 0.7 < r["intercept"] < 1.3
+    assert r["fitted_cohort_after"]["ece"] < r["fitted_cohort_before"]["ece"]
+    # a temperature alone cannot move the mean: it fits this cohort worse
+    t = recalibrate(run, labels, tmp_path / "t", method="temperature")["scores"]["malignant"]
+    assert r["fitted_cohort_after"]["nll"] < t["fitted_cohort_after"]["nll"] - 0.01
+    _only_these_differ(out, {"temperature", "head_bias"})
+    # the new package's probability is sigmoid(slope · logit(old probability) + intercept), for any input
+    old, _ = load_package(DEFAULT_PACKAGE)
+    new, meta = load_package(out)
+    assert meta["version"] == "9.9.9"
+    torch.manual_seed(0)
+    head_in = torch.randn(5, old.score_head[0].in_features)
+    note = torch.randn(5, 1)
+    meas = torch.rand(5, len(FEATURES)) * 3
+    with torch.no_grad():
+        p_old = old.calibrated(old.score_logits(head_in, note, meas)).double()
+        p_new = new.calibrated(new.score_logits(head_in, note, meas)).double()
+    expect = torch.sigmoid(r["slope"] * torch.logit(p_old) + r["intercept"])
+    assert torch.allclose(p_new, expect, atol=1e-5)
+
+
+def test_a_calibrated_run_keeps_its_calibration(tmp_path: Path) -> None:
     run, labels = fake_run(tmp_path, sharpen=1.0, seed=1)
     r = recalibrate(run, labels, tmp_path / "pkg")["scores"]["malignant"]
+    assert 0.85 < r["slope"] < 1.18 and abs(r["intercept"]) < 0.25
+    r = recalibrate(run, labels, tmp_path / "pkg2", method="temperature")["scores"]["malignant"]
     assert 0.85 < r["temperature_after"] / r["temperature_before"] < 1.18
 
 
@@ -94,8 +131,23 @@ def test_cli_calibrate(tmp_path: Path) -> None:
         app, ["calibrate", "--pred", str(run), "--labels", str(labels), "--out", str(tmp_path / "pkg")]
     )
     assert res.exit_code == 0, res.output
-    assert "malignant: temperature" in res.output and (tmp_path / "pkg" / "model.json").exists()
+    assert "malignant: slope" in res.output and (tmp_path / "pkg" / "model.json").exists()
     res = CliRunner().invoke(
         app, ["calibrate", "--pred", str(run), "--labels", str(labels), "--out", str(tmp_path / "pkg")]
     )
     assert res.exit_code != 0 and "already exists" in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--pred",
+            str(run),
+            "--labels",
+            str(labels),
+            "--out",
+            str(tmp_path / "p2"),
+            "--method",
+            "x",
+        ],
+    )
+    assert res.exit_code != 0 and "platt or temperature" in res.output and not (tmp_path / "p2").exists()

@@ -1,18 +1,24 @@
 """Re-calibration of a model package on a labelled cohort: `medfusion calibrate`.
 
-A package's temperature is fitted on its own validation split; on another site's data (scanners,
+A package's calibration is fitted on its own validation split; on another site's data (scanners,
 case mix, another pipeline setting) its probabilities can drift while the ranking holds. This refits
-the per-score temperature on the scores that `medfusion run` wrote for a labelled cohort and writes a
-new package that differs from the old one only in that buffer (and in `model.json`: the new weights
-hash, a version suffix and the record of the fit). Temperature scaling is monotone: AUROC, the
-segmentation and every other output stay as they were.
+it on the scores that `medfusion run` wrote for a labelled cohort and writes a new package that
+differs from the old one only in the calibration tensors (and in `model.json`: the new weights hash,
+the version and the record of the fit). Both methods are monotone: AUROC, the segmentation and every
+other output stay as they were.
 
 `scores.json` holds p = sigmoid(z / T) for the network's logit z and the package's temperature T, so
-logit(p) = z / T is recovered exactly from the run; the fit finds the factor t that minimises the
-negative log-likelihood of sigmoid(logit(p) / t), and the new temperature is T · t. The scores must
-come from this very package (its weights hash is checked), and the fit holds for runs with the same
-pipeline settings (TTA, windows, registration), which the record copies from the run's `run.json`.
-Measure the new package on a cohort other than the one it was fitted on.
+logit(p) = z / T is recovered exactly from the run. Methods:
+
+- ``platt`` (Platt 1999; the default): p' = sigmoid(a · logit(p) + c), a logistic regression on the
+  logit — a slope and an intercept, so it also moves the mean probability, which a temperature cannot.
+  Stored exactly in the package as temperature T / a and the stacking bias (`head_bias`, packages with
+  a note head) shifted by c · T / a.
+- ``temperature`` (Guo et al. 2017): p' = sigmoid(logit(p) / t), the new temperature T · t.
+
+The scores must come from this very package (its weights hash is checked), and the fit holds for runs
+with the same pipeline settings (TTA, windows, registration), which the record copies from the run's
+`run.json`. Measure the new package on a cohort other than the one it was fitted on.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from sklearn.linear_model import LogisticRegression
 
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import METRICS, ece
@@ -47,9 +54,23 @@ def _summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"nll": _nll(y, p), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
 
 
-def recalibrate(pred: Path, labels: Path, out: Path, model: Path | None = None) -> dict[str, Any]:
-    """Fit the temperature of `model` (default: the shipped package) on the run `pred` against
-    `labels`, write the new package to `out` (which must not exist) and return the fit's record."""
+def fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Slope and intercept of an unpenalised logistic regression of `y` on the logit `z`."""
+    m = LogisticRegression(C=np.inf).fit(z[:, None], y.astype(int))
+    return float(m.coef_[0, 0]), float(m.intercept_[0])
+
+
+def recalibrate(
+    pred: Path,
+    labels: Path,
+    out: Path,
+    model: Path | None = None,
+    method: Literal["platt", "temperature"] = "platt",
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Refit the calibration of `model` (default: the shipped package) on the run `pred` against
+    `labels`, write the new package to `out` (which must not exist; version `version`, default the old
+    one + "+recalibrated") and return the fit's record."""
     src = Path(model) if model is not None else DEFAULT_PACKAGE
     meta = read_meta(src)
     if out.exists():
@@ -78,7 +99,14 @@ def recalibrate(pred: Path, labels: Path, out: Path, model: Path | None = None) 
     weights, _ = load_package(src)  # validates the package before anything is written
     t_old = weights.temperature.detach().cpu().numpy().astype(np.float64)
     t_new = t_old.copy()
-    record: dict[str, Any] = {"pred": str(pred), "labels": str(csv_path), "scores": {}}
+    has_bias = weights.note_text is not None  # the stacking bias exists with a note head
+    if method == "platt" and not has_bias:
+        raise InputError(
+            src, "no stacking bias to hold an intercept (no note head); use the temperature method"
+        )
+    b_old = weights.head_bias.detach().cpu().numpy().astype(np.float64) if has_bias else np.zeros_like(t_old)
+    b_new = b_old.copy()
+    record: dict[str, Any] = {"method": method, "pred": str(pred), "labels": str(csv_path), "scores": {}}
     for i, name in enumerate(meta["score_names"]):
         ids = [p for p in probs if name in probs[p] and by_pid.get(p, {}).get(name, "") != ""]
         if name not in fields or not ids:
@@ -91,14 +119,28 @@ def recalibrate(pred: Path, labels: Path, out: Path, model: Path | None = None) 
             msg = f"score {name!r}: {n_pos} positive and {n_neg} negative cases; re-calibration needs at least {MIN_PER_CLASS} of each"
             raise InputError(csv_path, msg)
         z = np.log(p / (1 - p))  # the network's logit over the package's temperature
-        factor = float(fit_temperature(z[:, None], y[:, None])[0])
-        t_new[i] = t_old[i] * factor
-        p_new = 1 / (1 + np.exp(-z / factor))
+        fit: dict[str, float]
+        if method == "platt":
+            slope, intercept = fit_platt(z, y)
+            if slope <= 0:
+                msg = f"score {name!r}: fitted slope {slope:.3f}; the scores do not rank these cases"
+                raise InputError(csv_path, msg)
+            t_new[i] = t_old[i] / slope
+            b_new[i] = b_old[i] + intercept * t_new[i]
+            p_new = 1 / (1 + np.exp(-(slope * z + intercept)))
+            fit = {"slope": slope, "intercept": intercept}
+        else:
+            factor = float(fit_temperature(z[:, None], y[:, None])[0])
+            t_new[i] = t_old[i] * factor
+            p_new = 1 / (1 + np.exp(-z / factor))
+            fit = {"factor": factor}
         record["scores"][name] = {
             "n": len(y),
             "positives": n_pos,
+            **fit,
             "temperature_before": float(t_old[i]),
             "temperature_after": float(t_new[i]),
+            **({"bias_before": float(b_old[i]), "bias_after": float(b_new[i])} if has_bias else {}),
             # in-sample: on the cases the temperature was fitted on
             "fitted_cohort_before": _summary(y, p),
             "fitted_cohort_after": _summary(y, p_new),
@@ -106,14 +148,22 @@ def recalibrate(pred: Path, labels: Path, out: Path, model: Path | None = None) 
     run_json = Path(pred) / "run.json"
     if run_json.exists():
         record["run_config"] = json.loads(run_json.read_text()).get("config")
-    _write(src, out, meta, torch.from_numpy(t_new.astype(np.float32)), record)
+    tensors = {"temperature": torch.from_numpy(t_new.astype(np.float32))}
+    if has_bias:
+        tensors["head_bias"] = torch.from_numpy(b_new.astype(np.float32))
+    _write(src, out, meta, tensors, record, version or f"{meta.get('version')}+recalibrated")
     return record
 
 
 def _write(
-    src: Path, out: Path, meta: dict[str, Any], temperature: torch.Tensor, record: dict[str, Any]
+    src: Path,
+    out: Path,
+    meta: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
+    record: dict[str, Any],
+    version: str,
 ) -> None:
-    """The source package with a new temperature, built aside and renamed into place."""
+    """The source package with new calibration tensors, built aside and renamed into place."""
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -122,10 +172,11 @@ def _write(
             if f.is_file() and f.name not in ("weights.safetensors", "model.json"):
                 shutil.copy2(f, tmp / f.name)
         state = load_file(str(src / "weights.safetensors"))
-        state["temperature"] = temperature.to(state["temperature"].dtype)
+        for key, value in tensors.items():
+            state[key] = value.to(state[key].dtype)
         save_file(state, str(tmp / "weights.safetensors"))
         new_meta = dict(meta)
-        new_meta["version"] = f"{meta.get('version')}+recalibrated"
+        new_meta["version"] = version
         new_meta["weights_sha256"] = sha256_of(tmp / "weights.safetensors")
         new_meta["recalibration"] = {
             **record,
@@ -151,8 +202,13 @@ def describe(record: dict[str, Any]) -> list[str]:
             lines.append(f"{name}: temperature kept ({r['kept']})")
             continue
         b, a = r["fitted_cohort_before"], r["fitted_cohort_after"]
+        how = (
+            f"slope {r['slope']:.3f}, intercept {r['intercept']:+.3f}"
+            if "slope" in r
+            else f"factor {r['factor']:.3f}"
+        )
         lines.append(
-            f"{name}: temperature {r['temperature_before']:.3f} → {r['temperature_after']:.3f} "
+            f"{name}: {how}; temperature {r['temperature_before']:.3f} → {r['temperature_after']:.3f} "
             f"on {r['n']} cases ({r['positives']} positive); on those cases NLL {b['nll']:.3f} → {a['nll']:.3f}, "
             f"Brier {b['brier']:.3f} → {a['brier']:.3f}, ECE {b['ece']:.3f} → {a['ece']:.3f}"
         )
