@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import log_loss
 
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import METRICS, ece
@@ -45,13 +46,8 @@ from medfusion.train.loop import fit_temperature
 MIN_PER_CLASS = 10  # positives and negatives each: fewer cannot place a temperature
 
 
-def _nll(y: np.ndarray, p: np.ndarray) -> float:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-
 def _summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    return {"nll": _nll(y, p), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
+    return {"nll": float(log_loss(y, p, labels=[0, 1])), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
 
 
 def fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
