@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from medfusion.cli import app
 from medfusion.io.errors import InputError
 from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
-from medfusion.train.calibrate import recalibrate
+from medfusion.train.calibrate import recalibrate, recalibration_map
 
 
 def fake_run(
@@ -101,6 +101,11 @@ def test_platt_moves_the_mean_and_the_package_computes_exactly_that(tmp_path: Pa
         p_new = new.calibrated(new.score_logits(head_in, note, meas)).double()
     expect = torch.sigmoid(r["slope"] * torch.logit(p_old) + r["intercept"])
     assert torch.allclose(p_new, expect, atol=1e-5)
+    # the record in model.json maps the old package's probabilities onto the new one's, and back
+    fit = meta["recalibration"]["scores"]["malignant"]
+    mapped = recalibration_map(fit, p_old.numpy().ravel())
+    assert np.allclose(mapped, p_new.numpy().ravel(), atol=1e-5)
+    assert np.allclose(recalibration_map(fit, mapped, inverse=True), p_old.numpy().ravel(), atol=1e-9)
 
 
 def test_a_calibrated_run_keeps_its_calibration(tmp_path: Path) -> None:

@@ -209,3 +209,20 @@ def describe(record: dict[str, Any]) -> list[str]:
             f"Brier {b['brier']:.3f} → {a['brier']:.3f}, ECE {b['ece']:.3f} → {a['ece']:.3f}"
         )
     return lines
+
+
+def recalibration_map(fit: dict[str, Any], p: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """The probabilities a re-calibrated package gives where its source package gave `p` (one score's
+    record from `model.json`'s `recalibration.scores`), or the way back with `inverse`: exact, since only
+    the temperature and the stacking bias differ."""
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
+    z = np.log(q / (1 - q))
+    if "slope" in fit:
+        a, c = float(fit["slope"]), float(fit["intercept"])
+        z = (z - c) / a if inverse else a * z + c
+    elif "factor" in fit:
+        t = float(fit["factor"])
+        z = z * t if inverse else z / t
+    else:
+        raise ValueError("not a re-calibration record (no slope/intercept or factor)")
+    return 1 / (1 + np.exp(-z))
