@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from medfusion.cli import app
 from medfusion.evaluate.diagnosis import diagnosis_metrics, ece
-from medfusion.evaluate.segmentation import case_metrics, dice, surface_metrics
+from medfusion.evaluate.segmentation import case_metrics, dice, lesion_detection, surface_metrics
 from medfusion.io.errors import InputError
 
 
@@ -239,3 +239,16 @@ def test_compare_pairs_the_runs_over_patients(tmp_path: Path) -> None:
     assert result.exit_code == 2 and "medfusion evaluate" in result.output.replace("\n", "")
     with pytest.raises(InputError, match="medfusion evaluate"):
         compare(a, b, tmp_path / "labels.csv")
+
+
+def test_lesion_fp_split_into_edge_fragments_and_isolated() -> None:
+    ref = np.zeros((20, 20, 20), np.int16)
+    ref[5:9, 5:9, 5:9] = 1  # a core with no oedema in the reference
+    pred = ref.copy()
+    pred[9, 5:9, 5:9] = 2  # an oedema rim on the core's face: an edge fragment
+    pred[15:17, 15:17, 15:17] = 2  # oedema far from every lesion: a false detection
+    rows = {r["class"]: r for r in case_metrics(pred, ref, (1.0, 1.0, 1.0), ["bg", "core", "oedema"])}
+    assert rows["core"]["lesions_tp"] == 1 and rows["core"]["lesions_fp"] == 0
+    assert rows["oedema"]["lesions_fp"] == 2 and rows["oedema"]["lesions_fp_isolated"] == 1
+    pred[11, 5:9, 5:9] = 2  # two voxels away: isolated too
+    assert lesion_detection(pred == 2, ref == 2, ref > 0)["lesions_fp_isolated"] == 2

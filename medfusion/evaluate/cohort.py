@@ -99,6 +99,7 @@ def evaluate(
         "lesions_tp",
         "lesions_fn",
         "lesions_fp",
+        "lesions_fp_isolated",
         "empty",
     ]
     with atomic_path(out / "metrics_per_case.csv") as tmp, open(tmp, "w", newline="") as f:
@@ -130,11 +131,14 @@ def evaluate(
                 "n": len(vals),
                 "note": "cases where both masks are empty are excluded from the mean and counted in n_both_empty",
             }
-        tp, fn, fp = (sum(r[k] for r in rs) for k in ("lesions_tp", "lesions_fn", "lesions_fp"))
+        tp, fn, fp, fpi = (
+            sum(r[k] for r in rs) for k in ("lesions_tp", "lesions_fn", "lesions_fp", "lesions_fp_isolated")
+        )
         block["lesion_detection"] = {
             "tp": tp,
             "fn": fn,
             "fp": fp,
+            "fp_isolated": fpi,
             "sensitivity": tp / (tp + fn) if tp + fn else None,
         }
         summary["segmentation"][cname] = block
