@@ -92,7 +92,7 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, ref_any: np.ndarray | No
     voxel overlaps it, missed (FN) otherwise; a predicted component touching no reference is FP. With
     `ref_any` (the reference's lesions of every class), the FP that lie more than one voxel from any
     reference lesion are also counted apart (`lesions_fp_isolated`): the rest are fragments at a real
-    lesion's edge given another class (e.g. an oedema rim where the reference has core only) — boundary
+    lesion's edge given another class (e.g. an oedema rim where the reference has core) — boundary
     errors rather than false detections, which BraTS 2023's lesion-wise matching absorbs by dilating the
     reference before matching."""
     s = np.ones((3, 3, 3))
