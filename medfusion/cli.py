@@ -506,11 +506,18 @@ def compare(
 @app.command()
 def calibrate(
     pred: Annotated[
-        Path,
-        typer.Option("--pred", help="Output folder of `medfusion run` on a labelled cohort, with --model."),
+        list[Path],
+        typer.Option(
+            "--pred",
+            help="Output folder of `medfusion run` on a labelled cohort, with --model; repeat to pool runs.",
+        ),
     ],
     labels: Annotated[
-        Path, typer.Option("--labels", help="Labels folder (with labels.csv) or a labels CSV.")
+        list[Path],
+        typer.Option(
+            "--labels",
+            help="Labels folder (with labels.csv) or a labels CSV: one per --pred, or one for all.",
+        ),
     ],
     out: Annotated[
         Path, typer.Option("--out", help="Folder for the re-calibrated package (must not exist).")

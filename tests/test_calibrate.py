@@ -156,3 +156,47 @@ def test_cli_calibrate(tmp_path: Path) -> None:
         ],
     )
     assert res.exit_code != 0 and "platt or temperature" in res.output and not (tmp_path / "p2").exists()
+
+
+def test_pooled_runs_fit_as_one_cohort(tmp_path: Path) -> None:
+    run_a, lab_a = fake_run(tmp_path / "a", sharpen=1.0, shift=-1.0, n=200, seed=3)
+    run_b, lab_b = fake_run(tmp_path / "b", sharpen=1.0, shift=-1.0, n=200, seed=4)
+    rec = recalibrate([run_a, run_b], [lab_a, lab_b], tmp_path / "pkg")
+    r = rec["scores"]["malignant"]
+    assert r["n"] == 400 and isinstance(rec["pred"], list) and len(rec["labels"]) == 2
+    # the same as one run holding both cohorts (patient ids repeat across the two: kept apart)
+    both = tmp_path / "both"
+    (both / "labels").mkdir(parents=True)
+    rows = [list(csv.reader(open(lab / "labels.csv"))) for lab in (lab_a, lab_b)]
+    with open(both / "labels" / "labels.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(rows[0][0])
+        for k, (run, table) in enumerate(zip((run_a, run_b), rows, strict=True)):
+            for pid, y in table[1:]:
+                w.writerow([f"{k}{pid}", y])
+                (both / "run" / f"{k}{pid}").mkdir(parents=True)
+                (both / "run" / f"{k}{pid}" / "scores.json").write_text(
+                    (run / pid / "scores.json").read_text()
+                )
+    one = recalibrate(both / "run", both / "labels", tmp_path / "pkg1")["scores"]["malignant"]
+    assert r["slope"] == pytest.approx(one["slope"], rel=1e-6)
+    assert r["intercept"] == pytest.approx(one["intercept"], rel=1e-6)
+    with pytest.raises(ValueError, match="one labels per run"):
+        recalibrate([run_a, run_b], [lab_a, lab_b, lab_a], tmp_path / "pkg2")
+    res = CliRunner().invoke(
+        app,
+        [
+            "calibrate",
+            "--pred",
+            str(run_a),
+            "--labels",
+            str(lab_a),
+            "--pred",
+            str(run_b),
+            "--labels",
+            str(lab_b),
+        ]
+        + ["--out", str(tmp_path / "pkg3")],
+    )
+    assert res.exit_code == 0, res.output
+    assert read_meta(tmp_path / "pkg3")["recalibration"]["scores"]["malignant"]["n"] == 400

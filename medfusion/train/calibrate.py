@@ -56,26 +56,14 @@ def fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(m.coef_[0, 0]), float(m.intercept_[0])
 
 
-def recalibrate(
-    pred: Path,
-    labels: Path,
-    out: Path,
-    model: Path | None = None,
-    method: Literal["platt", "temperature"] = "platt",
-    version: str | None = None,
-) -> dict[str, Any]:
-    """Refit the calibration of `model` (default: the shipped package) on the run `pred` against
-    `labels`, write the new package to `out` (which must not exist; version `version`, default the old
-    one + "+recalibrated") and return the fit's record."""
-    src = Path(model) if model is not None else DEFAULT_PACKAGE
-    meta = read_meta(src)
-    if out.exists():
-        raise InputError(out, "already exists; give a new folder for the re-calibrated package")
+def _read_run(
+    pred: Path, labels: Path, sha: str | None, src: Path
+) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]], list[str]]:
+    """One run's probabilities per patient and its labels table (rows by patient id, column names)."""
     csv_path = labels_csv_path(labels)
     if not csv_path.exists():
         raise InputError(csv_path, "labels CSV not found")
     table, fields = _labels_table(csv_path)
-    by_pid = {r["patient_id"]: r for r in table}
     runs = (
         sorted(p for p in Path(pred).iterdir() if (p / "scores.json").exists()) if Path(pred).is_dir() else []
     )
@@ -85,13 +73,50 @@ def recalibrate(
     for folder in runs:
         sc = json.loads((folder / "scores.json").read_text())
         made_by = sc.get("model", {}).get("weights_sha256")
-        if made_by != meta.get("weights_sha256"):
+        if made_by != sha:
             raise InputError(
                 folder / "scores.json",
                 f"written by weights {str(made_by)[:12]}…, not by the package being re-calibrated "
-                f"({str(meta.get('weights_sha256'))[:12]}…, {src})",
+                f"({str(sha)[:12]}…, {src})",
             )
         probs[folder.name] = sc.get("probabilities", {})
+    return probs, {r["patient_id"]: r for r in table}, fields
+
+
+def recalibrate(
+    pred: Path | list[Path],
+    labels: Path | list[Path],
+    out: Path,
+    model: Path | None = None,
+    method: Literal["platt", "temperature"] = "platt",
+    version: str | None = None,
+) -> dict[str, Any]:
+    """Refit the calibration of `model` (default: the shipped package) on the run(s) `pred` against
+    `labels` (one labels folder or CSV per run, or one for all), write the new package to `out` (which
+    must not exist; version `version`, default the old one + "+recalibrated") and return the fit's
+    record. Several runs are pooled: the intercept of a few hundred cases still carries the luck of
+    their labels (± 0.03 in the base rate at 300), so more cases from more cohorts fit it better."""
+    src = Path(model) if model is not None else DEFAULT_PACKAGE
+    meta = read_meta(src)
+    if out.exists():
+        raise InputError(out, "already exists; give a new folder for the re-calibrated package")
+    preds = [Path(p) for p in (pred if isinstance(pred, list) else [pred])]
+    labelss = [Path(p) for p in (labels if isinstance(labels, list) else [labels])]
+    if len(labelss) == 1:
+        labelss = labelss * len(preds)
+    if not preds or len(labelss) != len(preds):
+        raise ValueError(
+            f"{len(preds)} runs and {len(labelss)} labels: give one labels per run, or one for all"
+        )
+    probs: dict[tuple[int, str], dict[str, float]] = {}
+    by_pid: dict[tuple[int, str], dict[str, str]] = {}
+    fields: set[str] = set()
+    for k, (p_k, l_k) in enumerate(zip(preds, labelss, strict=True)):
+        pr, rows, f = _read_run(p_k, l_k, meta.get("weights_sha256"), src)
+        probs.update({(k, pid): v for pid, v in pr.items()})
+        by_pid.update({(k, pid): r for pid, r in rows.items()})
+        fields |= set(f)
+    csv_path = labels_csv_path(labelss[0])
     weights, _ = load_package(src)  # validates the package before anything is written
     t_old = weights.temperature.detach().cpu().numpy().astype(np.float64)
     t_new = t_old.copy()
@@ -102,7 +127,12 @@ def recalibrate(
         )
     b_old = weights.head_bias.detach().cpu().numpy().astype(np.float64) if has_bias else np.zeros_like(t_old)
     b_new = b_old.copy()
-    record: dict[str, Any] = {"method": method, "pred": str(pred), "labels": str(csv_path), "scores": {}}
+    record: dict[str, Any] = {
+        "method": method,
+        "pred": str(preds[0]) if len(preds) == 1 else [str(p) for p in preds],
+        "labels": str(csv_path) if len(preds) == 1 else [str(labels_csv_path(p)) for p in labelss],
+        "scores": {},
+    }
     for i, name in enumerate(meta["score_names"]):
         ids = [p for p in probs if name in probs[p] and by_pid.get(p, {}).get(name, "") != ""]
         if name not in fields or not ids:
@@ -141,9 +171,13 @@ def recalibrate(
             "fitted_cohort_before": _summary(y, p),
             "fitted_cohort_after": _summary(y, p_new),
         }
-    run_json = Path(pred) / "run.json"
-    if run_json.exists():
-        record["run_config"] = json.loads(run_json.read_text()).get("config")
+    configs = [
+        json.loads((p / "run.json").read_text()).get("config") for p in preds if (p / "run.json").exists()
+    ]
+    if configs:
+        record["run_config"] = configs[0]
+        if any(c != configs[0] for c in configs[1:]):
+            record["run_config_differs"] = True  # pooled runs made with other pipeline settings
     tensors = {"temperature": torch.from_numpy(t_new.astype(np.float32))}
     if has_bias:
         tensors["head_bias"] = torch.from_numpy(b_new.astype(np.float32))
