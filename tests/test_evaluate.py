@@ -252,3 +252,27 @@ def test_lesion_fp_split_into_edge_fragments_and_isolated() -> None:
     assert rows["oedema"]["lesions_fp"] == 2 and rows["oedema"]["lesions_fp_isolated"] == 1
     pred[11, 5:9, 5:9] = 2  # two voxels away: isolated too
     assert lesion_detection(pred == 2, ref == 2, ref > 0)["lesions_fp_isolated"] == 2
+
+
+def test_calibration_in_the_large_and_slope() -> None:
+    from medfusion.evaluate.diagnosis import calibration_in_the_large, calibration_slope
+
+    rng = np.random.default_rng(5)
+    z = rng.normal(0.0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)
+    calibrated = 1 / (1 + np.exp(-z))
+    assert abs(calibration_in_the_large(y, calibrated)) < 0.02
+    assert calibration_slope(y, calibrated) == pytest.approx(1.0, abs=0.1)
+    too_sharp = 1 / (1 + np.exp(-2 * z))  # over-confident: slope ≈ 1/2
+    assert calibration_slope(y, too_sharp) == pytest.approx(0.5, abs=0.06)
+    too_low = 1 / (1 + np.exp(-(z - 1.0)))  # every probability too low
+    assert calibration_in_the_large(y, too_low) < -0.1
+    d = diagnosis_metrics(y[:300], too_low[:300], {"model": 0.5}, n_boot=100)
+    assert d["calibration_in_the_large"]["ci_high"] < 0
+    assert np.isnan(calibration_slope(y[:10], np.full(10, 0.3)))
+    # the same slope as scikit-learn's unpenalised logistic regression on the logit
+    from sklearn.linear_model import LogisticRegression
+
+    q = too_sharp[:500]
+    ref = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(np.log(q / (1 - q))[:, None], y[:500])
+    assert calibration_slope(y[:500], q) == pytest.approx(float(ref.coef_[0, 0]), rel=1e-4)

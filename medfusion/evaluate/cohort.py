@@ -168,7 +168,10 @@ def evaluate(
     if diag:
         first = diag[score_names[0]]
         summary["diagnosis"] = {
-            **{k: first[k] for k in ("auroc", "auprc", "brier", "ece")},
+            **{
+                k: first[k]
+                for k in ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calibration_slope")
+            },
             "per_score": diag,
         }
     write_json(out / "metrics_summary.json", summary)

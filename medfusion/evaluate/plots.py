@@ -117,6 +117,8 @@ def write_plots_and_pdf(
                 "auprc",
                 "brier",
                 "ece",
+                "calibration_in_the_large",
+                "calibration_slope",
                 "accuracy@model",
                 "sensitivity@model",
                 "specificity@model",
@@ -140,7 +142,7 @@ def write_plots_and_pdf(
                             f"95th pct {z['p95']:.3f}, p = {z['p_value']:.2f}",
                         ]
                     )
-        story += [Paragraph("Diagnosis", styles["Heading2"]), table(drows, [30, 40, 25, 40])]
+        story += [Paragraph("Diagnosis", styles["Heading2"]), table(drows, [30, 48, 25, 40])]
     for png in paths:
         img = Image(str(png))
         img.drawWidth, img.drawHeight = 180 * mm, 180 * mm * img.imageHeight / img.imageWidth
