@@ -439,7 +439,7 @@ def evaluate(
         for k in ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calibration_slope"):
             v = summary["diagnosis"][k]
             if v["value"] is not None:
-                line = f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f}–{v['ci_high']:.3f})"
+                line = f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f} to {v['ci_high']:.3f})"
                 if "calibrated_null" in v:
                     z = v["calibrated_null"]
                     line += (
