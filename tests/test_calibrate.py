@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from medfusion.cli import app
 from medfusion.io.errors import InputError
 from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
-from medfusion.train.calibrate import recalibrate, recalibration_map
+from medfusion.train.calibrate import describe, recalibrate, recalibration_map
 
 
 def fake_run(
@@ -200,3 +200,7 @@ def test_pooled_runs_fit_as_one_cohort(tmp_path: Path) -> None:
     )
     assert res.exit_code == 0, res.output
     assert read_meta(tmp_path / "pkg3")["recalibration"]["scores"]["malignant"]["n"] == 400
+    assert "warning" not in res.output
+    (run_b / "run.json").write_text(json.dumps({"config": {"name": "other"}}))
+    rec = recalibrate([run_a, run_b], [lab_a, lab_b], tmp_path / "pkg4")
+    assert rec["run_config_differs"] and "different pipeline settings" in describe(rec)[-1]

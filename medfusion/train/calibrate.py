@@ -242,6 +242,11 @@ def describe(record: dict[str, Any]) -> list[str]:
             f"on {r['n']} cases ({r['positives']} positive); on those cases NLL {b['nll']:.3f} → {a['nll']:.3f}, "
             f"Brier {b['brier']:.3f} → {a['brier']:.3f}, ECE {b['ece']:.3f} → {a['ece']:.3f}"
         )
+    if record.get("run_config_differs"):
+        lines.append(
+            "warning: the pooled runs were made with different pipeline settings (run.json); the fit "
+            "holds for neither exactly — pool runs made the same way"
+        )
     return lines
 
 
