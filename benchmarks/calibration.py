@@ -22,20 +22,15 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import brier_score_loss, log_loss
 
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import ece, ece_calibrated_null
 from medfusion.models.package import read_meta
-from medfusion.train.calibrate import recalibration_map
+from medfusion.train.calibrate import calibration_summary, recalibration_map
 
 
 def _measures(y: np.ndarray, p: np.ndarray, truth: np.ndarray | None) -> dict[str, float]:
-    out = {
-        "brier": float(brier_score_loss(y, p)),
-        "nll": float(log_loss(y, p, labels=[0, 1])),
-        "ece": ece(y, p),
-    }
+    out = calibration_summary(y, p)
     if truth is not None:
         out["mse_to_true"] = float(np.mean((p - truth) ** 2))
         out["ece_vs_true"] = ece(truth, p)

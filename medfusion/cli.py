@@ -436,7 +436,9 @@ def evaluate(
     out_c = Console()
     out_c.print(t)
     if "diagnosis" in summary:
-        for k in ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calibration_slope"):
+        from medfusion.evaluate.diagnosis import HEADLINE
+
+        for k in HEADLINE:
             v = summary["diagnosis"][k]
             if v["value"] is not None:
                 line = f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f} to {v['ci_high']:.3f})"

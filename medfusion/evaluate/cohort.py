@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.evaluate.diagnosis import diagnosis_metrics
+from medfusion.evaluate.diagnosis import HEADLINE, diagnosis_metrics
 from medfusion.evaluate.segmentation import case_metrics
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_label_map
@@ -168,10 +168,7 @@ def evaluate(
     if diag:
         first = diag[score_names[0]]
         summary["diagnosis"] = {
-            **{
-                k: first[k]
-                for k in ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calibration_slope")
-            },
+            **{k: first[k] for k in HEADLINE},
             "per_score": diag,
         }
     write_json(out / "metrics_summary.json", summary)

@@ -74,17 +74,15 @@ def calibration_in_the_large(y: np.ndarray, p: np.ndarray) -> float:
     return float(np.mean(p) - np.mean(y))
 
 
-def calibration_slope(y: np.ndarray, p: np.ndarray) -> float:
-    """Slope of the logistic regression of the outcome on logit(p) (Cox 1958): 1 when the spread of the
-    probabilities is right, < 1 when they are too extreme, > 1 when too timid. Two parameters fitted by
-    Newton's method (scikit-learn's solver takes ≈ 0.1 s a fit, too slow inside a 2 000-draw bootstrap;
-    the test checks the two agree); NaN when the outcome or the logit does not vary or the fit diverges
-    (separable outcomes)."""
-    q = np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7)
+def logistic_on_logit(y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
+    """Slope and intercept of the unpenalised logistic regression of the outcome `y` on the logit `z`,
+    by Newton's method (two parameters; scikit-learn's solver takes ≈ 0.1 s a fit, too slow inside a
+    2 000-draw bootstrap — the test checks the two agree). NaN when the outcome or the logit does not
+    vary or the fit diverges (outcomes the logit separates perfectly)."""
     yy = np.asarray(y, float)
-    z = np.log(q / (1 - q))
+    z = np.asarray(z, float)
     if np.ptp(z) == 0 or np.ptp(yy) == 0:
-        return float("nan")
+        return float("nan"), float("nan")
     x = np.column_stack([np.ones_like(z), z])
     beta = np.array([0.0, 1.0])
     for _ in range(50):
@@ -93,10 +91,21 @@ def calibration_slope(y: np.ndarray, p: np.ndarray) -> float:
         step = np.linalg.solve(x.T @ (x * w[:, None]) + 1e-12 * np.eye(2), x.T @ (yy - m))
         beta = beta + step
         if not np.all(np.isfinite(beta)) or abs(beta[1]) > 1e3:
-            return float("nan")
+            return float("nan"), float("nan")
         if np.max(np.abs(step)) < 1e-10:
             break
-    return float(beta[1])
+    return float(beta[1]), float(beta[0])
+
+
+def calibration_slope(y: np.ndarray, p: np.ndarray) -> float:
+    """Slope of the logistic regression of the outcome on logit(p) (Cox 1958): 1 when the spread of the
+    probabilities is right, < 1 when they are too extreme, > 1 when too timid."""
+    q = np.clip(np.asarray(p, float), 1e-7, 1 - 1e-7)
+    return logistic_on_logit(y, np.log(q / (1 - q)))[0]
+
+
+# What `medfusion evaluate` prints and lists first in metrics_summary.json (plus the threshold ones in the PDF)
+HEADLINE = ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calibration_slope")
 
 
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {

@@ -16,6 +16,7 @@ from reportlab.lib.units import mm  # noqa: E402
 from reportlab.platypus import Image, Paragraph, SimpleDocTemplate, Spacer  # noqa: E402
 from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
+from medfusion.evaluate.diagnosis import HEADLINE  # noqa: E402
 from medfusion.io.atomic import atomic_path  # noqa: E402
 from medfusion.report.pdf import table  # noqa: E402
 
@@ -112,17 +113,7 @@ def write_plots_and_pdf(
     if "diagnosis" in summary:
         drows = [["score", "metric", "value", "95 % CI"]]
         for s, d in summary["diagnosis"]["per_score"].items():
-            for m in (
-                "auroc",
-                "auprc",
-                "brier",
-                "ece",
-                "calibration_in_the_large",
-                "calibration_slope",
-                "accuracy@model",
-                "sensitivity@model",
-                "specificity@model",
-            ):
+            for m in (*HEADLINE, "accuracy@model", "sensitivity@model", "specificity@model"):
                 v = d[m]
                 drows.append(
                     [

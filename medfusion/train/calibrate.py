@@ -32,11 +32,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
-from medfusion.evaluate.diagnosis import METRICS, ece
+from medfusion.evaluate.diagnosis import METRICS, ece, logistic_on_logit
 from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
 from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
@@ -46,14 +45,15 @@ from medfusion.train.loop import fit_temperature
 MIN_PER_CLASS = 10  # positives and negatives each: fewer cannot place a temperature
 
 
-def _summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+def calibration_summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
+    """Log loss, Brier and ECE of probabilities `p` for outcomes `y`."""
     return {"nll": float(log_loss(y, p, labels=[0, 1])), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
 
 
 def fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Slope and intercept of an unpenalised logistic regression of `y` on the logit `z`."""
-    m = LogisticRegression(C=np.inf).fit(z[:, None], y.astype(int))
-    return float(m.coef_[0, 0]), float(m.intercept_[0])
+    """Slope and intercept of an unpenalised logistic regression of `y` on the logit `z` (NaN when the
+    logit separates the outcomes perfectly)."""
+    return logistic_on_logit(y, z)
 
 
 def _read_run(
@@ -148,8 +148,8 @@ def recalibrate(
         fit: dict[str, float]
         if method == "platt":
             slope, intercept = fit_platt(z, y)
-            if slope <= 0:
-                msg = f"score {name!r}: fitted slope {slope:.3f}; the scores do not rank these cases"
+            if not slope > 0:  # NaN: the logit separates these cases perfectly, no finite fit
+                msg = f"score {name!r}: fitted slope {slope:.3f}; the scores do not rank these cases, or separate them perfectly"
                 raise InputError(csv_path, msg)
             t_new[i] = t_old[i] / slope
             b_new[i] = b_old[i] + intercept * t_new[i]
@@ -168,8 +168,8 @@ def recalibrate(
             "temperature_after": float(t_new[i]),
             **({"bias_before": float(b_old[i]), "bias_after": float(b_new[i])} if has_bias else {}),
             # in-sample: on the cases the temperature was fitted on
-            "fitted_cohort_before": _summary(y, p),
-            "fitted_cohort_after": _summary(y, p_new),
+            "fitted_cohort_before": calibration_summary(y, p),
+            "fitted_cohort_after": calibration_summary(y, p_new),
         }
     configs = [
         json.loads((p / "run.json").read_text()).get("config") for p in preds if (p / "run.json").exists()
