@@ -440,15 +440,18 @@ def evaluate(
 
         for k in HEADLINE:
             v = summary["diagnosis"][k]
-            if v["value"] is not None:
-                line = f"{k}: {v['value']:.3f} (95% CI {v['ci_low']:.3f} to {v['ci_high']:.3f})"
-                if "calibrated_null" in v:
-                    z = v["calibrated_null"]
-                    line += (
-                        f"; a calibrated model on these cases: median {z['median']:.3f}, "
-                        f"95th pct {z['p95']:.3f} (p = {z['p_value']:.2f})"
-                    )
-                out_c.print(line)
+            if v["value"] is None:
+                out_c.print(f"{k}: not defined on these cases")
+                continue
+            ci = "" if v["ci_low"] is None else f" (95% CI {v['ci_low']:.3f} to {v['ci_high']:.3f})"
+            line = f"{k}: {v['value']:.3f}{ci}"
+            if "calibrated_null" in v:
+                z = v["calibrated_null"]
+                line += (
+                    f"; a calibrated model on these cases: median {z['median']:.3f}, "
+                    f"95th pct {z['p95']:.3f} (p = {z['p_value']:.2f})"
+                )
+            out_c.print(line)
     out_c.print(f"written to {out or pred / 'evaluation'}")
 
 

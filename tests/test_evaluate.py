@@ -270,6 +270,11 @@ def test_calibration_in_the_large_and_slope() -> None:
     d = diagnosis_metrics(y[:300], too_low[:300], {"model": 0.5}, n_boot=100)
     assert d["calibration_in_the_large"]["ci_high"] < 0
     assert np.isnan(calibration_slope(y[:10], np.full(10, 0.3)))
+    # outcomes the probability separates: no finite slope (not Newton's last iterate)
+    sep_y, sep_p = np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.2, 0.4, 0.4, 0.9])
+    assert np.isnan(calibration_slope(sep_y, sep_p))
+    assert np.isnan(calibration_slope(1 - sep_y, sep_p))
+    assert np.isfinite(calibration_slope(np.array([0, 1, 0, 1, 1]), sep_p))  # one pair out of order
     # the same slope as scikit-learn's unpenalised logistic regression on the logit
     from sklearn.linear_model import LogisticRegression
 

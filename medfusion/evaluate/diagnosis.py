@@ -78,11 +78,17 @@ def logistic_on_logit(y: np.ndarray, z: np.ndarray) -> tuple[float, float]:
     """Slope and intercept of the unpenalised logistic regression of the outcome `y` on the logit `z`,
     by Newton's method (two parameters; scikit-learn's solver takes ≈ 0.1 s a fit, too slow inside a
     2 000-draw bootstrap — the test checks the two agree). NaN when the outcome or the logit does not
-    vary or the fit diverges (outcomes the logit separates perfectly)."""
+    vary, or when the logit separates 0/1 outcomes (every positive's logit ≥ every negative's, or ≤): no
+    finite fit exists then, and Newton's iterate would stop at an arbitrary large slope (86 on the 7 demo
+    patients) instead of failing."""
     yy = np.asarray(y, float)
     z = np.asarray(z, float)
     if np.ptp(z) == 0 or np.ptp(yy) == 0:
         return float("nan"), float("nan")
+    if np.isin(yy, (0.0, 1.0)).all():
+        pos, neg = z[yy == 1], z[yy == 0]
+        if pos.min() >= neg.max() or pos.max() <= neg.min():
+            return float("nan"), float("nan")
     x = np.column_stack([np.ones_like(z), z])
     beta = np.array([0.0, 1.0])
     for _ in range(50):
