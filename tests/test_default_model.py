@@ -3,8 +3,9 @@ training or selection) and hold it to issue 6's bars: Dice tumour core ≥ 0.85,
 calcification ≥ 0.70, tumour-core HD95 median ≤ 3 mm, AUROC within 0.03 of the generator's all-facts
 oracle on the same patients; and its probabilities centred on the generator's true ones (mean within
 ± 0.06: 0.7.0 sat 0.045–0.08 low on six cohorts; 0.7.1 +0.007 on 300, −0.010 on 100, +0.035 on these
-30 — the SD of a 30-patient mean is ≈ 0.03, so this catches a gross shift, not a fine one). 30 patients (≈ 7 with a calcification), single pass, so ≈ 6 min on two
-cores; docs/model-card.md has the 100-patient figures."""
+30 — the SD of a 30-patient mean is ≈ 0.03, so this catches a gross shift, not a fine one). 30
+patients (≈ 7 with a calcification), single pass, so ≈ 6 min on two cores; docs/model-card.md has the
+100-patient figures."""
 
 from __future__ import annotations
 

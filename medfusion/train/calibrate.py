@@ -50,12 +50,6 @@ def calibration_summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
     return {"nll": float(log_loss(y, p, labels=[0, 1])), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
 
 
-def fit_platt(z: np.ndarray, y: np.ndarray) -> tuple[float, float]:
-    """Slope and intercept of an unpenalised logistic regression of `y` on the logit `z` (NaN when the
-    logit separates the outcomes perfectly)."""
-    return logistic_on_logit(y, z)
-
-
 def _read_run(
     pred: Path, labels: Path, sha: str | None, src: Path
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]], list[str]]:
@@ -147,7 +141,7 @@ def recalibrate(
         z = np.log(p / (1 - p))  # the network's logit over the package's temperature
         fit: dict[str, float]
         if method == "platt":
-            slope, intercept = fit_platt(z, y)
+            slope, intercept = logistic_on_logit(y, z)
             if not slope > 0:  # NaN: the logit separates these cases perfectly, no finite fit
                 msg = f"score {name!r}: fitted slope {slope:.3f}; the scores do not rank these cases, or separate them perfectly"
                 raise InputError(csv_path, msg)
