@@ -244,7 +244,7 @@ def train(
     import subprocess
 
     from medfusion.config import load_yaml_model
-    from medfusion.train.loop import TrainConfig
+    from medfusion.train.loop import TrainConfig, process_device
     from medfusion.train.loop import train as run_training
 
     try:
@@ -258,6 +258,10 @@ def train(
     if epochs:
         cfg.epochs = epochs
     if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
+        try:  # refuse here, before any process starts, what each rank would refuse
+            process_device(cfg.device, 0, nproc_per_node)
+        except ValueError as exc:
+            _fail(exc)
         cmd = [
             sys.executable,
             "-m",

@@ -15,7 +15,14 @@ import yaml
 from safetensors.torch import load_file
 
 from medfusion.models.package import load_package
-from medfusion.train.loop import TrainConfig, Trainer, fit_temperature, split_patients, train
+from medfusion.train.loop import (
+    TrainConfig,
+    Trainer,
+    fit_temperature,
+    process_device,
+    split_patients,
+    train,
+)
 
 
 def _cfg(cohort: Path, cache: Path, **kw: object) -> dict:
@@ -122,7 +129,10 @@ def test_fine_tune_trains_only_the_named_parts_and_distils_the_scores(
 
 def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, tmp_path: Path) -> None:
     cfg_path = tmp_path / "ddp.yaml"
-    cfg_path.write_text(yaml.safe_dump(_cfg(cohort, cache, epochs=1, steps_per_epoch=3, batch_size=1)))
+    # device cpu: gloo, also on a machine with one GPU (where NCCL would refuse two ranks on it)
+    cfg_path.write_text(
+        yaml.safe_dump(_cfg(cohort, cache, epochs=1, steps_per_epoch=3, batch_size=1, device="cpu"))
+    )
     env = {**os.environ, "MEDFUSION_QUIET": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [
@@ -146,6 +156,17 @@ def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, 
     sums = json.loads((tmp_path / "ddp" / "ddp_check.json").read_text())["parameter_sums"]
     assert len(sums) == 2 and sums[0] == sums[1]
     assert (tmp_path / "ddp" / "package" / "weights.safetensors").exists()
+
+
+def test_process_device_gives_each_rank_its_own_gpu_or_refuses(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert process_device("cpu", 1, 2) == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert process_device("cuda", 1, 2) == torch.device("cuda", 1)
+    assert process_device("auto", 0, 1) == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"2 training processes per node but 1 CUDA device"):
+        process_device("auto", 0, 2)
 
 
 def test_split_and_temperature() -> None:

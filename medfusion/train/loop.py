@@ -218,6 +218,25 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def process_device(requested: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """The device of one training process: with several processes on CUDA, GPU number LOCAL_RANK.
+
+    NCCL refuses two ranks on one GPU, so a node with fewer GPUs than processes is refused here with a
+    one-line reason rather than deep inside the first collective.
+    """
+    dev = pick_device(requested)
+    if dev.type != "cuda" or local_world <= 1:
+        return dev
+    n = torch.cuda.device_count()
+    if local_world > n:
+        msg = (
+            f"{local_world} training processes per node but {n} CUDA device(s): "
+            f"use --nproc-per-node {n} or device: cpu (gloo)"
+        )
+        raise ValueError(msg)
+    return torch.device("cuda", local_rank)
+
+
 def split_patients(pids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     rng = np.random.default_rng(seed)
     order = sorted(pids)
@@ -263,7 +282,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path) -> None:
         self.cfg = cfg
         self.out = out
-        self.device = pick_device(cfg.device)
+        self.device = process_device(
+            cfg.device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        )
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)
         torch.set_num_threads(max(1, cfg.threads))
         self._source: tuple[MedFusionNet, dict[str, Any]] | None = None
         self.spacing_zyx = grid_spacing_zyx(cfg.preprocess.target_spacing_mm)
@@ -347,7 +370,11 @@ class Trainer:
         teacher = self._teacher() if cfg.distill_weight > 0 and not package_only else None
         ddp_model: torch.nn.Module = model
         if _world() > 1:
-            ddp_model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+            ddp_model = torch.nn.parallel.DistributedDataParallel(
+                model,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,
+            )
         opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
         steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * _world()))
         total_steps = cfg.epochs * steps
@@ -455,7 +482,7 @@ class Trainer:
                 self._checkpoint(model, opt, sched, epoch, best, bad)
                 summary = rec
             if _world() > 1:
-                flag = torch.tensor([bad], dtype=torch.long)
+                flag = torch.tensor([bad], dtype=torch.long, device=self.device)  # NCCL: GPU tensors only
                 dist.broadcast(flag, 0)
                 bad = int(flag.item())
             if bad >= cfg.patience:
@@ -465,7 +492,7 @@ class Trainer:
         if _world() > 1:
             # every rank must hold the same parameters after DDP; rank 0 records the check
             total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-            sums = [torch.zeros(1, dtype=torch.float64) for _ in range(_world())]
+            sums = [torch.zeros(1, dtype=torch.float64, device=total.device) for _ in range(_world())]
             dist.all_gather(sums, total)
             if _rank() == 0:
                 write_json(self.out / "ddp_check.json", {"parameter_sums": [float(x) for x in sums]})
@@ -777,8 +804,11 @@ def train(
 ) -> dict[str, Any]:
     """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
+        dev = process_device(
+            cfg.device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        )
+        # NCCL for GPU tensors; gloo for CPU ones (also on a machine that has a GPU but was told cpu)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     try:
         return Trainer(cfg, Path(out)).run(resume, package_only)
     finally:

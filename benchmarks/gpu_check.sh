@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Every GPU check in one prepared run, for a lent GPU machine (see docs/architecture.md, "GPU").
+#
+#   bash benchmarks/gpu_check.sh            # logs to $OUT (the device tool's) or /tmp/gpu-check
+#
+# The machine has python3 with a CUDA build of torch but not medfusion's other dependencies and no
+# package index: when .whl/gsite.tar.xz exists (site-packages made here from the same wheel versions as
+# .venv, for CPython 3.12 x86-64: `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`,
+# unzipped and tarred with xz to fit the 64 MiB a call carries) it is unpacked and put on PYTHONPATH,
+# with any .whl/*.whl beside it. Each step has its own time limit, the most informative first.
+set -u
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 MEDFUSION_QUIET=1
+if [ -f .whl/gsite.tar.xz ]; then
+  mkdir -p /tmp/site && tar xJf .whl/gsite.tar.xz -C /tmp/site
+  for w in .whl/*.whl; do [ -f "$w" ] && python3 -m zipfile -e "$w" /tmp/site; done
+  export PYTHONPATH=/tmp/site:$PWD
+else
+  export PYTHONPATH=$PWD
+fi
+step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, keep going on failure
+  local name=$1 limit=$2; shift 2
+  echo "=== $name ($(date +%T), limit ${limit}s): $*" >>"$OUT/$name.log"
+  local t0=$SECONDS
+  timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s" >>"$OUT/$name.log"
+  tail -n 25 "$OUT/$name.log"
+}
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
+  python3 -c "import torch, monai, SimpleITK as s; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'monai', monai.__version__, 'sitk', s.Version_VersionString())"
+} 2>&1 | tee "$OUT/env.log"
+step e2e 150 python3 -m medfusion.cli run sample_data/patients --out /tmp/run-cuda --device cuda
+step e2e 60 python3 -m medfusion.cli evaluate --pred /tmp/run-cuda --labels sample_data/labels --bootstrap 200
+step infer 150 python3 benchmarks/gpu_infer.py
+step train 200 python3 benchmarks/gpu_train.py
+step smoke 60 python3 benchmarks/gpu_smoke.py
+step pytest 200 python3 -m pytest -q --maxfail=5 --timeout 300 -p no:cacheprovider
