@@ -2,6 +2,7 @@
 # Every GPU check in one prepared run, for a lent GPU machine (see docs/architecture.md, "GPU").
 #
 #   bash benchmarks/gpu_check.sh            # logs to $OUT (the device tool's) or /tmp/gpu-check
+#   STEPS="infer pytest" PYTEST_ARGS="tests/test_models.py" bash benchmarks/gpu_check.sh   # a re-run of some
 #
 # The machine has python3 with a CUDA build of torch but not medfusion's other dependencies and no
 # package index: when .whl/gsite.tar.xz exists (site-packages made here from the same wheel versions as
@@ -19,8 +20,10 @@ if [ -f .whl/gsite.tar.xz ]; then
 else
   export PYTHONPATH=$PWD
 fi
+STEPS=${STEPS:-e2e infer train smoke pytest}
 step() {  # step NAME SECONDS CMD...: run with a limit, log to $OUT/NAME.log, keep going on failure
   local name=$1 limit=$2; shift 2
+  case " $STEPS " in *" $name "*) ;; *) return 0 ;; esac
   echo "=== $name ($(date +%T), limit ${limit}s): $*" >>"$OUT/$name.log"
   local t0=$SECONDS
   timeout "$limit" "$@" >>"$OUT/$name.log" 2>&1
@@ -36,4 +39,5 @@ step e2e 60 python3 -m medfusion.cli evaluate --pred /tmp/run-cuda --labels samp
 step infer 150 python3 benchmarks/gpu_infer.py
 step train 200 python3 benchmarks/gpu_train.py
 step smoke 60 python3 benchmarks/gpu_smoke.py
-step pytest 200 python3 -m pytest -q --maxfail=5 --timeout 300 -p no:cacheprovider
+# shellcheck disable=SC2086
+step pytest 200 python3 -m pytest -q --maxfail=5 --timeout 300 -p no:cacheprovider ${PYTEST_ARGS:-}

@@ -90,6 +90,8 @@ class InferConfig(StrictModel):
     # at the far edge; dev cohort: tumour-core Dice +0.020 (benchmarks/RESULTS.md). Training validation
     # has its own setting (TrainConfig.val_window_overlap).
     window_overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
+    # windows per network call (None: 4 on a GPU, 1 on the CPU; benchmarks/gpu_infer.py)
+    sw_batch_size: int | None = Field(default=None, ge=1)
     # set lesions (connected foreground) without a tumour-core voxel to background: oedema and
     # calcification islands with no tumour are false positives (infer/postprocess.py); applies to
     # packages whose classes include "tumour_core"

@@ -260,3 +260,21 @@ def test_sliding_windows_follow_the_overlap(overlap: float, z_starts: list[int],
     assert sorted({s[0] for s in windows}) == z_starts
     assert sorted({s[1] for s in windows}) == y_starts == sorted({s[2] for s in windows})
     assert score_window == (24, 32, 32)  # no lesion predicted: the window centred on the volume
+
+
+@pytest.mark.parametrize("fusion", ["sequence", "film"])
+def test_windows_batched_per_call_give_the_one_by_one_result(fusion: str) -> None:
+    """sw_batch_size > 1 runs several windows of the one case per network call: the note and the MR
+    flag must follow the window batch, and the blended probabilities must not change."""
+    from medfusion.infer.windowed import forward_case
+
+    net = _net(fusion).eval()
+    torch.manual_seed(1)
+    ct, mr = torch.randn(1, 2, 24, 32, 32), torch.randn(1, 1, 24, 32, 32)
+    has = torch.tensor([True])
+    note = NOTES[0]
+    with torch.inference_mode():
+        one, heads1 = forward_case(net, ct, mr, has, note, [16, 16, 16], [(), (4,)], sw_batch_size=1)
+        four, heads4 = forward_case(net, ct, mr, has, note, [16, 16, 16], [(), (4,)], sw_batch_size=4)
+    assert torch.allclose(one, four, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(heads1, heads4, strict=True))

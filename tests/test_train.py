@@ -452,6 +452,7 @@ def test_measurement_term_is_fitted_packaged_and_validated(cohort: Path, cache: 
         again = np.concatenate(
             [model.note_logits([r["note"]]).numpy() for r in train_recs]
         )  # one by one, as inference
-    assert np.allclose(again, inputs["train_note_logits_all"], atol=1e-5)
+    # (1e-4: fitted on a GPU, recomputed here on the CPU, they differ by 3e-5; dropout would move them ~0.1)
+    assert np.allclose(again, inputs["train_note_logits_all"], atol=1e-4)
     with pytest.raises(ValueError, match="network.measures"):
         TrainConfig.model_validate(_cfg(cohort, cache, diagnosis=diag))

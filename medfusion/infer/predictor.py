@@ -47,6 +47,7 @@ class Predictor:
         sliding_window: bool = True,
         lesions_need_core: bool = True,
         window_overlap: float = 0.5,
+        sw_batch_size: int | None = None,
     ) -> None:
         self.device = pick_device(device)
         self.model, self.meta = load_package(package, self.device)
@@ -57,6 +58,8 @@ class Predictor:
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
         self.roi = package_roi(self.meta) if sliding_window else None
         self.window_overlap = window_overlap
+        # None: 4 windows per call on a GPU (see InferConfig.sw_batch_size), 1 on the CPU
+        self.sw_batch_size = sw_batch_size or (4 if self.device.type == "cuda" else 1)
         self.class_names: list[str] = list(self.meta["class_names"])
         self.lesions_need_core = lesions_need_core
         self.score_names: list[str] = list(self.meta["score_names"])
@@ -69,7 +72,9 @@ class Predictor:
         self, ct: torch.Tensor, mr: torch.Tensor, has: torch.Tensor, note: str
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         flips: list[tuple[int, ...]] = [()] + ([(4,)] if self.tta else [])
-        return forward_case(self.model, ct, mr, has, note, self.roi, flips, self.amp, self.window_overlap)
+        return forward_case(
+            self.model, ct, mr, has, note, self.roi, flips, self.amp, self.window_overlap, self.sw_batch_size
+        )
 
     @torch.inference_mode()
     def predict(self, t: CaseTensors) -> Prediction:

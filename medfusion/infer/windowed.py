@@ -54,17 +54,20 @@ def forward_case(
     flips: list[tuple[int, ...]],
     amp: bool = False,
     overlap: float = 0.5,
+    sw_batch_size: int = 1,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Class probabilities (1, K, z, y, x) averaged over `flips`, and the score head's input per flip.
 
     `roi` None (or at least the volume's size) runs the whole volume at once; otherwise windows of
-    `roi` overlapping by the fraction `overlap`, blended with Gaussian weights."""
+    `roi` overlapping by the fraction `overlap`, blended with Gaussian weights, `sw_batch_size` windows
+    per network call."""
     dev = ct.device.type
     nct = ct.shape[1]
 
-    def seg_probs(x: torch.Tensor) -> torch.Tensor:
+    def seg_probs(x: torch.Tensor) -> torch.Tensor:  # x: a batch of windows of the one case
+        n = x.shape[0]
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-            seg, _ = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
+            seg, _ = model.encode(x[:, :nct], x[:, nct:], has_mr.expand(n), [note] * n)
         return torch.softmax(seg.float(), 1)
 
     whole = roi is None or all(r >= s for r, s in zip(roi, ct.shape[-3:], strict=True))
@@ -79,7 +82,7 @@ def forward_case(
             heads.append(head_in.float())
         else:
             assert roi is not None
-            out = sliding_window_inference(x, roi, 1, seg_probs, overlap=overlap, mode="gaussian")
+            out = sliding_window_inference(x, roi, sw_batch_size, seg_probs, overlap=overlap, mode="gaussian")
             assert isinstance(out, torch.Tensor)
             p = out
         probs.append(p.flip(f) if f else p)

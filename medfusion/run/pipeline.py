@@ -273,6 +273,7 @@ def _predictor(opts: RunOptions) -> Any:  # Predictor (torch is imported lazily)
         infer.sliding_window,
         infer.lesions_need_core,
         infer.window_overlap,
+        infer.sw_batch_size,
     )
 
 
