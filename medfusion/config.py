@@ -82,7 +82,10 @@ class InferConfig(StrictModel):
     device: str = "auto"
     tta: bool = True
     mc_samples: int = 8
-    amp: bool = True
+    # bf16 autocast on a GPU. Off: on an H200 (benchmarks/gpu_infer.py, RESULTS "GPU") it made inference
+    # slower (0.69 vs 0.34 s per patient at 4 windows per call) and moved calcification voxels (label
+    # maps' Dice with the CPU's down to 0.976, fp32 on the GPU: 1.000)
+    amp: bool = False
     # segment with windows of the model's training crop size (False: the whole volume in one pass)
     sliding_window: bool = True
     # fraction by which neighbouring windows overlap. At 0.5 the windows fall evenly over the
@@ -90,7 +93,7 @@ class InferConfig(StrictModel):
     # at the far edge; dev cohort: tumour-core Dice +0.020 (benchmarks/RESULTS.md). Training validation
     # has its own setting (TrainConfig.val_window_overlap).
     window_overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
-    # windows per network call (None: 4 on a GPU, 1 on the CPU; benchmarks/gpu_infer.py)
+    # windows per network call (None: 8 on a GPU, 2 on the CPU; benchmarks/gpu_infer.py, RESULTS "GPU")
     sw_batch_size: int | None = Field(default=None, ge=1)
     # set lesions (connected foreground) without a tumour-core voxel to background: oedema and
     # calcification islands with no tumour are false positives (infer/postprocess.py); applies to

@@ -43,7 +43,7 @@ class Predictor:
         device: str = "auto",
         tta: bool = True,
         mc_samples: int = 8,
-        amp: bool = True,
+        amp: bool = False,
         sliding_window: bool = True,
         lesions_need_core: bool = True,
         window_overlap: float = 0.5,
@@ -58,8 +58,8 @@ class Predictor:
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
         self.roi = package_roi(self.meta) if sliding_window else None
         self.window_overlap = window_overlap
-        # None: 4 windows per call on a GPU (see InferConfig.sw_batch_size), 1 on the CPU
-        self.sw_batch_size = sw_batch_size or (4 if self.device.type == "cuda" else 1)
+        # None: 8 windows per call on a GPU, 2 on the CPU (see InferConfig.sw_batch_size)
+        self.sw_batch_size = sw_batch_size or (8 if self.device.type == "cuda" else 2)
         self.class_names: list[str] = list(self.meta["class_names"])
         self.lesions_need_core = lesions_need_core
         self.score_names: list[str] = list(self.meta["score_names"])
