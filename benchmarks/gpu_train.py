@@ -1,12 +1,14 @@
 """Training on a GPU against the CPU, same recipe, same patients, same run; and the DDP paths a GPU has.
 
     python benchmarks/gpu_train.py [--cohort sample_data] [--steps 20] [--work /tmp/gpu-train]
+                                   [--ways cuda:0,cuda:8,cpu:0]
 
 1. The shipped recipe (pipelines/train_default.yaml: network, crop, batch, losses) on the cohort for
-   two short epochs with the whole training loop — validation, diagnosis stage, package — once on
-   CUDA (bf16 autocast, as `medfusion train` does there) and once on the CPU (fp32, all cores).
-   Printed: seconds per epoch (its steps plus validating the held-out patients) per device and the
-   ratio; the package each wrote reloads.
+   two short epochs with the whole training loop — validation, diagnosis stage, package — each way
+   DEVICE:LOADER_WORKERS (CUDA: bf16 autocast, as `medfusion train` does there; CPU: fp32, all cores;
+   loader workers: processes making the batches ahead). The last way is the baseline. Printed: seconds
+   per epoch (its steps plus validating the held-out patients) per way and the ratios; the package each
+   wrote reloads. Steps 2 and 3 need CUDA; with CPU-only ways they are skipped.
 2. `medfusion train --nproc-per-node N` with N above the number of GPUs must be refused before any
    process starts (NCCL refuses two ranks on one GPU).
 3. DDP on NCCL (world size 1 on this one GPU): the network wrapped as the trainer wraps it, bf16
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def recipe(cohort: Path, work: Path, device: str, steps: int) -> dict:
+def recipe(cohort: Path, work: Path, device: str, steps: int, loader_workers: int = 0) -> dict:
     cfg = yaml.safe_load((ROOT / "pipelines" / "train_default.yaml").read_text())
     cfg["data"] = {
         "patients": str(cohort / "patients"),
@@ -40,18 +41,22 @@ def recipe(cohort: Path, work: Path, device: str, steps: int) -> dict:
     }
     cfg["diagnosis"] = {"stack": True, "temperature_folds": 0}  # no note corpus travels with the repo
     cfg.update(epochs=2, steps_per_epoch=steps, device=device, workers=8, threads=torch.get_num_threads())
+    cfg["loader_workers"] = loader_workers
     return cfg
 
 
-def train_on(cohort: Path, work: Path, device: str, steps: int) -> list[float]:
+def train_on(cohort: Path, work: Path, device: str, steps: int, loader_workers: int) -> list[float]:
     from medfusion.models.package import load_package
     from medfusion.train.loop import TrainConfig, train
 
-    out = work / device
-    summary = train(TrainConfig.model_validate(recipe(cohort, work, device, steps)), out)
+    out = work / f"{device}-{loader_workers}"
+    summary = train(TrainConfig.model_validate(recipe(cohort, work, device, steps, loader_workers)), out)
     load_package(summary["package"], torch.device(device))
     log = [json.loads(x) for x in (out / "train.jsonl").read_text().splitlines() if '"epoch"' in x]
-    print(f"{device}: " + ", ".join(f"epoch {r['epoch']} loss {r['loss']:.3f} {r['seconds']} s" for r in log))
+    print(
+        f"{device}, {loader_workers} loader workers: "
+        + ", ".join(f"epoch {r['epoch']} loss {r['loss']:.3f} {r['seconds']} s" for r in log)
+    )
     return [float(r["seconds"]) for r in log]
 
 
@@ -113,23 +118,27 @@ def main() -> None:
     ap.add_argument("--cohort", type=Path, default=ROOT / "sample_data")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-train"))
+    ap.add_argument("--ways", default="cuda:0,cuda:8,cpu:0")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("no CUDA device: nothing to measure")
+    cuda = torch.cuda.is_available()
+    if "cuda" in args.ways and not cuda:
+        print("no CUDA device: nothing to measure (CPU-only: --ways cpu:0,cpu:1)")
         return
     os.environ["MEDFUSION_QUIET"] = "1"
-    print(
-        f"{torch.cuda.get_device_name()} · torch {torch.__version__} · {torch.get_num_threads()} CPU threads"
-    )
-    gpu = train_on(args.cohort, args.work, "cuda", args.steps)
-    cpu = train_on(args.cohort, args.work, "cpu", args.steps)
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"{name} · torch {torch.__version__} · {torch.get_num_threads()} CPU threads")
+    ways = [(w.split(":")[0], int(w.split(":")[1])) for w in args.ways.split(",")]
+    secs = {w: train_on(args.cohort, args.work, w[0], args.steps, w[1]) for w in ways}
+    base = secs[ways[-1]][-1]
     # the first epoch carries cuDNN's autotuning and the CUDA context: compare the second
-    print(
-        f"seconds per epoch ({args.steps} steps + validation), second epoch: cuda {gpu[-1]:.1f}, cpu {cpu[-1]:.1f}, "
-        f"cpu/cuda {cpu[-1] / gpu[-1]:.1f}× (first epoch {statistics.mean(cpu[:1]) / gpu[0]:.1f}×)"
-    )
-    refuse_more_ranks_than_gpus(args.cohort, args.work)
-    nccl_ddp_smoke()
+    print(f"seconds per epoch ({args.steps} steps + validation), second epoch:")
+    for (dev, lw), s in secs.items():
+        print(
+            f"  {dev:5s} {lw} loader workers  {s[-1]:6.1f} s  baseline/way {base / s[-1]:5.2f}×  (first {s[0]:.1f} s)"
+        )
+    if cuda:
+        refuse_more_ranks_than_gpus(args.cohort, args.work)
+        nccl_ddp_smoke()
 
 
 if __name__ == "__main__":

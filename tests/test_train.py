@@ -456,3 +456,44 @@ def test_measurement_term_is_fitted_packaged_and_validated(cohort: Path, cache: 
     assert np.allclose(again, inputs["train_note_logits_all"], atol=1e-4)
     with pytest.raises(ValueError, match="network.measures"):
         TrainConfig.model_validate(_cfg(cohort, cache, diagnosis=diag))
+
+
+def test_loader_workers_make_the_planned_batches_in_step_order_and_reproducibly(
+    cohort: Path, cache: Path, tmp_path: Path
+) -> None:
+    """`loader_workers`: forked workers make the epoch's batches; the steps must still receive them in
+    the planned order (worker w makes steps w, w + n, …), and the same seed must give the same batches."""
+    from medfusion.train.data import image_augment
+    from medfusion.train.loop import make_batch
+
+    cfg = TrainConfig.model_validate(_cfg(cohort, cache, loader_workers=2, device="cpu"))
+    trainer = Trainer(cfg, tmp_path / "l")
+    recs = trainer.prepare()[0]
+    a = cfg.augment
+    aug = image_augment(
+        cfg.crop_size,
+        a.flip,
+        a.rotate_deg,
+        a.noise,
+        a.intensity_scale,
+        a.lesion_crop_prob,
+        0,
+        a.class_crop_ratios,
+    )
+    n = len(recs)
+    plan = [[s % n, (s + 1) % n] for s in range(5)]
+    first = list(trainer._loader(recs, plan, aug, [0, 0, 1]))
+    again = list(trainer._loader(recs, plan, aug, [0, 0, 1]))
+    assert len(first) == 5
+    for idx, b, c in zip(plan, first, again, strict=True):
+        assert torch.equal(
+            b["scores"], torch.stack([torch.as_tensor(recs[i]["scores"]).float() for i in idx])
+        )
+        assert b["ct"].shape == (2, 2, *cfg.crop_size) and torch.equal(b["ct"], c["ct"])
+        assert b["notes"] == c["notes"]
+    # another epoch's seed gives other crops
+    other = list(trainer._loader(recs, plan, aug, [0, 0, 2]))
+    assert not all(torch.equal(b["ct"], o["ct"]) for b, o in zip(first, other, strict=True))
+    # the in-process path makes batches of the same form
+    inproc = make_batch([recs[i] for i in plan[0]], aug, np.random.default_rng(0), a)
+    assert inproc.keys() == first[0].keys() and inproc["ct"].shape == first[0]["ct"].shape

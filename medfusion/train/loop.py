@@ -134,6 +134,11 @@ class TrainConfig(StrictModel):
     seed: int = 0
     workers: int = 2
     threads: int = 2
+    # processes that make the training batches (crops, augmentation) ahead of the steps. 0: in the
+    # training process, between steps, as every shipped model was trained. On a GPU the steps are
+    # ≈ 10 ms and making a batch ≈ 100-150 ms (benchmarks/RESULTS.md, "GPU"), so the GPU waits without
+    # them. Deterministic for a given seed and count, but other random draws than 0 makes.
+    loader_workers: int = Field(default=0, ge=0)
     channels_last: bool = True  # channels_last_3d tensors: faster 3-D convolutions on CPU and GPU
     device: str = "auto"
     class_names: list[str] = list(CLASS_NAMES)
@@ -269,6 +274,62 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
         temps.append(float(min(grid, key=nll)))
     return np.asarray(temps, np.float32)
+
+
+# --- Batches ---
+
+
+def _plain(x: Any) -> torch.Tensor:
+    """A MONAI MetaTensor as a plain tensor (same values; nothing to pickle but the data)."""
+    t = torch.as_tensor(x)
+    return t.as_tensor() if hasattr(t, "as_tensor") else t
+
+
+def make_batch(
+    recs: list[dict[str, Any]], aug: Any, rng: np.random.Generator, a: AugmentConfig
+) -> dict[str, Any]:
+    """One training batch on the CPU: augmented crops, modality dropout, note augmentation."""
+    cts, mrs, labels, has, notes, scores = [], [], [], [], [], []
+    for r in recs:
+        image = np.concatenate([r["ct"], r["mr"]], 0).astype(np.float32)
+        out = aug({"image": image, "label": r["target"][None].astype(np.float32)})
+        out = out[0] if isinstance(out, list) else out
+        img = _plain(out["image"]).float()
+        nct = r["ct"].shape[0]
+        cts.append(img[:nct])
+        mrs.append(img[nct:])
+        labels.append(_plain(out["label"]).round().long())
+        present = bool(r["has_mr"]) and rng.random() >= a.modality_dropout
+        has.append(present)
+        note = note_augment(r["note"], rng, a.sentence_shuffle, a.sentence_drop)
+        notes.append("" if rng.random() < a.modality_dropout else note)
+        scores.append(to_tensor(r["scores"]))
+    return {
+        "ct": torch.stack(cts),
+        "mr": torch.stack(mrs),
+        "label": torch.stack(labels),
+        "has_mr": torch.tensor(has),
+        "notes": notes,
+        "scores": torch.stack(scores),
+    }
+
+
+class _BatchStream(torch.utils.data.IterableDataset):
+    """An epoch's batches, shared out among the loader's workers; each worker's random state (MONAI's
+    and the numpy generator) is seeded from (seed, worker)."""
+
+    def __init__(
+        self, recs: list[dict[str, Any]], plan: list[list[int]], aug: Any, seed: list[int], a: AugmentConfig
+    ) -> None:
+        self.recs, self.plan, self.aug, self.seed, self.a = recs, plan, aug, seed, a
+
+    def __iter__(self) -> Any:
+        info = torch.utils.data.get_worker_info()
+        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+        rng = np.random.default_rng([*self.seed, wid])
+        self.aug.set_random_state(seed=int(rng.integers(2**31)))
+        for step in range(wid, len(self.plan), n):
+            yield make_batch([self.recs[i] for i in self.plan[step]], self.aug, rng, self.a)
 
 
 # --- Loop ---
@@ -441,9 +502,17 @@ class Trainer:
             gaps: list[float] = []  # squared score-logit gap to the teacher
             order = rng.permutation(len(train))
             order = order[_rank() :: _world()]
-            for step in range(steps):
-                idx = [order[(step * cfg.batch_size + b) % len(order)] for b in range(cfg.batch_size)]
-                batch = self._batch([train[i] for i in idx], aug, rng)
+            plan = [
+                [int(order[(step * cfg.batch_size + b) % len(order)]) for b in range(cfg.batch_size)]
+                for step in range(steps)
+            ]
+            if cfg.loader_workers > 0:
+                stream_seed = [cfg.seed, _rank(), epoch]
+                batches: Any = self._loader(train, plan, aug, stream_seed)
+            else:
+                batches = (make_batch([train[i] for i in idx], aug, rng, cfg.augment) for idx in plan)
+            for step, cpu_batch in enumerate(batches):
+                batch = self._to_device(cpu_batch)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
                     seg, sc = ddp_model(batch["ct"], batch["mr"], batch["has_mr"], batch["notes"])
                     loss = cfg.score_weight * bce(sc.float(), batch["scores"])
@@ -716,32 +785,32 @@ class Trainer:
             if step + 1 == steps:
                 print()
 
-    def _batch(self, recs: list[dict[str, Any]], aug: Any, rng: np.random.Generator) -> dict[str, Any]:
-        cts, mrs, labels, has, notes, scores = [], [], [], [], [], []
-        a = self.cfg.augment
-        for r in recs:
-            image = np.concatenate([r["ct"], r["mr"]], 0).astype(np.float32)
-            out = aug({"image": image, "label": r["target"][None].astype(np.float32)})
-            out = out[0] if isinstance(out, list) else out
-            img = torch.as_tensor(out["image"]).float()
-            nct = r["ct"].shape[0]
-            cts.append(img[:nct])
-            mrs.append(img[nct:])
-            labels.append(torch.as_tensor(out["label"]).round().long())
-            present = bool(r["has_mr"]) and rng.random() >= a.modality_dropout
-            has.append(present)
-            note = note_augment(r["note"], rng, a.sentence_shuffle, a.sentence_drop)
-            notes.append("" if rng.random() < a.modality_dropout else note)
-            scores.append(to_tensor(r["scores"]))
+    def _to_device(self, b: dict[str, Any]) -> dict[str, Any]:
         dev = self.device
+        nb = dev.type == "cuda"  # from pinned memory when a loader made the batch
         return {
-            "ct": self._layout(torch.stack(cts).to(dev)),
-            "mr": self._layout(torch.stack(mrs).to(dev)),
-            "label": torch.stack(labels).to(dev),
-            "has_mr": torch.tensor(has, device=dev),
-            "notes": notes,
-            "scores": torch.stack(scores).to(dev),
+            "ct": self._layout(b["ct"].to(dev, non_blocking=nb)),
+            "mr": self._layout(b["mr"].to(dev, non_blocking=nb)),
+            "label": b["label"].to(dev, non_blocking=nb),
+            "has_mr": b["has_mr"].to(dev),
+            "notes": b["notes"],
+            "scores": b["scores"].to(dev, non_blocking=nb),
         }
+
+    def _loader(
+        self, recs: list[dict[str, Any]], plan: list[list[int]], aug: Any, seed: list[int]
+    ) -> torch.utils.data.DataLoader:
+        """`loader_workers` processes making the epoch's batches in step order (worker w makes steps w,
+        w + n, …; the loader takes from the workers in turn). Forked, so the cached arrays are shared."""
+        ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
+        return torch.utils.data.DataLoader(
+            _BatchStream(recs, plan, aug, seed, self.cfg.augment),
+            batch_size=None,
+            num_workers=self.cfg.loader_workers,
+            pin_memory=self.device.type == "cuda",
+            multiprocessing_context=ctx,
+            prefetch_factor=2,
+        )
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
         return channels_last(x) if self.cfg.channels_last else x
