@@ -17,7 +17,7 @@ from medfusion.io.errors import InputError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Multimodal (CT + MRI + clinical note) diagnosis."
 )
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
 _state: dict[str, bool] = {"debug": False}
 
 
@@ -162,7 +162,7 @@ def register(
         },
     )
     verdict = "passed" if res.passed else "FAILED"
-    Console().print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
+    Console(soft_wrap=True).print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
     if not res.passed:
         raise typer.Exit(1)
 
@@ -200,7 +200,9 @@ def synth(
 
     if notes_only:
         counts = generate_note_corpus(out, n, seed, start)
-        Console().print(f"wrote {counts['notes']} notes to {out}/notes.csv ({counts['malignant']} malignant)")
+        Console(soft_wrap=True).print(
+            f"wrote {counts['notes']} notes to {out}/notes.csv ({counts['malignant']} malignant)"
+        )
         return
     try:
         plan: dict[int, dict[str, Any]] | None = None
@@ -213,7 +215,7 @@ def synth(
     except ValueError as exc:
         _fail(exc)
     pos = sum(r["malignant"] for r in rows)
-    Console().print(
+    Console(soft_wrap=True).print(
         f"wrote {len(rows)} patients to {out}/patients and labels to {out}/labels ({pos} malignant)"
     )
 
@@ -283,7 +285,7 @@ def train(
         raise typer.Exit(subprocess.call(cmd))
     summary = run_training(cfg, out, resume, package_only)
     if summary:
-        Console().print(f"package written to {summary.get('package')}")
+        Console(soft_wrap=True).print(f"package written to {summary.get('package')}")
 
 
 # --- run ---
@@ -371,7 +373,7 @@ def run(
     first = next(
         (out / r.name / "report.pdf" for r in sorted(folders) if (out / r.name / "report.pdf").exists()), None
     )
-    Console().print(
+    Console(soft_wrap=True).print(
         f"outputs in {out}/ (summary.csv, run.json)" + (f"; first report: {first}" if first else "")
     )
     if result["failures"]:
@@ -502,11 +504,13 @@ def compare(
     for s, rec in res["diagnosis"].items():
         for m, r in rec.items():
             row(f"{m} {s}", r)
-    Console().print(t)
-    Console().print("Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py).")
+    Console(soft_wrap=True).print(t)
+    Console(soft_wrap=True).print(
+        "Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py)."
+    )
     target = out or pred / "evaluation" / "compare.json"
     write_json(target, res)
-    Console().print(f"written to {target}")
+    Console(soft_wrap=True).print(f"written to {target}")
 
 
 # --- calibrate ---
@@ -559,8 +563,8 @@ def calibrate(
     except (ValueError, InputError, PackageError) as exc:
         _fail(exc)
     for line in describe(record):
-        Console().print(line)
-    Console().print(f"written to {out}; use it with `medfusion run --model {out}`")
+        Console(soft_wrap=True).print(line)
+    Console(soft_wrap=True).print(f"written to {out}; use it with `medfusion run --model {out}`")
 
 
 def main() -> None:

@@ -46,6 +46,8 @@ def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
     assert res.exit_code == 1, res.output  # one patient failed
     err = json.loads((out / "BROKEN01" / "error.json").read_text())
     assert "no usable CT" in err["error"] and "BROKEN01" in err["error"]
+    # the console's line names the folder and the problem on one line (no wrapping at 80 columns in logs)
+    assert any("BROKEN01" in line and "no usable CT" in line for line in res.output.splitlines()), res.output
     rows = {r["patient_id"]: r for r in csv.DictReader(open(out / "summary.csv"))}
     assert rows["BROKEN01"]["status"] == "failed"
     good = [p for p in rows if p != "BROKEN01"]
