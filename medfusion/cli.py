@@ -96,7 +96,7 @@ def inspect(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    out = Console()
+    out = Console(soft_wrap=True)
     for rec in report:
         t = Table(title=f"{rec['patient_id']} — {rec['verdict']}", title_justify="left")
         for col in ("modality", "size", "spacing (mm)", "orient.", "slices", "description", "warnings"):
@@ -439,7 +439,7 @@ def evaluate(
             f(b["nsd"]["mean"]),
             f"{b['n_both_empty']}/{b['n_ref_empty']}/{b['n_pred_empty']}",
         )
-    out_c = Console()
+    out_c = Console(soft_wrap=True)
     out_c.print(t)
     if "diagnosis" in summary:
         from medfusion.evaluate.diagnosis import HEADLINE
