@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from medfusion.infer.postprocess import postprocess_labels
-from medfusion.infer.windowed import forward_case, package_roi
+from medfusion.infer.windowed import default_sw_batch_size, forward_case, package_roi
 from medfusion.models.measures import FEATURES as MEASURE_FEATURES
 from medfusion.models.measures import lesion_features
 from medfusion.models.network import MedFusionNet, channels_last
@@ -58,8 +58,7 @@ class Predictor:
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
         self.roi = package_roi(self.meta) if sliding_window else None
         self.window_overlap = window_overlap
-        # None: 8 windows per call on a GPU, 2 on the CPU (see InferConfig.sw_batch_size)
-        self.sw_batch_size = sw_batch_size or (8 if self.device.type == "cuda" else 2)
+        self.sw_batch_size = sw_batch_size or default_sw_batch_size(self.device)
         self.class_names: list[str] = list(self.meta["class_names"])
         self.lesions_need_core = lesions_need_core
         self.score_names: list[str] = list(self.meta["score_names"])

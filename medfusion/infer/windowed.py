@@ -99,6 +99,12 @@ def forward_case(
     return mean, heads
 
 
+def default_sw_batch_size(device: torch.device) -> int:
+    """Windows per network call when the config leaves it open: 8 on a GPU (8.9× the CPU on an H200,
+    against 3.4× one at a time), 2 on the CPU (1.45-1.64× one at a time on 2 cores); RESULTS "GPU"."""
+    return 8 if device.type == "cuda" else 2
+
+
 def package_roi(meta: dict[str, object]) -> list[int] | None:
     """The training crop size recorded in a package (None for packages that do not record one)."""
     training = meta.get("training")

@@ -19,7 +19,7 @@ from pydantic import Field, model_validator
 from safetensors.torch import load_file, save_file
 
 from medfusion.config import PreprocessConfig, StrictModel
-from medfusion.infer.windowed import forward_case
+from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.measures import grid_spacing_zyx, lesion_features
 from medfusion.models.network import MedFusionNet, NetConfig, channels_last
@@ -827,7 +827,15 @@ class Trainer:
             mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
             has = torch.tensor([bool(r["has_mr"])], device=self.device)
             probs, heads = forward_case(
-                model, ct, mr, has, r["note"], self.cfg.crop_size, [()], overlap=self.cfg.val_window_overlap
+                model,
+                ct,
+                mr,
+                has,
+                r["note"],
+                self.cfg.crop_size,
+                [()],
+                overlap=self.cfg.val_window_overlap,
+                sw_batch_size=default_sw_batch_size(self.device),
             )
             pred = probs.argmax(1)[0].cpu().numpy()
             dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
