@@ -215,3 +215,14 @@ def test_dicom_seg_of_an_empty_map_is_written_quietly_and_reads_back_empty(
     ds = hd.seg.segread(str(tmp_path / "seg.dcm"))
     assert int(ds.NumberOfFrames) == ct.shape[0]
     assert not read_dicom_seg(tmp_path / "seg.dcm").array.any()
+
+
+def test_cohort_workers_spread_over_gpus() -> None:
+    from medfusion.run.pipeline import worker_device
+
+    assert [worker_device("auto", i, 2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_device("cuda", "3", 4) == "cuda:3"
+    assert worker_device("auto", 5, 1) == "auto" and worker_device("auto", 5, 0) == "auto"
+    assert worker_device("cpu", 1, 8) == "cpu" and worker_device("cuda:2", 1, 8) == "cuda:2"
+    named = worker_device("auto", "tcp://10.0.0.1:4242", 3)  # a worker of another cluster: by its name
+    assert named == worker_device("auto", "tcp://10.0.0.1:4242", 3) and named.startswith("cuda:")

@@ -17,6 +17,7 @@ import platform
 import shutil
 import time
 import traceback
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -249,14 +250,29 @@ def is_done(out: Path, pid: str) -> bool:
 _WORKER_PREDICTOR: dict[tuple[Any, ...], Any] = {}
 
 
+def worker_device(requested: str, worker_name: object, n_gpus: int) -> str:
+    """A cohort worker's device: with several GPUs, `auto`/`cuda` workers are spread over them by worker
+    name (LocalCluster names its workers 0, 1, …), so that N workers do not all load GPU 0."""
+    if requested not in ("auto", "cuda") or n_gpus <= 1:
+        return requested
+    try:
+        index = int(str(worker_name))
+    except ValueError:
+        index = zlib.crc32(str(worker_name).encode())
+    return f"cuda:{index % n_gpus}"
+
+
 def _worker_run(folder: str, opts: RunOptions) -> dict[str, Any]:
     """Dask task: each worker process loads the model once and keeps it."""
     key = (opts.model, opts.device, opts.pipeline.infer.model_dump_json())
     if key not in _WORKER_PREDICTOR:
         import torch
+        from distributed import get_worker
 
         torch.set_num_threads(1)
-        _WORKER_PREDICTOR[key] = _predictor(opts)
+        n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = worker_device(opts.device, get_worker().name, n_gpus)
+        _WORKER_PREDICTOR[key] = _predictor(dataclasses.replace(opts, device=device))
     return process_case(Path(folder), opts, _WORKER_PREDICTOR[key])
 
 
