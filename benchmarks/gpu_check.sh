@@ -5,10 +5,11 @@
 #   STEPS="infer pytest" PYTEST_ARGS="tests/test_models.py" bash benchmarks/gpu_check.sh   # a re-run of some
 #
 # The machine has python3 with a CUDA build of torch but not medfusion's other dependencies and no
-# package index: when .whl/gsite.tar.xz exists (site-packages made here from the same wheel versions as
-# .venv, for CPython 3.12 x86-64: `pip download --no-deps --only-binary=:all: --python-version 3.12 ...`,
-# unzipped and tarred with xz to fit the 64 MiB a call carries) it is unpacked and put on PYTHONPATH,
-# with any .whl/*.whl beside it. Each step has its own time limit, the most informative first.
+# package index: when .whl/gsite.tar.xz exists (made here by benchmarks/gpu_site.sh: the same wheel
+# versions as .venv, for CPython 3.12 x86-64, unzipped and tarred with xz to fit the 64 MiB a call
+# carries) it is unpacked and put on PYTHONPATH, with any .whl/*.whl beside it. Each step has its own
+# time limit, the most informative first. All steps took ≈ 8 min on an H200 (session 13): give the
+# device call timeout_s ≈ 560, or name fewer STEPS.
 set -u
 OUT=${OUT:-/tmp/gpu-check}
 mkdir -p "$OUT"
