@@ -141,6 +141,9 @@ class TrainConfig(StrictModel):
     loader_workers: int = Field(default=0, ge=0)
     channels_last: bool = True  # channels_last_3d tensors: faster 3-D convolutions on CPU and GPU
     device: str = "auto"
+    # bf16 autocast for the training steps on a GPU (1.40-1.49x the fp32 step on an H200, peak memory
+    # x 0.6; benchmarks/RESULTS.md, "GPU"); ignored on the CPU
+    amp: bool = True
     class_names: list[str] = list(CLASS_NAMES)
     score_names: list[str] = list(SCORE_NAMES)
 
@@ -487,7 +490,7 @@ class Trainer:
             cfg.augment.class_crop_ratios,
         )
         rng = np.random.default_rng(cfg.seed + 1000 * _rank())
-        use_amp = self.device.type == "cuda"
+        use_amp = cfg.amp and self.device.type == "cuda"
         summary: dict[str, Any] = {}
         if package_only:
             if not (self.out / "best.safetensors").exists():
