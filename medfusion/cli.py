@@ -17,7 +17,9 @@ from medfusion.io.errors import InputError
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, help="Multimodal (CT + MRI + clinical note) diagnosis."
 )
-console = Console(stderr=True, soft_wrap=True)  # one line per message, also in logs
+# soft_wrap: a message stays one line also when the output is a log file, not a terminal
+console = Console(stderr=True, soft_wrap=True)  # errors, progress
+stdout = Console(soft_wrap=True)  # results
 _state: dict[str, bool] = {"debug": False}
 
 
@@ -96,7 +98,7 @@ def inspect(
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
         return
-    out = Console(soft_wrap=True)
+    out = stdout
     for rec in report:
         t = Table(title=f"{rec['patient_id']} — {rec['verdict']}", title_justify="left")
         for col in ("modality", "size", "spacing (mm)", "orient.", "slices", "description", "warnings"):
@@ -162,7 +164,7 @@ def register(
         },
     )
     verdict = "passed" if res.passed else "FAILED"
-    Console(soft_wrap=True).print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
+    stdout.print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
     if not res.passed:
         raise typer.Exit(1)
 
@@ -200,9 +202,7 @@ def synth(
 
     if notes_only:
         counts = generate_note_corpus(out, n, seed, start)
-        Console(soft_wrap=True).print(
-            f"wrote {counts['notes']} notes to {out}/notes.csv ({counts['malignant']} malignant)"
-        )
+        stdout.print(f"wrote {counts['notes']} notes to {out}/notes.csv ({counts['malignant']} malignant)")
         return
     try:
         plan: dict[int, dict[str, Any]] | None = None
@@ -215,9 +215,7 @@ def synth(
     except ValueError as exc:
         _fail(exc)
     pos = sum(r["malignant"] for r in rows)
-    Console(soft_wrap=True).print(
-        f"wrote {len(rows)} patients to {out}/patients and labels to {out}/labels ({pos} malignant)"
-    )
+    stdout.print(f"wrote {len(rows)} patients to {out}/patients and labels to {out}/labels ({pos} malignant)")
 
 
 # --- train ---
@@ -285,7 +283,7 @@ def train(
         raise typer.Exit(subprocess.call(cmd))
     summary = run_training(cfg, out, resume, package_only)
     if summary:
-        Console(soft_wrap=True).print(f"package written to {summary.get('package')}")
+        stdout.print(f"package written to {summary.get('package')}")
 
 
 # --- run ---
@@ -373,9 +371,7 @@ def run(
     first = next(
         (out / r.name / "report.pdf" for r in sorted(folders) if (out / r.name / "report.pdf").exists()), None
     )
-    Console(soft_wrap=True).print(
-        f"outputs in {out}/ (summary.csv, run.json)" + (f"; first report: {first}" if first else "")
-    )
+    stdout.print(f"outputs in {out}/ (summary.csv, run.json)" + (f"; first report: {first}" if first else ""))
     if result["failures"]:
         console.print(
             f"[red]{len(result['failures'])} patient(s) failed[/red]; see error.json in their folders"
@@ -439,7 +435,7 @@ def evaluate(
             f(b["nsd"]["mean"]),
             f"{b['n_both_empty']}/{b['n_ref_empty']}/{b['n_pred_empty']}",
         )
-    out_c = Console(soft_wrap=True)
+    out_c = stdout
     out_c.print(t)
     if "diagnosis" in summary:
         from medfusion.evaluate.diagnosis import HEADLINE
@@ -504,13 +500,11 @@ def compare(
     for s, rec in res["diagnosis"].items():
         for m, r in rec.items():
             row(f"{m} {s}", r)
-    Console(soft_wrap=True).print(t)
-    Console(soft_wrap=True).print(
-        "Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py)."
-    )
+    stdout.print(t)
+    stdout.print("Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py).")
     target = out or pred / "evaluation" / "compare.json"
     write_json(target, res)
-    Console(soft_wrap=True).print(f"written to {target}")
+    stdout.print(f"written to {target}")
 
 
 # --- calibrate ---
@@ -563,8 +557,8 @@ def calibrate(
     except (ValueError, InputError, PackageError) as exc:
         _fail(exc)
     for line in describe(record):
-        Console(soft_wrap=True).print(line)
-    Console(soft_wrap=True).print(f"written to {out}; use it with `medfusion run --model {out}`")
+        stdout.print(line)
+    stdout.print(f"written to {out}; use it with `medfusion run --model {out}`")
 
 
 def main() -> None:
