@@ -278,3 +278,19 @@ def test_windows_batched_per_call_give_the_one_by_one_result(fusion: str) -> Non
         four, heads4 = forward_case(net, ct, mr, has, note, [16, 16, 16], [(), (4,)], sw_batch_size=4)
     assert torch.allclose(one, four, atol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(heads1, heads4, strict=True))
+
+
+def test_device_requests_that_cannot_be_met_are_refused_with_a_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ValueError, match="not a device name"):
+        pick_device("gpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        pick_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert pick_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ValueError, match=r"'cuda:3' requested but this machine has 1 CUDA device"):
+        pick_device("cuda:3")

@@ -157,8 +157,17 @@ def pick_device(requested: str = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    dev = torch.device(requested)
+    try:
+        dev = torch.device(requested)
+    except RuntimeError as exc:
+        msg = f"device {requested!r} is not a device name (auto, cpu, cuda, cuda:N, mps)"
+        raise ValueError(msg) from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         msg = f"device {requested!r} requested but CUDA is not available"
+        raise ValueError(msg)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        msg = (
+            f"device {requested!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
         raise ValueError(msg)
     return dev
