@@ -336,6 +336,13 @@ def run(
         _fail(exc)
     if device:
         cfg.infer.device = device
+    if not cluster:  # on another cluster the device is the workers' business
+        from medfusion.models.package import pick_device
+
+        try:
+            pick_device(cfg.infer.device)
+        except ValueError as exc:
+            _fail(exc)
     out = out or Path("reports") / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}"
     opts = RunOptions(
         out=out,
