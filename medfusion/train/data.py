@@ -187,11 +187,15 @@ def image_augment(
     drawn with those weights (classes absent from a case are skipped), so that a rare class such as a
     few-millimetre calcification is seen in a fixed share of crops; otherwise a crop is centred on lesion
     with probability `lesion_prob`.
+
+    Input: {"ct", "mr", "label"} as stored (channel first, any dtype); the crop comes first, so only the
+    crop is copied and made float32, then CT and MR become one "image". Output: {"image", "label"}.
     """
+    keys = ["ct", "mr", "label"]
     crop_t: Any
     if class_ratios:
         crop_t = mt.RandCropByLabelClassesd(
-            keys=["image", "label"],
+            keys=keys,
             label_key="label",
             spatial_size=crop,
             ratios=list(class_ratios),
@@ -202,7 +206,7 @@ def image_augment(
         )
     else:
         crop_t = mt.RandCropByPosNegLabeld(
-            keys=["image", "label"],
+            keys=keys,
             label_key="label",
             spatial_size=crop,
             pos=max(lesion_prob, 1e-3),
@@ -210,7 +214,13 @@ def image_augment(
             num_samples=1,
             allow_smaller=True,
         )
-    ts: list[Any] = [crop_t, mt.SpatialPadd(keys=["image", "label"], spatial_size=crop)]
+    ts: list[Any] = [
+        crop_t,
+        mt.SpatialPadd(keys=keys, spatial_size=crop),
+        mt.CastToTyped(keys=keys, dtype=np.float32),
+        mt.ConcatItemsd(keys=["ct", "mr"], name="image", dim=0),
+        mt.DeleteItemsd(keys=["ct", "mr"]),
+    ]
     if flip:
         ts.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2))
     if rotate_deg > 0:

@@ -294,8 +294,7 @@ def make_batch(
     """One training batch on the CPU: augmented crops, modality dropout, note augmentation."""
     cts, mrs, labels, has, notes, scores = [], [], [], [], [], []
     for r in recs:
-        image = np.concatenate([r["ct"], r["mr"]], 0).astype(np.float32)
-        out = aug({"image": image, "label": r["target"][None].astype(np.float32)})
+        out = aug({"ct": r["ct"], "mr": r["mr"], "label": r["target"][None]})
         out = out[0] if isinstance(out, list) else out
         img = _plain(out["image"]).float()
         nct = r["ct"].shape[0]
