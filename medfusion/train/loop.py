@@ -3,6 +3,7 @@ best-checkpoint selection, early stopping, resume, temperature calibration, DDP 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import random
@@ -886,10 +887,18 @@ def train(
         dev = process_device(
             cfg.device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         )
-        # NCCL for GPU tensors; gloo for CPU ones (also on a machine that has a GPU but was told cpu)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # NCCL for GPU tensors; gloo for CPU ones (also on a machine that has a GPU but was told cpu). The
+        # other ranks wait at the end while rank 0 runs the diagnosis stage and packages (minutes): a
+        # timeout well above that
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
     try:
-        return Trainer(cfg, Path(out)).run(resume, package_only)
+        summary = Trainer(cfg, Path(out)).run(resume, package_only)
+        if _world() > 1:
+            # leave together: a gloo rank that exited while rank 0 was still packaging aborted once at
+            # exit ("terminate called without an active exception"; a known gloo shutdown race)
+            dist.barrier()
+        return summary
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
