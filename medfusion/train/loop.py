@@ -469,7 +469,7 @@ class Trainer:
             self._load_weights(model, ckpt / "model.safetensors")
             state = json.loads((ckpt / "state.json").read_text())
             try:
-                opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+                opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
             except ValueError:  # the network gained parameters (a note head) since the checkpoint
                 print(f"{ckpt}: optimizer state does not fit the network; its moments start afresh")
             start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
