@@ -129,10 +129,10 @@ def test_fine_tune_trains_only_the_named_parts_and_distils_the_scores(
 
 def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, tmp_path: Path) -> None:
     cfg_path = tmp_path / "ddp.yaml"
-    # device cpu: gloo, also on a machine with one GPU (where NCCL would refuse two ranks on it)
-    cfg_path.write_text(
-        yaml.safe_dump(_cfg(cohort, cache, epochs=1, steps_per_epoch=3, batch_size=1, device="cpu"))
-    )
+    # device cpu: gloo, also on a machine with one GPU (where NCCL would refuse two ranks on it); each rank
+    # with a forked batch-making worker (loader_workers), as a GPU run would use
+    cfg = _cfg(cohort, cache, epochs=1, steps_per_epoch=3, batch_size=1, device="cpu", loader_workers=1)
+    cfg_path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "MEDFUSION_QUIET": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
         [
