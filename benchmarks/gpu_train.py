@@ -13,7 +13,7 @@
    process starts (NCCL refuses two ranks on one GPU).
 3. DDP on NCCL (world size 1 on this one GPU): the network wrapped as the trainer wraps it, bf16
    steps, the broadcast and all_gather the trainer makes, on GPU tensors.
-Without CUDA it says so and exits 0.
+Ways on CUDA without a GPU: it says so and exits 0; CPU-only ways run anywhere.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def nccl_ddp_smoke() -> None:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     flag = torch.tensor([3], dtype=torch.long, device=dev)
     dist.broadcast(flag, 0)
     total = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
