@@ -415,19 +415,25 @@ def evaluate(
     ] = None,
 ) -> None:
     """Segmentation and diagnosis metrics with bootstrap CIs, plots and evaluation.pdf."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     from medfusion.evaluate.cohort import evaluate as run_eval
 
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     try:
-        summary = run_eval(
-            pred,
-            labels,
-            out or pred / "evaluation",
-            classes.split(",") if classes else None,
-            nsd_tolerance_mm,
-            bootstrap,
-            threshold,
-            subgroup,
-        )
+        with Progress(*columns, console=console, transient=True) as bar:
+            task = bar.add_task("patients", total=None)
+            summary = run_eval(
+                pred,
+                labels,
+                out or pred / "evaluation",
+                classes.split(",") if classes else None,
+                nsd_tolerance_mm,
+                bootstrap,
+                threshold,
+                subgroup,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
     except (ValueError, InputError) as exc:
         _fail(exc)
     t = Table(title="segmentation")

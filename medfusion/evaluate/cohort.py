@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def evaluate(
     n_boot: int = 2000,
     threshold: float | None = None,
     subgroups: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
+    """`progress(done, total)` is called after each patient's segmentation metrics."""
     labels_dir = labels if labels.is_dir() else labels.parent
     csv_path = labels_csv_path(labels)
     patients = sorted(p.name for p in pred_dir.iterdir() if (p / "scores.json").exists())
@@ -65,7 +68,9 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
     scores: dict[str, dict[str, Any]] = {}
-    for pid in patients:
+    for done, pid in enumerate(patients, 1):
+        if progress:
+            progress(done - 1, len(patients))
         sc = json.loads((pred_dir / pid / "scores.json").read_text())
         scores[pid] = sc
         seg_path = pred_dir / pid / "segmentation.nii.gz"
@@ -83,6 +88,8 @@ def evaluate(
             pred.array.astype(np.int16), ref.array.astype(np.int16), pred.spacing, class_names, tolerance_mm
         ):
             rows.append({"patient_id": pid, **r})
+    if progress:
+        progress(len(patients), len(patients))
     out.mkdir(parents=True, exist_ok=True)
     cols = [
         "patient_id",
