@@ -54,11 +54,13 @@ def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
     assert len(good) == 3 and all(rows[p]["status"] == "ok" for p in good)
     run = json.loads((out / "run.json").read_text())
     assert run["failures"][0]["patient_id"] == "BROKEN01" and run["config"]["name"] == "default"
+    assert run["devices_used"] == ["cpu"]
     for pid in good:
         for name in ("segmentation.nii.gz", "segmentation.json", "scores.json", "qc.json", "report.pdf"):
             assert (out / pid / name).exists(), (pid, name)
         scores = json.loads((out / pid / "scores.json").read_text())
         assert 0 <= scores["probabilities"]["malignant"] <= 1 and "malignant" in scores["uncertainty"]
+        assert scores["inference"] == {"device": "cpu", "amp": False, "windows_per_call": 2}
         # the shipped model's diagnosis reads the label map's measurements and reports them
         assert list(scores["score_features"]) == list(MEASURE_FEATURES)
         assert scores["score_features"]["lesion_present"] == float(scores["measurements"]["lesion_count"] > 0)

@@ -187,6 +187,12 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             "measurements": meas,
             **({"score_features": pred.score_features} if pred.score_features else {}),
             "model": predictor.describe(),
+            # how the network ran (the pipeline's "auto" and unset fields resolved on this machine)
+            "inference": {
+                "device": str(predictor.device),
+                "amp": bool(predictor.amp),
+                "windows_per_call": int(predictor.sw_batch_size),
+            },
             "inputs": _provenance(case),
             "qc_verdict": qc["verdict"],
             "timings_s": {k: round(v, 3) for k, v in t.items()},
@@ -202,7 +208,12 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
         scores["timings_s"] = {k: round(v, 3) for k, v in t.items()}
         write_json(tmp / "scores.json", scores)
         _publish(tmp, final)
-        row = {"patient_id": pid, "status": "ok", "qc_verdict": qc["verdict"]}
+        row = {
+            "patient_id": pid,
+            "status": "ok",
+            "qc_verdict": qc["verdict"],
+            "device": str(predictor.device),
+        }
         row.update({f"p_{k}": round(v, 4) for k, v in pred.scores.items()})
         row.update({f"pred_{k}": int(v) for k, v in predicted.items()})
         row.update({f"u_{k}": round(v, 4) for k, v in pred.uncertainty.items()})
@@ -368,6 +379,7 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
         "config": opts.pipeline.model_dump(),
         "model": model_info,
         "device": opts.device,
+        "devices_used": sorted({str(r["device"]) for r in rows if r.get("device")}),
         "workers": opts.workers,
         "patients": len(folders),
         "processed": len(todo),
