@@ -68,9 +68,9 @@ def evaluate(
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
     scores: dict[str, dict[str, Any]] = {}
-    for done, pid in enumerate(patients, 1):
+    for done, pid in enumerate(patients):
         if progress:
-            progress(done - 1, len(patients))
+            progress(done, len(patients))
         sc = json.loads((pred_dir / pid / "scores.json").read_text())
         scores[pid] = sc
         seg_path = pred_dir / pid / "segmentation.nii.gz"

@@ -165,9 +165,8 @@ def pick_device(requested: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         msg = f"device {requested!r} requested but CUDA is not available"
         raise ValueError(msg)
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        msg = (
-            f"device {requested!r} requested but this machine has {torch.cuda.device_count()} CUDA device(s)"
-        )
+    n_gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.type == "cuda" and dev.index is not None and dev.index >= n_gpus:
+        msg = f"device {requested!r} requested but this machine has {n_gpus} CUDA device(s)"
         raise ValueError(msg)
     return dev

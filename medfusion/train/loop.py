@@ -227,12 +227,19 @@ def _world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def process_device(requested: str, local_rank: int = 0, local_world: int = 1) -> torch.device:
+def process_device(
+    requested: str, local_rank: int | None = None, local_world: int | None = None
+) -> torch.device:
     """The device of one training process: with several processes on CUDA, GPU number LOCAL_RANK.
+    `local_rank` / `local_world` default to torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE (0 / 1 without it).
 
     NCCL refuses two ranks on one GPU, so a node with fewer GPUs than processes is refused here with a
     one-line reason rather than deep inside the first collective.
     """
+    if local_rank is None:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if local_world is None:
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     dev = pick_device(requested)
     if dev.type != "cuda" or local_world <= 1:
         return dev
@@ -346,9 +353,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path) -> None:
         self.cfg = cfg
         self.out = out
-        self.device = process_device(
-            cfg.device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        )
+        self.device = process_device(cfg.device)
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(max(1, cfg.threads))
@@ -884,9 +889,7 @@ def train(
 ) -> dict[str, Any]:
     """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dev = process_device(
-            cfg.device, int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        )
+        dev = process_device(cfg.device)
         # NCCL for GPU tensors; gloo for CPU ones (also on a machine that has a GPU but was told cpu). The
         # other ranks wait at the end while rank 0 runs the diagnosis stage and packages (minutes): a
         # timeout well above that
