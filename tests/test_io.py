@@ -218,7 +218,9 @@ def test_non_image_objects_are_skipped(tmp_path: Path) -> None:
 def test_inspect_three_series_folder(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     folder = tmp_path / "patient"
-    ct = Volume(rng.uniform(-50, 50, (8, 16, 16)).round().astype(np.float32), (1.0, 1.0, 2.0), modality="CT")
+    ct_values = rng.uniform(-50, 50, (8, 16, 16)).round().astype(np.float32)
+    ct_values[:, :3, :] = -1000.0  # air in front of the head: a plausible CT
+    ct = Volume(ct_values, (1.0, 1.0, 2.0), modality="CT")
     mr = Volume(
         rng.uniform(0, 500, (6, 12, 12)).round().astype(np.float32),
         (1.5, 1.5, 3.0),

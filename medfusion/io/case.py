@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from medfusion.io.checks import value_warnings
 from medfusion.io.dicom import DicomScan, load_series, scan_folder
 from medfusion.io.errors import InputError
 from medfusion.io.nifti import is_nifti, modality_from_name, read_nifti, read_sidecar
@@ -57,15 +58,54 @@ class Case:
 
 
 def is_patient_folder(folder: Path) -> bool:
-    """A folder that holds image files directly (DICOM or NIfTI), as opposed to a folder of patients."""
-    for p in folder.iterdir():
-        if p.is_file() and not p.name.startswith("."):
-            return True
-    return False
+    """A folder of one patient, as opposed to a folder of patients.
+
+    It holds an image file directly (NIfTI by name, DICOM by content), or it holds a clinical note
+    directly, has images below it, and none of its sub-folders holds a note of its own (those would
+    be patients). A stray README, script or note in a cohort's root does not make the root a patient.
+    """
+    from medfusion.io.dicom import looks_like_dicom
+
+    def visible(d: Path, want_dir: bool) -> list[Path]:
+        return [p for p in d.iterdir() if not p.name.startswith(".") and p.is_dir() == want_dir]
+
+    def is_image(p: Path) -> bool:
+        return is_nifti(p) or looks_like_dicom(p)
+
+    def is_note(p: Path) -> bool:
+        name = p.name.lower()
+        if name.startswith("readme"):
+            return False
+        return name.endswith(NOTE_SUFFIXES) or (name.startswith("note") and name.endswith(".json"))
+
+    files = visible(folder, want_dir=False)
+    if any(is_image(p) for p in files):
+        return True
+    if not any(is_note(p) for p in files):
+        return False
+    subdirs = visible(folder, want_dir=True)
+    if any(is_note(p) for d in subdirs for p in visible(d, want_dir=False)):
+        return False
+    return any(
+        is_image(p) for d in subdirs for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
 
 
 def find_patient_folders(roots: list[Path] | list[str]) -> list[Path]:
-    """Each root is a patient folder or a folder of patient folders."""
+    """Each root is a patient folder (see `is_patient_folder`) or a folder of patient folders.
+
+    In a folder of patients, every visible sub-folder that holds a file other than notes, documents
+    and scripts is a patient (one whose files are all unreadable still is, so that it is reported);
+    a sub-folder with only a note or a README in it is not.
+    """
+    docs = (".txt", ".md", ".rst", ".json", ".csv", ".pdf", ".py", ".sh", ".yaml", ".yml", ".ipynb", ".log")
+
+    def has_data(d: Path) -> bool:
+        return any(
+            p.is_file() and not p.name.startswith(".") and (is_nifti(p) or not p.name.lower().endswith(docs))
+            for p in d.rglob("*")
+        )
+
     out: list[Path] = []
     for root in map(Path, roots):
         if not root.is_dir():
@@ -73,7 +113,9 @@ def find_patient_folders(roots: list[Path] | list[str]) -> list[Path]:
         if is_patient_folder(root):
             out.append(root)
         else:
-            out.extend(sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+            out.extend(
+                sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and has_data(p))
+            )
     return out
 
 
@@ -107,15 +149,22 @@ def load_case(
             volumes.append(load_series(series))
         except InputError as exc:
             errors.append(exc)
+        except (ValueError, TypeError, OSError, IndexError, KeyError, MemoryError) as exc:
+            # a header combination the rules above did not foresee: lose the series, not the patient
+            errors.append(InputError(series.first.path, f"series refused ({type(exc).__name__}: {exc})"))
     modality_map = {k.lower(): v.upper() for k, v in (modality_map or {}).items()}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() and is_nifti(p)):
         try:
             volumes.append(_load_nifti(path, modality_map))
         except InputError as exc:
             errors.append(exc)
+        except (ValueError, TypeError, OSError, IndexError, KeyError, MemoryError) as exc:
+            errors.append(InputError(path, f"NIfTI refused ({type(exc).__name__}: {exc})"))
+    for v in volumes:
+        v.warnings.extend(value_warnings(v))
     cts = sorted((v for v in volumes if v.modality == "CT"), key=_rank, reverse=True)
     mrs = sorted((v for v in volumes if v.modality == "MR"), key=_rank, reverse=True)
-    choices: list[str] = []
+    choices: list[str] = list(scan.notes)
     if len(cts) > 1:
         choices.append(
             f"CT: chose {cts[0].meta.get('series_description') or cts[0].meta.get('source')} (axial first, then most voxels) among {len(cts)}"

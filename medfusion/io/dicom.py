@@ -10,7 +10,9 @@ transfer syntax goes through pydicom's decoder plugins (gdcm, pylibjpeg-openjpeg
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
+import re
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,7 +31,9 @@ _UNCOMPRESSED_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
 # SOP classes that are not images: listed and skipped.
+MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
 NON_IMAGE_SOP = {
+    MEDIA_STORAGE_DIRECTORY: "DICOMDIR index (Media Storage Directory)",
     "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT Structure Set",
     "1.2.840.10008.5.1.4.1.1.66.4": "Segmentation",
@@ -52,7 +56,12 @@ _SKIP_SUFFIXES = (".nii", ".nii.gz", ".json", ".txt", ".md", ".csv", ".png", ".j
 
 @dataclasses.dataclass
 class DicomFile:
-    """What one file's header says, read without its pixel data."""
+    """What one file's header says, read without its pixel data.
+
+    `problems` are faults that forbid building a volume from this file (a malformed or
+    non-positive PixelSpacing, …); `warnings` are faults that were repaired on read (a decimal
+    comma, …). Both are one-line texts that name the attribute and its value as stored.
+    """
 
     path: Path
     series_uid: str
@@ -74,16 +83,36 @@ class DicomFile:
     transfer_syntax: str
     pixel_offset: int | None  # byte offset of the pixel values, for the direct-read path
     header: Dataset
+    high_bit: int = -1
+    problems: list[str] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def is_image(self) -> bool:
         return non_image_kind(self.sop_class) is None and self.rows > 0 and self.columns > 0
 
+    @property
+    def image_type(self) -> tuple[str, ...]:
+        value = self.header.get("ImageType", ())
+        if isinstance(value, str):
+            value = value.split("\\")
+        return tuple(str(v).strip().upper() for v in value)
+
+    @property
+    def is_localizer(self) -> bool:
+        return "LOCALIZER" in self.image_type
+
 
 @dataclasses.dataclass
 class DicomSeries:
+    """The files of one volume: one SeriesInstanceUID, or one part of it when the series had to be
+    split (`part` then says by what, e.g. "EchoNumbers 2"); `notes` are warnings for the volume
+    (duplicates dropped, …)."""
+
     uid: str
     files: list[DicomFile]
+    part: str = ""
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def first(self) -> DicomFile:
@@ -104,11 +133,13 @@ class DicomSeries:
 
 @dataclasses.dataclass
 class DicomScan:
-    """Result of scanning a folder: image series, skipped non-image objects, and unreadable files."""
+    """Result of scanning a folder: image series (split into consistent volumes), skipped objects
+    (path, why), unreadable files, and notes on how series were split."""
 
     series: list[DicomSeries]
     skipped: list[tuple[str, str]]  # (path, why)
     errors: list[InputError]
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def non_image_kind(sop_class: str) -> str | None:
@@ -123,7 +154,12 @@ def non_image_kind(sop_class: str) -> str | None:
 
 
 def looks_like_dicom(path: Path) -> bool:
-    """True for a DICOM Part 10 file (preamble + DICM) or a bare dataset starting with group 0008."""
+    """True for a DICOM Part 10 file (preamble + ``DICM``) or a bare stream of data elements.
+
+    A bare stream (no preamble, as some older exporters and PACS caches write) is recognised by
+    its first tag: group 0002 (file meta without preamble) or group 0008, in either byte order,
+    including a leading group-length element (gggg,0000).
+    """
     try:
         with open(path, "rb") as f:
             head = f.read(132)
@@ -131,11 +167,14 @@ def looks_like_dicom(path: Path) -> bool:
         return False
     if len(head) >= 132 and head[128:132] == b"DICM":
         return True
-    return (
-        len(head) >= 8
-        and head[:2] in (b"\x08\x00", b"\x00\x08")
-        and head[2:4] in (b"\x05\x00", b"\x08\x00", b"\x16\x00", b"\x00\x05", b"\x00\x08")
-    )
+    if len(head) < 8:
+        return False
+    for order in ("little", "big"):
+        group = int.from_bytes(head[0:2], order)  # type: ignore[arg-type]
+        element = int.from_bytes(head[2:4], order)  # type: ignore[arg-type]
+        if group in (0x0002, 0x0008) and element <= 0x0100:
+            return True
+    return False
 
 
 def iter_candidate_files(folder: Path) -> Iterable[Path]:
@@ -157,8 +196,109 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
     return arr if arr.size == n else None
 
 
+_DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+$|^[+-]?\d+,\d*$")
+
+
+def _raw_text(ds: Dataset, keyword: str) -> str | None:
+    """The stored text of a decimal-string attribute (values joined by backslash), or None when
+    absent or empty. Reads the raw bytes, so an invalid DS never raises here."""
+    tag = pydicom.datadict.tag_for_keyword(keyword)
+    if tag is None or tag not in ds:
+        return None
+    try:
+        elem = ds.get_item(tag)
+    except Exception:
+        return None
+    value = getattr(elem, "value", None)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        text = value.decode("ascii", "replace")
+    elif isinstance(value, str):
+        text = value
+    elif isinstance(value, Iterable):
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \x00")
+    return text or None
+
+
+def parse_decimal_string(text: str, n: int, keyword: str) -> tuple[np.ndarray, str | None]:
+    """Parse a DICOM decimal string (DS, PS3.5 §6.2) of `n` values, forgiving two faults seen in
+    exports: a locale decimal comma (``0,9\\0,9`` → 0.9, 0.9, as fo-dicom reads it) and a comma
+    used as the value separator (``0.58,0.58`` → 0.58, 0.58, pydicom#173).
+
+    Returns:
+        (values, warning): float64 array of shape (n,), and a one-line warning when a fault was
+        repaired (None otherwise).
+
+    Raises:
+        ValueError: the text cannot be read as `n` finite numbers; the message quotes it.
+    """
+    parts = [p.strip() for p in text.split("\\")]
+    warning = None
+    if len(parts) == 1 and n > 1 and "," in parts[0] and ("." in parts[0] or parts[0].count(",") == n - 1):
+        candidate = [p.strip() for p in parts[0].split(",")]
+        if len(candidate) == n and not (n == 2 and "." not in parts[0]):
+            parts = candidate
+            joined = "\\".join(parts)
+            warning = f"{keyword} '{text}' uses ',' between values; read as {joined}"
+    fixed = []
+    for p in parts:
+        if _DECIMAL_COMMA.match(p):
+            p = p.replace(",", ".")
+            warning = f"{keyword} '{text}' uses a decimal comma; read with a decimal point"
+        fixed.append(p)
+    try:
+        values = np.array([float(p) for p in fixed], dtype=np.float64)
+    except ValueError:
+        msg = f"{keyword} '{text}' is not a valid decimal string"
+        raise ValueError(msg) from None
+    if values.size != n:
+        msg = f"{keyword} '{text}' holds {values.size} value(s), {n} expected"
+        raise ValueError(msg)
+    if not np.all(np.isfinite(values)):
+        msg = f"{keyword} '{text}' is not finite"
+        raise ValueError(msg)
+    return values, warning
+
+
+def _geometry(
+    ds: Dataset, keyword: str, n: int, problems: list[str], warnings: list[str]
+) -> np.ndarray | None:
+    text = _raw_text(ds, keyword)
+    if text is None:
+        return None
+    try:
+        values, warning = parse_decimal_string(text, n, keyword)
+    except ValueError as exc:
+        problems.append(str(exc))
+        return None
+    if warning:
+        warnings.append(warning)
+    return values
+
+
+def _number(ds: Dataset, keyword: str, default: float, problems: list[str], warnings: list[str]) -> float:
+    values = _geometry(ds, keyword, 1, problems, warnings)
+    return float(values[0]) if values is not None else default
+
+
+def _int(ds: Dataset, keyword: str, default: int) -> int:
+    try:
+        value = ds.get(keyword, default)
+        return int(value) if value not in (None, "") else default
+    except (TypeError, ValueError):
+        return default
+
+
 def read_header(path: Path) -> DicomFile:
-    """Parse one file's header (no pixel data). Raises InputError with a one-line reason."""
+    """Parse one file's header (no pixel data). Raises InputError with a one-line reason.
+
+    Non-image objects (DICOMDIR, SR, PDF, …) are returned too, with ``is_image`` False, so that
+    the caller can list them as skipped rather than unreadable.
+    """
     size = path.stat().st_size
     if size == 0:
         raise InputError(path, "zero-byte file")
@@ -168,21 +308,23 @@ def read_header(path: Path) -> DicomFile:
             offset = _pixel_value_offset(fp, ds)
     except Exception as exc:
         raise InputError(path, f"not a readable DICOM file ({type(exc).__name__}: {exc})") from exc
-    if "SOPClassUID" not in ds and "SeriesInstanceUID" not in ds:
+    file_meta = getattr(ds, "file_meta", None) or Dataset()
+    sop_class = str(ds.get("SOPClassUID", "") or file_meta.get("MediaStorageSOPClassUID", "") or "")
+    if sop_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
+        sop_class = MEDIA_STORAGE_DIRECTORY
+    elif not sop_class and "SeriesInstanceUID" not in ds:
         raise InputError(path, "not a DICOM dataset (no SOPClassUID/SeriesInstanceUID)")
-    rows = int(ds.get("Rows", 0) or 0)
-    cols = int(ds.get("Columns", 0) or 0)
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
-    bits = int(ds.get("BitsAllocated", 16) or 16)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    problems: list[str] = []
+    warnings: list[str] = []
+    rows = _int(ds, "Rows", 0)
+    cols = _int(ds, "Columns", 0)
+    frames = max(1, _int(ds, "NumberOfFrames", 1))
+    bits = _int(ds, "BitsAllocated", 16)
+    samples = max(1, _int(ds, "SamplesPerPixel", 1))
+    bits_stored = _int(ds, "BitsStored", bits)
     if rows * cols * frames > MAX_VOXELS or rows > 65535 or cols > 65535:
         raise InputError(path, f"header claims {frames}×{rows}×{cols} pixels, refused before allocation")
-    tsyntax = (
-        str(ds.file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
-        if hasattr(ds, "file_meta")
-        else str(ImplicitVRLittleEndian)
-    )
-    sop_class = str(ds.get("SOPClassUID", ""))
+    tsyntax = str(file_meta.get("TransferSyntaxUID", ImplicitVRLittleEndian))
     if rows and cols and non_image_kind(sop_class) is None:
         if offset is None and "PixelData" not in ds and not _has_pixel_tag_after(path):
             raise InputError(path, "image header without pixel data (truncated file?)")
@@ -192,30 +334,37 @@ def read_header(path: Path) -> DicomFile:
                 raise InputError(
                     path, f"truncated pixel data: {size - offset} bytes present, {need} expected"
                 )
-    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
-    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
-    ps = _floats(ds.get("PixelSpacing"), 2)
+    slope = _number(ds, "RescaleSlope", 1.0, problems, warnings) or 1.0
+    intercept = _number(ds, "RescaleIntercept", 0.0, problems, warnings)
+    ps = _geometry(ds, "PixelSpacing", 2, problems, warnings)
+    if ps is not None and not np.all(ps > 0):
+        problems.append(f"PixelSpacing '{_raw_text(ds, 'PixelSpacing')}' is not positive")
+        ps = None
+    uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     return DicomFile(
         path=path,
-        series_uid=str(ds.get("SeriesInstanceUID", "")) or f"no-series-uid:{path.parent}",
+        series_uid=uid or f"no-series-uid:{path.parent}",
         sop_class=sop_class,
-        sop_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality", "OT")),
+        sop_uid=str(ds.get("SOPInstanceUID", "") or "").strip(),
+        modality=str(ds.get("Modality", "OT") or "OT"),
         rows=rows,
         columns=cols,
         frames=frames,
-        position=_floats(ds.get("ImagePositionPatient"), 3),
-        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        position=_geometry(ds, "ImagePositionPatient", 3, problems, warnings),
+        orientation=_geometry(ds, "ImageOrientationPatient", 6, problems, warnings),
         pixel_spacing=(float(ps[0]), float(ps[1])) if ps is not None else None,
         slope=slope,
         intercept=intercept,
         bits_allocated=bits,
-        bits_stored=int(ds.get("BitsStored", bits) or bits),
-        pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+        bits_stored=bits_stored,
+        pixel_representation=_int(ds, "PixelRepresentation", 0),
         samples=samples,
         transfer_syntax=tsyntax,
         pixel_offset=offset if tsyntax in _UNCOMPRESSED_LE else None,
         header=ds,
+        high_bit=_int(ds, "HighBit", bits_stored - 1),
+        problems=problems,
+        warnings=warnings,
     )
 
 
@@ -249,12 +398,13 @@ def _has_pixel_tag_after(path: Path) -> bool:
 
 
 def scan_folder(folder: str | Path, workers: int = 2) -> DicomScan:
-    """Find every DICOM file under `folder` and group them into series."""
+    """Find every DICOM file under `folder`, group them by SeriesInstanceUID and split each series
+    into consistent volumes (see `split_series`)."""
     folder = Path(folder)
     candidates = [
         p
         for p in iter_candidate_files(folder)
-        if looks_like_dicom(p) or p.suffix.lower() in (".dcm", ".dicom", ".ima")
+        if looks_like_dicom(p) or p.suffix.lower() in (".dcm", ".dicom", ".ima") or p.name == "DICOMDIR"
     ]
     headers: list[DicomFile] = []
     errors: list[InputError] = []
@@ -271,18 +421,210 @@ def scan_folder(folder: str | Path, workers: int = 2) -> DicomScan:
         for res in pool.map(_one, candidates):
             (errors if isinstance(res, InputError) else headers).append(res)  # type: ignore[arg-type]
     groups: dict[str, list[DicomFile]] = {}
+    skipped: list[tuple[str, str]] = []
     for h in headers:
+        kind = non_image_kind(h.sop_class)
+        if kind is not None or not h.is_image:
+            skipped.append((str(h.path), kind or "no image pixels"))
+            continue
         groups.setdefault(h.series_uid, []).append(h)
     series: list[DicomSeries] = []
-    skipped: list[tuple[str, str]] = []
+    notes: list[str] = []
     for uid, files in groups.items():
-        kind = non_image_kind(files[0].sop_class)
-        if kind is not None or not files[0].is_image:
-            for f in files:
-                skipped.append((str(f.path), kind or "no image pixels"))
+        split = split_series(uid, sorted(files, key=lambda f: str(f.path)))
+        series.extend(split.parts)
+        skipped.extend(split.skipped)
+        notes.extend(split.notes)
+        errors.extend(split.errors)
+    return DicomScan(series, skipped, errors, notes)
+
+
+# --- Splitting a series into volumes ---
+
+# Attributes that tell apart images sharing one slice position within one SeriesInstanceUID, in the
+# order they are tried. After dcm2niix's and dicom2nifti's handling (dcm2niix splits by echo, by
+# image type (magnitude/phase), by acquisition and by time when positions repeat).
+SPLIT_ATTRIBUTES = (
+    "EchoNumbers",
+    "EchoTime",
+    "TemporalPositionIdentifier",
+    "TriggerTime",
+    "DiffusionBValue",
+    "ImageType",
+    "AcquisitionNumber",
+    "AcquisitionTime",
+    "ContentTime",
+)
+
+
+@dataclasses.dataclass
+class SeriesSplit:
+    """What `split_series` made of one SeriesInstanceUID."""
+
+    parts: list[DicomSeries]
+    skipped: list[tuple[str, str]]
+    notes: list[str]
+    errors: list[InputError]
+
+
+def _pixel_digest(f: DicomFile) -> str:
+    """A digest of the file's pixel data (the whole file when the offset is unknown)."""
+    with open(f.path, "rb") as fp:
+        if f.pixel_offset is not None:
+            fp.seek(f.pixel_offset)
+        return hashlib.blake2b(fp.read(), digest_size=16).hexdigest()
+
+
+def _position_key(f: DicomFile) -> tuple[float, ...]:
+    assert f.position is not None
+    return tuple(np.round(f.position, 2).tolist())
+
+
+def _attribute_key(f: DicomFile, keyword: str) -> str:
+    value = f.header.get(keyword)
+    if value is None or value == "":
+        return ""
+    if keyword == "ImageType":
+        return "\\".join(f.image_type)
+    return str(value)
+
+
+def split_series(uid: str, files: list[DicomFile]) -> SeriesSplit:
+    """Split the image files of one SeriesInstanceUID into consistent volumes, in this order:
+
+    1. exact duplicates (same SOPInstanceUID, same pixel data) are dropped with a warning;
+    2. localizers (ImageType value LOCALIZER) are left out with a note;
+    3. files are grouped by geometry: ImageOrientationPatient, Rows × Columns, PixelSpacing
+       (each volume needs one of each);
+    4. within a geometry group whose slice positions repeat, the first attribute of
+       `SPLIT_ATTRIBUTES` that gives every part distinct positions splits it; identical pixel data
+       at one position (copies under new SOPInstanceUIDs) is dropped as a duplicate.
+
+    A part with one slice beside a part with more is listed as skipped (a stray image), not an
+    error. Files with malformed geometry stay in one part so that the loader reports them.
+    """
+    notes: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    errors: list[InputError] = []
+    volume_notes: list[str] = []
+    # 1. exact duplicates by SOPInstanceUID
+    by_sop: dict[str, list[DicomFile]] = {}
+    unique: list[DicomFile] = []
+    for f in files:
+        if f.sop_uid:
+            by_sop.setdefault(f.sop_uid, []).append(f)
+        else:
+            unique.append(f)
+    n_dup = 0
+    for same in by_sop.values():
+        unique.append(same[0])
+        if len(same) > 1:
+            ref = _pixel_digest(same[0])
+            for other in same[1:]:
+                if _pixel_digest(other) == ref:
+                    n_dup += 1
+                    skipped.append((str(other.path), f"exact duplicate of {same[0].path.name}"))
+                else:
+                    errors.append(
+                        InputError(
+                            other.path,
+                            f"shares SOPInstanceUID with {same[0].path.name} but holds other pixels; left out",
+                        )
+                    )
+    if n_dup:
+        volume_notes.append(f"{n_dup} exact duplicate file(s) (same SOPInstanceUID and pixels) dropped")
+    unique.sort(key=lambda f: str(f.path))
+    # 2. localizers
+    images = [f for f in unique if not f.is_localizer]
+    for f in unique:
+        if f.is_localizer and len(images) > 0:
+            skipped.append((str(f.path), "localizer (ImageType LOCALIZER), left out of the series"))
+    if not images:
+        images = unique  # a series of localizers only: let the loader judge it
+    elif len(images) < len(unique):
+        notes.append(f"series {uid}: {len(unique) - len(images)} localizer image(s) left out")
+    # 3. geometry groups; files whose geometry is unreadable stay together for the loader to report
+    geometry: dict[tuple[Any, ...], list[DicomFile]] = {}
+    for f in images:
+        if f.problems or f.orientation is None or f.position is None or f.pixel_spacing is None:
+            key: tuple[Any, ...] = ("unreadable geometry",)
+        else:
+            key = (
+                tuple(np.round(f.orientation, 3).tolist()),
+                f.rows,
+                f.columns,
+                tuple(np.round(f.pixel_spacing, 4).tolist()),
+                f.frames > 1,
+            )
+        geometry.setdefault(key, []).append(f)
+    groups = list(geometry.values())
+    labels = [""] * len(groups)
+    if len(groups) > 1:
+        labels = [
+            f"geometry {i + 1}/{len(groups)} ({g[0].rows}×{g[0].columns})" for i, g in enumerate(groups)
+        ]
+    # 4. repeated positions
+    parts: list[tuple[str, list[DicomFile], list[str]]] = []
+    for label, group in zip(labels, groups, strict=True):
+        parts.extend(_split_repeats(uid, label, group, notes))
+    multi = [p for p in parts if len(p[1]) > 1 or p[1][0].frames > 1]
+    result: list[DicomSeries] = []
+    for label, group, extra in parts:
+        if multi and len(group) == 1 and group[0].frames == 1 and len(parts) > 1:
+            skipped.append(
+                (str(group[0].path), f"a lone image ({label or 'other geometry'}) beside the series' volume")
+            )
             continue
-        series.append(DicomSeries(uid, sorted(files, key=lambda f: str(f.path))))
-    return DicomScan(series, skipped, errors)
+        result.append(DicomSeries(uid, group, label, [*volume_notes, *extra]))
+    if len(result) > 1:
+        notes.append(f"series {uid} split into {len(result)} volumes: " + "; ".join(p.part for p in result))
+    return SeriesSplit(result, skipped, notes, errors)
+
+
+def _split_repeats(
+    uid: str, label: str, group: list[DicomFile], notes: list[str]
+) -> list[tuple[str, list[DicomFile], list[str]]]:
+    """Split one geometry group whose slice positions repeat (see `split_series`, step 4)."""
+    if group[0].position is None or group[0].frames > 1 or group[0].problems:
+        return [(label, group, [])]
+    positions = [_position_key(f) for f in group]
+    if len(set(positions)) == len(positions):
+        return [(label, group, [])]
+    repeats = max(positions.count(p) for p in set(positions))
+    for keyword in SPLIT_ATTRIBUTES:
+        values: dict[str, list[DicomFile]] = {}
+        for f in group:
+            values.setdefault(_attribute_key(f, keyword), []).append(f)
+        # a split must explain the repeats: as many values as copies of a position, none a lone slice
+        if not 2 <= len(values) <= repeats or min(len(v) for v in values.values()) < 2:
+            continue
+        if all(len({_position_key(f) for f in v}) == len(v) for v in values.values()):
+            sub = f"{keyword} {{}}"
+            return [
+                (", ".join(x for x in (label, sub.format(k or "none")) if x), v, [])
+                for k, v in sorted(values.items())
+            ]
+    # copies under new SOPInstanceUIDs: same position, same pixels
+    kept: dict[tuple[float, ...], tuple[DicomFile, str]] = {}
+    out: list[DicomFile] = []
+    dropped = 0
+    for f in group:
+        pos = _position_key(f)
+        digest = _pixel_digest(f)
+        if pos in kept:
+            if kept[pos][1] == digest:
+                dropped += 1
+                continue
+            out.append(f)  # a conflict: the loader refuses the group and names the file
+            continue
+        kept[pos] = (f, digest)
+        out.append(f)
+    extra = (
+        [f"{dropped} duplicate slice(s) (same position and pixels, new SOPInstanceUID) dropped"]
+        if dropped
+        else []
+    )
+    return [(label, out, extra)]
 
 
 # --- Loading ---
@@ -306,6 +648,12 @@ def _read_frame_into(f: DicomFile, out: np.ndarray) -> None:
             n = fp.readinto(memoryview(out).cast("B"))  # type: ignore[arg-type]
         if n != out.nbytes:
             raise InputError(f.path, f"truncated pixel data ({n} of {out.nbytes} bytes)")
+        shift = f.bits_allocated - f.bits_stored
+        if 0 < shift < f.bits_allocated:
+            # PS3.5 §8.1.1: bits above BitsStored may hold anything (old overlay planes); drop them,
+            # sign-extending signed values, exactly as pydicom's pixel_array does
+            np.left_shift(out, shift, out=out)
+            np.right_shift(out, shift, out=out)
         return
     try:
         ds = pydicom.dcmread(f.path, force=True)
@@ -318,13 +666,23 @@ def _read_frame_into(f: DicomFile, out: np.ndarray) -> None:
 
 
 def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> Volume:
-    """Load one image series as a Volume (LPS), with rescale applied and problems reported.
+    """Load one image series (or one part of a split series) as a Volume (LPS), with rescale
+    applied and problems reported.
 
-    A series of fewer than `min_slices` slices is refused (a 3D pipeline cannot use it); pass
-    ``min_slices=1`` to read a lone slice, which gets its SliceThickness as third spacing.
+    Stored values are masked to BitsStored (sign-extended from HighBit when signed), as PS3.5
+    §8.1.1 asks and pydicom's ``pixel_array`` does. A gantry-tilted (sheared) series is resampled
+    onto an orthogonal grid with a warning; missing slices are interpolated with a warning.
+
+    Raises:
+        InputError: fewer than `min_slices` slices, unreadable or non-positive geometry, two
+            different images at one position, pixel data that cannot be decoded. The message
+            names one file and the problem.
     """
     files = series.files
     first = files[0]
+    for f in files:
+        if f.problems:
+            raise InputError(f.path, f"{f.problems[0]}; series refused")
     if first.frames > 1:
         if len(files) != 1:
             raise InputError(first.path, f"series mixes {len(files)} multi-frame files; load them one by one")
@@ -333,10 +691,22 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
         raise InputError(
             first.path, f"series has {len(files)} slice(s); a 3D volume needs at least {min_slices}"
         )
-    warnings: list[str] = []
+    warnings: list[str] = list(series.notes)
     for f in files:
-        if f.orientation is None or f.position is None or f.pixel_spacing is None:
-            raise InputError(f.path, "missing ImagePositionPatient/ImageOrientationPatient/PixelSpacing")
+        for w in f.warnings:
+            if w not in warnings:
+                warnings.append(w)
+        missing = [
+            k
+            for k, v in (
+                ("ImagePositionPatient", f.position),
+                ("ImageOrientationPatient", f.orientation),
+                ("PixelSpacing", f.pixel_spacing),
+            )
+            if v is None
+        ]
+        if missing:
+            raise InputError(f.path, f"missing {'/'.join(missing)}")
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise InputError(
                 f.path,
@@ -346,36 +716,26 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
             raise InputError(f.path, "mixed slice orientations within one series")
     iop = first.orientation
     assert iop is not None and first.pixel_spacing is not None
-    row_dir, col_dir = iop[:3], iop[3:]
+    row_dir, col_dir = _unit_axes(first.path, iop)
     normal = np.cross(row_dir, col_dir)
-    dist = np.array([float(np.dot(f.position, normal)) for f in files])  # type: ignore[arg-type]
+    positions = np.array([f.position for f in files], dtype=np.float64)
+    dist = positions @ normal
     order = np.argsort(dist, kind="stable")
     files = [files[i] for i in order]
-    dist = dist[order]
+    dist, positions = dist[order], positions[order]
     steps = np.diff(dist)
     if np.any(steps < 1e-3):
         dup = files[int(np.argmin(steps)) + 1].path
         raise InputError(dup, "two slices share one position (duplicate or conflicting geometry)")
     nominal = float(np.median(steps)) if len(steps) else float(first.header.get("SliceThickness", 1.0) or 1.0)
-    # gantry tilt: consecutive positions move off the normal
-    delta = files[-1].position - files[0].position  # type: ignore[operator]
-    norm = float(np.linalg.norm(delta))
-    tilt = (
-        float(np.degrees(np.arccos(np.clip(abs(np.dot(delta, normal)) / norm, -1, 1)))) if norm > 0 else 0.0
-    )
-    if tilt > 0.5:
-        raise InputError(
-            first.path,
-            f"gantry tilt of {tilt:.1f}° (slices shift in-plane); correct it (e.g. dcm2niix) before loading",
-        )
     dtype = _dtype_for(first)
     n, rows, cols = len(files), first.rows, first.columns
     if n * rows * cols > MAX_VOXELS:
         raise InputError(first.path, f"series of {n}×{rows}×{cols} voxels exceeds the {MAX_VOXELS} limit")
     fast = _direct_int16(files)
     if fast is not None:
-        # one pass: each thread reads a slice's bytes straight into the int16 output and adds the
-        # intercept in place (BitsStored ≤ 15 unsigned values read as int16 unchanged)
+        # one pass: each thread reads a slice's bytes straight into the int16 output, masks the
+        # unused high bits and adds the intercept in place
         data = np.empty((n, rows, cols), dtype=np.int16)
 
         def _one(i: int) -> None:
@@ -390,27 +750,90 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             list(pool.map(lambda i: _read_frame_into(files[i], stored[i]), range(n)))
         data = _rescale(stored, [f.slope for f in files], [f.intercept for f in files])
+    spacing_xy = (first.pixel_spacing[1], first.pixel_spacing[0])
+    origin = positions[0]
+    # gantry tilt (or any in-plane drift of the slice origins): shift each slice back onto one column
+    inplane = positions - positions[0] - np.outer(dist - dist[0], normal)
+    u = inplane @ row_dir / spacing_xy[0]
+    v = inplane @ col_dir / spacing_xy[1]
+    if max(np.ptp(u), np.ptp(v)) > 0.05:
+        span = float(dist[-1] - dist[0])
+        data, origin, note = _deshear(data, positions[0], row_dir, col_dir, spacing_xy, u, v, span, first)
+        warnings.append(note)
     if len(steps) and np.max(np.abs(steps - nominal)) > 0.01 * nominal + 1e-3:
-        missing = int(round(float(np.sum(np.round(steps / nominal) - 1))))
-        where = int(np.argmax(steps)) if missing else int(np.argmax(np.abs(steps - nominal)))
-        what = f"{missing} missing slice(s) near slice {where}" if missing > 0 else "uneven slice spacing"
+        missing_n = int(round(float(np.sum(np.round(steps / nominal) - 1))))
+        where = int(np.argmax(steps)) if missing_n else int(np.argmax(np.abs(steps - nominal)))
+        what = f"{missing_n} missing slice(s) near slice {where}" if missing_n > 0 else "uneven slice spacing"
         warnings.append(f"{what}; resampled to a regular {nominal:.3g} mm spacing")
         data, dist = _regularise(data, dist, nominal)
-    spacing = (first.pixel_spacing[1], first.pixel_spacing[0], nominal)
+    spacing = (spacing_xy[0], spacing_xy[1], nominal)
     direction = np.stack([row_dir, col_dir, normal], axis=1)
-    assert first.position is not None
-    origin = first.position - normal * (np.dot(first.position, normal) - dist[0])
-    vol = Volume(
-        data,
-        spacing,
-        tuple(origin),
-        direction,
-        first.modality,
-        _meta(first.header, series.uid, [f.path for f in files]),
-    )
+    meta = _meta(first.header, series.uid, [f.path for f in files])
+    if series.part:
+        meta["series_part"] = series.part
+        meta["series_description"] = f"{meta['series_description']} [{series.part}]".strip()
+    vol = Volume(data, spacing, tuple(origin), direction, first.modality, meta)
     vol.meta["sop_instance_uids"] = [f.sop_uid for f in files]
     vol.warnings.extend(warnings)
     return vol
+
+
+def _unit_axes(path: Path, iop: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column direction cosines of ImageOrientationPatient, normalised; InputError when
+    they are zero-length or not perpendicular (beyond the rounding of a 6-decimal DS)."""
+    row, col = iop[:3], iop[3:]
+    nr, nc = float(np.linalg.norm(row)), float(np.linalg.norm(col))
+    if nr < 0.5 or nc < 0.5 or abs(float(np.dot(row, col))) / (nr * nc) > 1e-2:
+        text = "\\".join(f"{x:g}" for x in iop)
+        raise InputError(path, f"ImageOrientationPatient '{text}' is not two perpendicular unit vectors")
+    row = row / nr
+    col = col - np.dot(col, row) * row
+    return row, col / np.linalg.norm(col)
+
+
+def _deshear(
+    data: np.ndarray,
+    origin: np.ndarray,
+    row: np.ndarray,
+    col: np.ndarray,
+    spacing_xy: tuple[float, float],
+    u: np.ndarray,
+    v: np.ndarray,
+    span_mm: float,
+    first: DicomFile,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Resample slices whose origins drift in-plane (gantry tilt) onto an orthogonal grid.
+
+    `u`, `v` (shape (n,)) are each slice origin's in-plane drift in columns and rows; `span_mm`
+    the distance between the first and last slice along the normal. Slice k is shifted by
+    (v[k] − min v, u[k] − min u) pixels (linear interpolation, scipy.ndimage.shift), and
+    the grid grows so that no voxel is cut; voxels outside the acquired slices take the series'
+    minimum value. Returns the new array (dtype kept), the new origin (LPS mm) and a warning.
+    """
+    from scipy import ndimage
+
+    umin, vmin = float(u.min()), float(v.min())
+    grow_c, grow_r = int(np.ceil(float(u.max()) - umin - 1e-6)), int(np.ceil(float(v.max()) - vmin - 1e-6))
+    n, rows, cols = data.shape
+    fill = float(data.min())
+    out = np.empty((n, rows + grow_r, cols + grow_c), dtype=np.float32)
+    for k in range(n):
+        canvas = np.full(out.shape[1:], fill, dtype=np.float32)
+        canvas[:rows, :cols] = data[k]
+        ndimage.shift(canvas, (v[k] - vmin, u[k] - umin), output=out[k], order=1, mode="constant", cval=fill)
+    if data.dtype.kind in "iu":
+        out = np.round(out).astype(data.dtype)
+    new_origin = origin + umin * spacing_xy[0] * row + vmin * spacing_xy[1] * col
+    drift = float(np.hypot(np.ptp(u) * spacing_xy[0], np.ptp(v) * spacing_xy[1]))
+    tag = first.header.get("GantryDetectorTilt")
+    said = f" (GantryDetectorTilt {tag})" if tag not in (None, "") else ""
+    tilt = float(np.degrees(np.arctan2(drift, span_mm))) if span_mm > 0 else 0.0
+    note = (
+        f"gantry tilt {tilt:.1f}°{said}: slices resampled onto an orthogonal grid "
+        f"(in-plane shifts up to {drift:.1f} mm, linear interpolation; grid {rows}×{cols} → "
+        f"{rows + grow_r}×{cols + grow_c})"
+    )
+    return out, new_origin, note
 
 
 def _direct_int16(files: list[DicomFile]) -> int | None:
@@ -420,6 +843,14 @@ def _direct_int16(files: list[DicomFile]) -> int | None:
     if any(f.pixel_offset is None or f.samples != 1 or f.bits_allocated != 16 for f in files):
         return None
     if any(f.slope != 1.0 or f.intercept != f0.intercept for f in files) or f0.intercept != int(f0.intercept):
+        return None
+    if (
+        any(
+            (f.bits_stored, f.pixel_representation) != (f0.bits_stored, f0.pixel_representation)
+            for f in files
+        )
+        or not 1 <= f0.bits_stored <= 16
+    ):
         return None
     inter = int(f0.intercept)
     if f0.pixel_representation:

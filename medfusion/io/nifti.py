@@ -56,7 +56,19 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     """Read a 3D NIfTI file into a Volume in LPS.
 
     The sform is used when its code is non-zero, else the qform (nibabel's ``get_best_affine``
-    rule). A 4D file with one volume is squeezed; more volumes are refused.
+    rule). A 4D file with one volume is squeezed; more volumes are refused. Voxels are normalised
+    on read and every change is reported in ``Volume.warnings``:
+
+    - NaN/±Inf voxels are replaced by the background value (the smallest finite voxel), counted;
+    - non-native byte order and unusual dtypes (int64, uint32, float64, bool, …) become native
+      int16/int32/float32 (float32 when the values do not fit an integer type exactly);
+    - scl_slope/scl_inter are applied (the result is float32), noted in ``meta["notes"]``;
+    - qform_code = sform_code = 0 (no spatial transform: orientation and position unknown) and a
+      qform that disagrees with the sform (> 1 mm or > 1°) are warned about.
+
+    Raises:
+        InputError: unreadable file, not 3D, complex or RGB voxels, every voxel NaN, a sheared or
+            degenerate affine, or a header claiming more than `MAX_VOXELS` voxels.
     """
     path = Path(path)
     try:
@@ -72,22 +84,26 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
         shape = shape[:3]
     if len(shape) != 3:
         raise InputError(path, f"expected a 3D image, got shape {tuple(img.shape)}")
+    stored = img.get_data_dtype()
+    if stored.kind == "c" or stored.fields is not None or stored.kind not in "biuf":
+        raise InputError(path, f"voxel type {stored} (complex or RGB) cannot be read as one intensity")
     try:
         data = np.asanyarray(img.dataobj).reshape(shape)
     except Exception as exc:
         raise InputError(path, f"truncated or corrupt voxel data ({exc})") from exc
+    warnings: list[str] = []
+    notes: list[str] = []
     proxy: Any = img.dataobj
-    if (
-        data.dtype.kind == "f"
-        or getattr(proxy, "slope", 1.0) not in (1.0, None)
-        or getattr(proxy, "inter", 0.0) not in (0.0, None)
-    ):
-        data = data.astype(np.float32)
+    slope, inter = getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0)
+    if slope not in (1.0, None) or inter not in (0.0, None):
+        notes.append(f"scl_slope {float(slope):g} / scl_inter {float(inter):g} applied")
+    data = _normalise_voxels(path, data, warnings)
+    warnings.extend(_transform_warnings(img))
     affine = _RAS_TO_LPS @ img.header.get_best_affine()
     m = affine[:3, :3]
     spacing = np.linalg.norm(m, axis=0)
-    if np.any(spacing <= 0):
-        raise InputError(path, "affine has a zero-length axis")
+    if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
+        raise InputError(path, "affine has a zero-length or non-finite axis")
     direction = m / spacing
     if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
         raise InputError(path, "affine is sheared (non-orthogonal axes); resample it first")
@@ -99,9 +115,10 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
         "series_description": sidecar.get("SeriesDescription", nifti_stem(path)),
         "manufacturer": sidecar.get("Manufacturer", ""),
         "sidecar": sidecar,
+        "notes": notes,
     }
     # NIfTI (i, j, k) → SimpleITK layout (k, j, i)
-    return Volume(
+    vol = Volume(
         np.ascontiguousarray(data.transpose(2, 1, 0)),
         tuple(spacing),
         tuple(affine[:3, 3]),
@@ -109,6 +126,63 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
         str(mod).upper(),
         meta,
     )
+    vol.warnings.extend(warnings)
+    return vol
+
+
+def _normalise_voxels(path: Path, data: np.ndarray, warnings: list[str]) -> np.ndarray:
+    """Native byte order, a dtype the pipeline handles, and no NaN/Inf (see `read_nifti`)."""
+    if data.dtype.byteorder not in ("=", "|") and data.dtype.byteorder != ("<" if np.little_endian else ">"):
+        data = data.astype(data.dtype.newbyteorder("="))
+    if data.dtype == np.bool_:
+        data = data.astype(np.uint8)
+    if data.dtype.kind == "f":
+        if data.dtype != np.float32:
+            data = data.astype(np.float32)
+        bad = ~np.isfinite(data)
+        n_bad = int(bad.sum())
+        if n_bad:
+            if n_bad == data.size:
+                raise InputError(path, "every voxel is NaN or infinite")
+            background = float(np.min(data[~bad]))
+            data = np.where(bad, np.float32(background), data)
+            warnings.append(
+                f"{n_bad} NaN/Inf voxel(s) ({100.0 * n_bad / data.size:.1f} %) replaced by the "
+                f"background value {background:g}"
+            )
+        return data
+    if data.dtype.itemsize > 4 or data.dtype == np.uint32:
+        lo, hi = (int(data.min()), int(data.max())) if data.size else (0, 0)
+        if -(2**31) <= lo and hi < 2**31:
+            return data.astype(np.int32)
+        warnings.append(f"{data.dtype} voxels beyond the int32 range stored as float32 (rounded)")
+        return data.astype(np.float32)
+    return data
+
+
+def _transform_warnings(img: Any) -> list[str]:
+    """Warnings about the header's spatial transform (qform/sform codes and agreement)."""
+    header = img.header
+    q_code, s_code = int(header["qform_code"]), int(header["sform_code"])
+    if q_code == 0 and s_code == 0:
+        return [
+            "no spatial transform (qform_code = sform_code = 0): orientation and position are "
+            "unknown; read with the voxel sizes only (axes assumed LAS, NIfTI's fall-back), "
+            "so registration starts from a guess and left/right may be wrong"
+        ]
+    if q_code > 0 and s_code > 0:
+        q, s = header.get_qform(), header.get_sform()
+        shift = float(np.linalg.norm(q[:3, 3] - s[:3, 3]))
+        qa = q[:3, :3] / np.linalg.norm(q[:3, :3], axis=0)
+        sa = s[:3, :3] / np.linalg.norm(s[:3, :3], axis=0)
+        cos = np.clip((np.trace(qa.T @ sa) - 1.0) / 2.0, -1.0, 1.0)
+        angle = float(np.degrees(np.arccos(cos)))
+        if shift > 1.0 or angle > 1.0:
+            return [
+                f"qform and sform disagree by {shift:.1f} mm and {angle:.1f}°; the sform is used "
+                "(nibabel's rule) — check which one the writer meant"
+            ]
+    return []
 
 
 def volume_to_nifti(volume: Volume, data_xyz: np.ndarray | None = None) -> nib.Nifti1Image:

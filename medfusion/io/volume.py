@@ -42,8 +42,16 @@ class Volume:
         self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
         self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
         self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-        if any(s <= 0 for s in self.spacing):
-            msg = f"Volume spacing must be positive, got {self.spacing}"
+        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
+            msg = f"Volume spacing must be positive and finite, got {self.spacing}"
+            raise ValueError(msg)
+        if not np.all(np.isfinite(self.origin)):
+            msg = f"Volume origin must be finite, got {self.origin}"
+            raise ValueError(msg)
+        if not np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-4):
+            msg = (
+                f"Volume direction must be orthonormal (columns are unit axes), got {self.direction.tolist()}"
+            )
             raise ValueError(msg)
 
     # --- Geometry ---

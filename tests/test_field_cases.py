@@ -1,0 +1,164 @@
+"""The reported DICOM/NIfTI faults of `../shared/field-cases/`: each case loaded and the right value asserted.
+
+The generators live outside the project (they write small made-up patients); the tests skip with a
+reason when that folder is not beside the checkout. Members of each kind that no case covers are
+tested on data generated here, in tests/test_ingestion.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from medfusion.io.case import Case, load_case
+
+
+def _field_cases() -> Path | None:
+    here = Path(__file__).resolve().parents[1]
+    for candidate in (os.environ.get("MEDFUSION_SHARED"), here.parent / "shared", Path("/work/shared")):
+        if candidate and (Path(candidate) / "field-cases" / "common.py").exists():
+            return Path(candidate) / "field-cases"
+    return None
+
+
+FIELD = _field_cases()
+pytestmark = pytest.mark.skipif(FIELD is None, reason="../shared/field-cases is not beside this checkout")
+
+CT_SHAPE = (24, 64, 64)
+CT_SPACING = (0.9, 0.9, 2.5)
+CT_ORIGIN = (-28.35, -28.35, -30.0)
+
+
+def _make(case: str, tmp_path: Path) -> tuple[Case, dict, Path]:
+    assert FIELD is not None
+    gen = next(FIELD.glob(f"{case}_*.py"))
+    folder = tmp_path / f"P{case}"
+    res = subprocess.run(
+        [sys.executable, str(gen), str(folder)], cwd=FIELD, capture_output=True, text=True, timeout=120
+    )
+    assert res.returncode == 0, res.stderr
+    truth = json.loads(res.stdout.strip().splitlines()[-1])
+    return load_case(folder), truth, folder
+
+
+def _plain_ct(case: Case) -> None:
+    assert case.ct is not None
+    assert case.ct.shape == CT_SHAPE
+    assert np.allclose(case.ct.spacing, CT_SPACING, atol=1e-4)
+    assert np.allclose(case.ct.origin, CT_ORIGIN, atol=1e-3)
+    assert case.ct.orientation_code() == "LPS"
+
+
+def test_00_control_is_clean(tmp_path: Path) -> None:
+    case, _, _ = _make("00", tmp_path)
+    _plain_ct(case)
+    assert case.primary_mr is not None and case.verdict() == "ok"
+
+
+def test_01_dicomdir_is_an_index_not_an_unreadable_file(tmp_path: Path) -> None:
+    case, _, _ = _make("01", tmp_path)
+    _plain_ct(case)
+    assert not case.errors
+    assert [(Path(p).name, why) for p, why in case.skipped] == [
+        ("DICOMDIR", "DICOMDIR index (Media Storage Directory)")
+    ]
+    assert case.verdict() == "ok"
+
+
+def test_02_exact_duplicates_are_dropped_with_a_warning(tmp_path: Path) -> None:
+    case, _, _ = _make("02", tmp_path)
+    _plain_ct(case)
+    assert case.ct is not None
+    assert any("24 exact duplicate" in w for w in case.ct.warnings)
+    assert len(case.skipped) == 24 and not case.errors
+
+
+def test_03_localizer_is_left_out_with_a_note(tmp_path: Path) -> None:
+    case, _, _ = _make("03", tmp_path)
+    _plain_ct(case)
+    assert [why for _, why in case.skipped] == ["localizer (ImageType LOCALIZER), left out of the series"]
+    assert any("localizer" in c for c in case.choices)
+
+
+def test_05_gantry_tilt_is_resampled_onto_an_orthogonal_grid(tmp_path: Path) -> None:
+    case, truth, folder = _make("05", tmp_path)
+    ct = case.ct
+    assert ct is not None and not case.errors
+    assert any("gantry tilt 15.0°" in w for w in ct.warnings)
+    # an orthogonal grid: the tilted image plane and its normal (no shear left)
+    assert np.allclose(ct.direction.T @ ct.direction, np.eye(3), atol=1e-9)
+    # the skull's centre, in millimetres, is where the tilted geometry put it
+    files = sorted((folder / "CT").iterdir())
+    first, last = pydicom.dcmread(files[0]), pydicom.dcmread(files[-1])
+    row = np.array(first.ImageOrientationPatient[:3], float)
+    col = np.array(first.ImageOrientationPatient[3:], float)
+    p0, p1 = np.array(first.ImagePositionPatient, float), np.array(last.ImagePositionPatient, float)
+    centre = (p0 + p1) / 2 + 31.5 * 0.9 * row + 31.5 * 0.9 * col
+    k, j, i = np.nonzero(ct.array > 500)
+    seen = ct.index_to_world(np.stack([i, j, k], axis=1).mean(axis=0))[0]
+    assert np.linalg.norm(seen - centre) < 0.6, (seen, centre)
+
+
+def test_07_unused_high_bits_are_masked_as_pydicom_does(tmp_path: Path) -> None:
+    case, _, folder = _make("07", tmp_path)
+    ct = case.ct
+    assert ct is not None
+    assert np.all(ct.array[:, 2:4, 2:8] == -1000)  # air in the overlay box's corner, not 3096
+    assert int(ct.array.max()) == 1200  # the skull; no overlay bit survives anywhere
+    for k, path in enumerate(sorted((folder / "CT").iterdir())):
+        ds = pydicom.dcmread(path)
+        assert np.array_equal(ct.array[k], ds.pixel_array.astype(np.int32) + int(ds.RescaleIntercept))
+
+
+def test_09_decimal_comma_in_pixel_spacing_is_read_with_a_warning(tmp_path: Path) -> None:
+    case, _, _ = _make("09", tmp_path)
+    _plain_ct(case)
+    assert case.ct is not None
+    assert any("PixelSpacing '0,9\\0,9'" in w and "decimal comma" in w for w in case.ct.warnings)
+
+
+def test_10_zero_pixel_spacing_refuses_that_series_only(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medfusion.cli import app
+
+    case, _, folder = _make("10", tmp_path)
+    _plain_ct(case)
+    assert case.mr == []
+    assert len(case.errors) == 1
+    err = case.errors[0]
+    assert "/MR/" in err.path and "PixelSpacing '0\\0' is not positive" in err.problem
+    res = CliRunner().invoke(app, ["inspect", str(folder), "--json"])
+    assert res.exception is None or isinstance(res.exception, SystemExit), res.output
+    assert "Traceback" not in res.output
+
+
+def test_12_nan_background_is_replaced_and_reported(tmp_path: Path) -> None:
+    case, truth, _ = _make("12", tmp_path)
+    mr = case.primary_mr
+    assert mr is not None
+    assert np.isfinite(mr.array).all()
+    n_nan = int(round(truth["nan_fraction"] * mr.array.size))
+    assert any(w.startswith(f"{n_nan} NaN/Inf voxel(s)") for w in mr.warnings), mr.warnings
+    assert float(mr.array.min()) == pytest.approx(150.0)  # the smallest finite value: the scalp
+
+
+def test_14_nifti_without_transform_is_warned_about(tmp_path: Path) -> None:
+    case, _, _ = _make("14", tmp_path)
+    mr = case.primary_mr
+    assert mr is not None
+    assert any("no spatial transform" in w for w in mr.warnings)
+    assert case.verdict() == "usable, with warnings"
+
+
+def test_15_deidentified_ct_loads(tmp_path: Path) -> None:
+    case, _, _ = _make("15", tmp_path)
+    _plain_ct(case)
+    assert case.verdict() == "ok"
