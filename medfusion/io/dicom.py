@@ -875,8 +875,10 @@ def _rescale(stored: np.ndarray, slopes: list[float], intercepts: list[float]) -
                     out += np.int16(inter)
                 return out
             # wider integers stay exact: int32 when they fit, else float64 (never a rounded float32)
-            wide = np.int32 if -(2**31) <= lo and hi < 2**31 else np.float64
-            return stored.astype(wide) + wide(inter)
+            wide = np.dtype(np.int32 if -(2**31) <= lo and hi < 2**31 else np.float64)
+            out_wide: np.ndarray = stored.astype(wide)
+            out_wide += np.asarray(inter, dtype=wide)
+            return out_wide
         return (stored.astype(np.float32) * np.float32(slope) + np.float32(inter)).astype(np.float32)
     return (
         stored.astype(np.float32) * s[:, None, None].astype(np.float32) + b[:, None, None].astype(np.float32)
