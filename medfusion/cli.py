@@ -95,8 +95,11 @@ def inspect(
                 "verdict": case.verdict(),
             }
         )
+    unusable = [r["patient_id"] for r in report if r["verdict"].startswith(("unusable", "unreadable"))]
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
+        if unusable:
+            raise typer.Exit(1)
         return
     out = stdout
     for rec in report:
@@ -120,6 +123,9 @@ def inspect(
             out.print(f"  skipped: {sk['path']} ({sk['why']})")
         for err in rec["errors"]:
             out.print(f"  [red]error:[/red] {err}")
+    if unusable:
+        console.print(f"[red]unusable:[/red] {len(unusable)} patient(s): {', '.join(unusable)}")
+        raise typer.Exit(1)
 
 
 # --- register ---
@@ -310,16 +316,36 @@ def run(
         int, typer.Option(min=0, help="Dask LocalCluster worker processes (0/1: in-process).")
     ] = 0,
     cluster: Annotated[str | None, typer.Option(help="Address of an existing Dask scheduler.")] = None,
-    resume: Annotated[bool, typer.Option(help="Skip patients whose outputs are complete.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue a run in OUT: skip patients whose outputs are complete."),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Replace the listed patients in an OUT that holds another run (others kept)."
+        ),
+    ] = False,
     only: Annotated[str | None, typer.Option(help="Comma-separated patient ids to run.")] = None,
+    retries: Annotated[int, typer.Option(min=0, help="Re-runs of a patient whose Dask worker died.")] = 1,
     modality: Annotated[
         list[str] | None, typer.Option(help="NAME=CT|MR for NIfTI files whose modality is not evident.")
     ] = None,
 ) -> None:
-    """Segment, score and report every patient; write OUT/<id>/…, OUT/summary.csv and OUT/run.json."""
-    import datetime as dt
+    """Segment, score and report every patient; write OUT/<id>/…, OUT/summary.csv and OUT/run.json.
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    Ctrl-C (or SIGTERM) stops cleanly (exit 130/143) and prints how to resume."""
+    import datetime as dt
+    import shlex
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from medfusion.config import PipelineConfig, load_yaml_model
     from medfusion.io.case import find_patient_folders
@@ -334,6 +360,10 @@ def run(
         folders = find_patient_folders(patients)
     except (ValueError, InputError) as exc:
         _fail(exc)
+    if not folders:
+        _fail(InputError(patients[0], "no patient folder (one holding DICOM or NIfTI images) found"))
+    if resume and overwrite:
+        _fail(ValueError("--resume and --overwrite exclude each other"))
     if device:
         cfg.infer.device = device
     if not cluster:  # on another cluster the device is the workers' business
@@ -352,15 +382,19 @@ def run(
         workers=workers,
         cluster=cluster,
         resume=resume,
-        only=only.split(",") if only else None,
+        only=[p.strip() for p in only.split(",") if p.strip()] if only else None,
         modality_map=_parse_map(modality),
+        overwrite=overwrite,
+        retries=retries,
     )
-    n = len([f for f in folders if not opts.only or f.name in opts.only])
+    listed = [f for f in folders if not opts.only or f.name in opts.only]
+    n = len([f for f in listed if not (resume and (out / f.name / "scores.json").exists())])
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeElapsedColumn(),
+        TimeRemainingColumn(),
         console=console,
     ) as bar:
         task = bar.add_task("patients", total=n)
@@ -375,13 +409,43 @@ def run(
             result = run_cohort(folders, opts, _tick)
         except (ValueError, InputError) as exc:
             _fail(exc)
+    if result["kept_from_earlier_runs"]:
+        kept = result["kept_from_earlier_runs"]
+        console.print(
+            f"kept {len(kept)} patient(s) of an earlier run in {out} (not in this run's list): "
+            + ", ".join(kept[:10])
+            + (" …" if len(kept) > 10 else "")
+        )
+    if (out / "evaluation").exists():
+        console.print(f"note: {out}/evaluation predates this run; run `medfusion evaluate` again")
+    if result["interrupted"]:
+        again = ["medfusion", "run", *map(str, patients), "--out", str(out), "--resume"]
+        for flag, val in (
+            ("--pipeline", pipeline),
+            ("--model", model),
+            ("--device", device),
+            ("--only", only),
+        ):
+            if val:
+                again += [flag, str(val)]
+        if workers:
+            again += ["--workers", str(workers)]
+        if cluster:
+            again += ["--cluster", cluster]
+        console.print(
+            f"interrupted ({result['interrupted']}): {result['processed']} patient(s) done in this run, "
+            f"{len(result['failures'])} failed; summary.csv and run.json describe what is in {out}. "
+            f"Resume with: {shlex.join(again)}"
+        )
+        raise typer.Exit(int(result["exit_code"]))
     first = next(
-        (out / r.name / "report.pdf" for r in sorted(folders) if (out / r.name / "report.pdf").exists()), None
+        (out / f.name / "report.pdf" for f in sorted(listed) if (out / f.name / "report.pdf").exists()), None
     )
     stdout.print(f"outputs in {out}/ (summary.csv, run.json)" + (f"; first report: {first}" if first else ""))
     if result["failures"]:
         console.print(
-            f"[red]{len(result['failures'])} patient(s) failed[/red]; see error.json in their folders"
+            f"[red]{len(result['failures'])} patient(s) failed[/red]; see error.json in their folders "
+            f"and {out}/failures.jsonl"
         )
         raise typer.Exit(1)
 
@@ -436,13 +500,22 @@ def evaluate(
             )
     except (ValueError, InputError) as exc:
         _fail(exc)
+    missing = summary["labelled_without_prediction"]
+    if missing:
+        console.print(
+            f"note: {len(missing)} of {summary['n_patients_labelled']} labelled patient(s) have no prediction "
+            f"in {pred} and are not evaluated: "
+            + ", ".join(missing[:10])
+            + (" …" if len(missing) > 10 else "")
+        )
     t = Table(title="segmentation")
-    for col in ("class", "Dice", "HD95 mm (median)", "NSD", "empty (both/ref/pred)"):
+    for col in ("class", "n", "Dice", "HD95 mm (median)", "NSD", "empty (both/ref/pred)"):
         t.add_column(col)
     for c, b in summary["segmentation"].items():
         f = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         t.add_row(
             c,
+            str(b["dice"]["n"]),
             f(b["dice"]["mean"]),
             f(b["hd95_mm"]["median"]),
             f(b["nsd"]["mean"]),
@@ -450,16 +523,29 @@ def evaluate(
         )
     out_c = stdout
     out_c.print(t)
+    undefined: list[str] = []
     if "diagnosis" in summary:
         from medfusion.evaluate.diagnosis import HEADLINE
 
+        d = summary["diagnosis"]
+        n, n_pos = d["n"], d["n_positive"]
+        out_c.print(f"diagnosis ({d['score']}): n = {n} ({n_pos} positive, {n - n_pos} negative)")
+        sens, spec = d["sensitivity"]["value"], d["specificity"]["value"]
+        out_c.print(
+            f"at p ≥ {d['threshold']:g}: sensitivity "
+            + ("—" if sens is None else f"{sens:.3f} ({round(sens * n_pos)}/{n_pos})")
+            + ", specificity "
+            + ("—" if spec is None else f"{spec:.3f} ({round(spec * (n - n_pos))}/{n - n_pos})")
+        )
         for k in HEADLINE:
-            v = summary["diagnosis"][k]
+            v = d[k]
             if v["value"] is None:
-                out_c.print(f"{k}: not defined on these cases")
+                if n_pos in (0, n):  # a ranking or calibration metric needs cases of both classes
+                    undefined.append(k)
+                out_c.print(f"{k}: not defined on these cases (n = {n}, {n_pos} positive)")
                 continue
             ci = "" if v["ci_low"] is None else f" (95% CI {v['ci_low']:.3f} to {v['ci_high']:.3f})"
-            line = f"{k}: {v['value']:.3f}{ci}"
+            line = f"{k}: {v['value']:.3f}{ci} (n = {n})"
             if "calibrated_null" in v:
                 z = v["calibrated_null"]
                 line += (
@@ -468,6 +554,11 @@ def evaluate(
                 )
             out_c.print(line)
     out_c.print(f"written to {out or pred / 'evaluation'}")
+    if undefined:
+        console.print(
+            f"[red]error:[/red] too few cases for {', '.join(undefined)} (n = {n}, {n_pos} positive)"
+        )
+        raise typer.Exit(1)
 
 
 # --- compare ---
@@ -572,6 +663,99 @@ def calibrate(
     for line in describe(record):
         stdout.print(line)
     stdout.print(f"written to {out}; use it with `medfusion run --model {out}`")
+
+
+# --- convert ---
+
+
+@app.command()
+def convert(
+    patient: Annotated[Path, typer.Argument(help="One patient folder (DICOM and/or NIfTI).")],
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for ct.nii.gz, mr.nii.gz, mr_2.nii.gz … + JSON.")
+    ],
+    modality: Annotated[
+        list[str] | None, typer.Option(help="NAME=CT|MR for NIfTI files whose modality is not evident.")
+    ] = None,
+) -> None:
+    """Write what medfusion reads from a patient folder: the chosen volumes as NIfTI, each with a JSON
+    sidecar (modality, series UID and description, warnings, choices)."""
+    from medfusion.io.convert import convert_case
+
+    try:
+        case, written = convert_case(patient, out, _parse_map(modality))
+    except (InputError, ValueError) as exc:
+        _fail(exc)
+    for path in written:
+        stdout.print(f"{path}")
+    for line in case.choices:
+        stdout.print(f"  choice: {line}")
+    for err in case.errors:
+        console.print(f"  [yellow]not converted:[/yellow] {err}")
+    if case.ct is None:
+        console.print(f"[red]error:[/red] {patient}: no usable CT volume (MR written)")
+        raise typer.Exit(1)
+
+
+# --- domain ---
+
+domain_app = typer.Typer(help="The model package's domain guard (what its training inputs looked like).")
+app.add_typer(domain_app, name="domain")
+
+
+@domain_app.command("fit")
+def domain_fit(
+    patients: Annotated[
+        list[Path], typer.Argument(help="In-domain patient folders (or folders of them) to fit on.")
+    ],
+    model: Annotated[
+        Path | None, typer.Option("--model", "--package", help="Package to fit (default: the shipped one).")
+    ] = None,
+    heldout: Annotated[
+        list[Path] | None,
+        typer.Option(help="In-domain patients never fitted on, for calibrating the threshold too."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="Use only the first N fitting patients.")] = None,
+    flag_rate: Annotated[float, typer.Option(help="Share of in-domain cases the threshold flags.")] = 0.015,
+    calibration: Annotated[
+        str | None,
+        typer.Option(
+            help='JSON {"SITUATION": {"n": …, "auroc": …, "ece": …, "source": "…"}}: calibration measured '
+            "elsewhere for an input situation (e.g. CT+MR+note)."
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N, mps.")] = "auto",
+) -> None:
+    """Fit the domain guard of a package in place: input facts, and a Mahalanobis density of its encoder
+    features (Ledoit-Wolf; Lee et al. 2018) per input situation, thresholded to flag ≈ --flag-rate of
+    held-out in-domain cases. Written to model.json ("domain") and domain.safetensors."""
+    from medfusion.io.case import find_patient_folders
+    from medfusion.models.package import PackageError
+    from medfusion.train.domain import fit_package_domain
+
+    try:
+        cal = json.loads(calibration) if calibration else None
+        fit_folders = find_patient_folders(patients)[:limit]
+        held = find_patient_folders(heldout) if heldout else []
+        block = fit_package_domain(
+            model,
+            fit_folders,
+            held,
+            flag_rate=flag_rate,
+            calibration=cal,
+            device=device,
+            progress=lambda pid, sec: console.print(f"{pid}: {sec:.1f} s"),
+        )
+    except (ValueError, InputError, PackageError) as exc:
+        _fail(exc)
+    for sit, rec in block["fitted_on"]["thresholds"].items():
+        stdout.print(
+            f"{sit}: {rec['n_fit']} fitted, threshold {rec['threshold']} "
+            f"({rec['heldout_flagged']}/{rec['n_heldout']} held-out flagged)"
+        )
+    for line in block["fitted_on"]["skipped"]:
+        console.print(f"  [yellow]skipped:[/yellow] {line}")
+    stdout.print(f"calibrated situations: {', '.join(sorted(block['calibration'])) or 'none'}")
 
 
 def main() -> None:

@@ -111,7 +111,22 @@ def _fake_run(cohort: Path, out: Path) -> None:
         )
 
 
+def _with_positives(cohort: Path, tmp_path: Path) -> Path:
+    """A copy of the cohort's labels in which the first patient is malignant (the test cohort has
+    none, and AUROC needs both classes)."""
+    labels = tmp_path / "mixed" / "labels"
+    shutil.copytree(cohort / "labels", labels)
+    rows = list(csv.DictReader(open(labels / "labels.csv")))
+    rows[0]["malignant"] = "1"
+    with open(labels / "labels.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return labels.parent
+
+
 def test_evaluate_command(cohort: Path, tmp_path: Path) -> None:
+    cohort = _with_positives(cohort, tmp_path)
     run = tmp_path / "run"
     _fake_run(cohort, run)
     res = CliRunner().invoke(
@@ -154,6 +169,7 @@ def test_evaluate_command(cohort: Path, tmp_path: Path) -> None:
 def test_reference_in_other_geometry_is_resampled(cohort: Path, tmp_path: Path) -> None:
     from medfusion.io.nifti import read_nifti, write_nifti
 
+    cohort = _with_positives(cohort, tmp_path)
     run = tmp_path / "run"
     _fake_run(cohort, run)
     labels = tmp_path / "labels"
@@ -281,3 +297,91 @@ def test_calibration_in_the_large_and_slope() -> None:
     q = too_sharp[:500]
     ref = LogisticRegression(C=np.inf, tol=1e-10, max_iter=1000).fit(np.log(q / (1 - q))[:, None], y[:500])
     assert calibration_slope(y[:500], q) == pytest.approx(float(ref.coef_[0, 0]), rel=1e-4)
+
+
+# --- Refusals and predictions from other tools (#28, #23) ---
+
+
+def _eval(*args: str) -> object:
+    return CliRunner().invoke(app, ["evaluate", "--bootstrap", "50", *args])
+
+
+def test_evaluate_refuses_missing_folders_in_one_line(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    for args, what in (
+        (
+            ["--pred", str(tmp_path / "nope"), "--labels", str(cohort / "labels")],
+            "predictions folder does not exist",
+        ),
+        (["--pred", str(run), "--labels", str(tmp_path / "nolabels")], "labels folder or CSV does not exist"),
+    ):
+        res = _eval(*args)
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and what in res.output
+        assert len([line for line in res.output.splitlines() if "error" in line]) == 1
+    assert not (run / "evaluation").exists()
+
+
+def test_evaluate_refuses_predictions_that_share_no_patient_with_the_labels(
+    cohort: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    for d in sorted(run.iterdir()):
+        d.rename(run / f"OTHER{d.name}")
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+    assert res.exit_code == 2, res.output
+    assert "no overlap" in res.output and "ece" not in res.output
+
+
+def test_evaluate_says_n_and_refuses_metrics_it_cannot_compute(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    keep = sorted(d.name for d in run.iterdir())[0]
+    for d in run.iterdir():
+        if d.name != keep:
+            shutil.rmtree(d)
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+    assert res.exit_code == 1, res.output  # one patient: no AUROC, said in one line
+    assert "2 of 3 labelled patient(s) have no prediction" in res.output
+    assert "n = 1" in res.output and "too few cases for auroc" in res.output
+    assert "sensitivity" in res.output and "specificity" in res.output
+
+
+def test_evaluate_reports_sensitivity_at_the_threshold(cohort: Path, tmp_path: Path) -> None:
+    cohort = _with_positives(cohort, tmp_path)
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+    assert res.exit_code == 0, res.output
+    labels = list(csv.DictReader(open(cohort / "labels" / "labels.csv")))
+    pos = sum(r["malignant"] == "1" for r in labels)
+    # _fake_run gives every malignant patient p = 0.8 ≥ 0.5: all found
+    assert f"sensitivity 1.000 ({pos}/{pos})" in res.output, res.output
+    assert f"n = {len(labels)}" in res.output
+
+
+def test_evaluate_numbers_classes_without_segmentation_json(cohort: Path, tmp_path: Path) -> None:
+    cohort = _with_positives(cohort, tmp_path)
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    for f in run.glob("*/segmentation.json"):
+        f.unlink()
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
+    assert {"1", "2"} <= set(summary["segmentation"]) and summary["class_names"].startswith("numbered")
+    res = _eval(
+        "--pred",
+        str(run),
+        "--labels",
+        str(cohort / "labels"),
+        "--classes",
+        "bg,core,oedema,calc",
+        "--out",
+        str(tmp_path / "e"),
+    )
+    assert res.exit_code == 0, res.output
+    named = json.loads((tmp_path / "e" / "metrics_summary.json").read_text())
+    assert named["segmentation"]["core"]["dice"]["mean"] == summary["segmentation"]["1"]["dice"]["mean"]

@@ -29,6 +29,11 @@ def _labels_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
         return list(reader), list(reader.fieldnames or [])
 
 
+def load_label_map_exists(folder: Path) -> bool:
+    """True when `folder` (labels/<patient_id>/) holds a reference label map."""
+    return (folder / "segmentation.nii.gz").exists() or (folder / "segmentation.dcm").exists()
+
+
 def labels_csv_path(labels: Path) -> Path:
     """The labels CSV given either itself or the labels folder that holds `labels.csv`."""
     return labels if labels.suffix == ".csv" else labels / "labels.csv"
@@ -59,12 +64,24 @@ def evaluate(
     subgroups: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
-    """`progress(done, total)` is called after each patient's segmentation metrics."""
+    """Pair `pred_dir`'s patients with `labels`, write metrics, plots and evaluation.pdf; returns the summary.
+
+    Class names come from `classes`, else each patient's segmentation.json (what `medfusion run`
+    writes), else are numbered ("1", "2", … after "background": predictions from another tool).
+    `progress(done, total)` is called after each patient's segmentation metrics. Refused in one line
+    (InputError/ValueError): a missing folder or CSV, and predictions that share no patient with the
+    labels.
+    """
+    if not pred_dir.is_dir():
+        raise InputError(pred_dir, "predictions folder does not exist")
+    if not labels.exists():
+        raise InputError(labels, "labels folder or CSV does not exist")
     labels_dir = labels if labels.is_dir() else labels.parent
     csv_path = labels_csv_path(labels)
     patients = sorted(p.name for p in pred_dir.iterdir() if (p / "scores.json").exists())
     if not patients:
         raise InputError(pred_dir, "no patient outputs (OUT/<id>/scores.json) found")
+    numbered = False
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
     scores: dict[str, dict[str, Any]] = {}
@@ -74,14 +91,20 @@ def evaluate(
         sc = json.loads((pred_dir / pid / "scores.json").read_text())
         scores[pid] = sc
         seg_path = pred_dir / pid / "segmentation.nii.gz"
-        class_names = classes or list(
-            json.loads((pred_dir / pid / "segmentation.json").read_text())["labels"].values()
-        )
         ref = load_label_map(labels_dir / pid)
         if ref is None or not seg_path.exists():
             continue
         pred = read_nifti(seg_path, modality="SEG")
         ref, note = align_reference(ref, pred)
+        names_file = pred_dir / pid / "segmentation.json"
+        if classes:
+            class_names = classes
+        elif names_file.exists():
+            class_names = list(json.loads(names_file.read_text())["labels"].values())
+        else:
+            top = int(max(pred.array.max(), ref.array.max(), 0))
+            class_names = ["background", *(str(k) for k in range(1, top + 1))]
+            numbered = True
         if note:
             notes[pid] = note
         for r in case_metrics(
@@ -113,9 +136,23 @@ def evaluate(
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(rows)
+    table, fields = _labels_table(csv_path) if csv_path.exists() else ([], [])
+    by_pid = {r["patient_id"]: r for r in table}
+    labelled = sorted(
+        {d.name for d in labels_dir.iterdir() if d.is_dir() and load_label_map_exists(d)} | set(by_pid)
+    )
+    if not rows and not set(patients) & set(by_pid):
+        msg = (
+            f"no overlap: none of the {len(patients)} patient(s) in {pred_dir} has a label map or a "
+            f"labels.csv row in {labels} ({len(labelled)} labelled patient(s) there)"
+        )
+        raise ValueError(msg)
     summary: dict[str, Any] = {
         "n_patients_predicted": len(patients),
         "n_patients_with_reference": len({r["patient_id"] for r in rows}),
+        "n_patients_labelled": len(labelled),
+        "labelled_without_prediction": [p for p in labelled if p not in set(patients)],
+        "class_names": "numbered (no segmentation.json, no --classes)" if numbered else "named",
         "nsd_tolerance_mm": tolerance_mm,
         "resampled_references": notes,
         "segmentation": {},
@@ -149,13 +186,14 @@ def evaluate(
             "sensitivity": tp / (tp + fn) if tp + fn else None,
         }
         summary["segmentation"][cname] = block
-    table, fields = _labels_table(csv_path) if csv_path.exists() else ([], [])
     score_names = sorted({k for sc in scores.values() for k in sc.get("probabilities", {})} & set(fields))
     diag: dict[str, Any] = {}
-    by_pid = {r["patient_id"]: r for r in table}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for s in score_names:
+    for s in list(score_names):
         ids = [p for p in patients if p in by_pid and by_pid[p].get(s, "") != ""]
+        if not ids:  # no metric on zero cases (an ECE of 0.000 from nothing)
+            score_names.remove(s)
+            continue
         y = np.array([int(float(by_pid[p][s])) for p in ids])
         pr = np.array([scores[p]["probabilities"][s] for p in ids])
         model_t = float(scores[ids[0]].get("threshold", 0.5)) if ids else 0.5
@@ -175,7 +213,12 @@ def evaluate(
     if diag:
         first = diag[score_names[0]]
         summary["diagnosis"] = {
+            "score": score_names[0],
+            "n": first["n"],
+            "n_positive": first["n_positive"],
+            "threshold": first["thresholds"]["model"],
             **{k: first[k] for k in HEADLINE},
+            **{k: first[f"{k}@model"] for k in ("sensitivity", "specificity")},
             "per_score": diag,
         }
     write_json(out / "metrics_summary.json", summary)

@@ -1,4 +1,8 @@
-"""Atomic file output: write aside in the same folder, then rename, so no file is ever half-written."""
+"""Atomic file output: write aside in the same folder, then rename, so no file is ever half-written.
+
+Files get the mode a plain `open(path, "w")` would give them (0666 less the process's umask: 0644
+under the usual 022), not the 0600 that `tempfile.mkstemp` creates its files with.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(suffix=suffix, dir=path.parent, prefix=".tmp-")
-    os.close(fd)
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())
+    finally:
+        os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -27,13 +34,28 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
+def current_umask() -> int:
+    """The process's umask, read without changing it where the OS allows (Linux: /proc/self/status)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore (not thread-safe, hence the fallback only)
+    os.umask(mask)
+    return mask
+
+
 def write_json(path: str | Path, data: Any) -> Path:
+    """Write `data` as indented JSON, atomically; numpy scalars/arrays and paths are converted."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(data, indent=2, default=_json_default) + "\n")
     return Path(path)
 
 
 def write_text(path: str | Path, text: str) -> Path:
+    """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text)
     return Path(path)

@@ -1,7 +1,16 @@
-"""DICOM Segmentation (BINARY) through highdicom: write one referencing the source CT series, read one back."""
+"""DICOM Segmentation (BINARY) through highdicom: write one referencing the source CT series, read one back.
+
+Source series as hospitals export them are not always complete: a de-identifier may delete Type 2
+attributes (PatientBirthDate, AccessionNumber) instead of emptying them — the SEG then carries them
+empty, as PS3.3 allows — or blank the UIDs a SEG must reference, in which case no SEG is written
+and the reason is returned. A CT whose missing slices were interpolated has more grid slices than
+instances: the SEG holds the frames at the real instances' positions, each referencing its instance.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import highdicom as hd
@@ -21,6 +30,34 @@ _PROPERTY = {
     "calcification": (_ABNORMAL, hd.sr.CodedConcept("18115005", "SCT", "Pathologic calcification")),
 }
 _TISSUE = hd.sr.CodedConcept("85756007", "SCT", "Tissue")
+# Type 2 attributes highdicom copies from the first source image into the SEG's patient/study modules
+_TYPE2 = (
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "PatientSex",
+    "AccessionNumber",
+    "StudyID",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+)
+# Type 1 UIDs a SEG cannot be made without
+_REQUIRED_UIDS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "FrameOfReferenceUID",
+)
+
+
+@dataclasses.dataclass
+class SegResult:
+    """What `write_dicom_seg` did: the file written (None when it chose not to write) and notes."""
+
+    path: Path | None
+    notes: list[str] = dataclasses.field(default_factory=list)
 
 
 def write_dicom_seg(
@@ -31,8 +68,12 @@ def write_dicom_seg(
     *,
     model_name: str,
     model_version: str,
-) -> Path:
-    """Write `labels` (on the CT's grid, values = class indices) as a BINARY DICOM SEG referencing the CT files."""
+) -> SegResult:
+    """Write `labels` (on the CT's grid, values = class indices) as a BINARY DICOM SEG referencing the CT files.
+
+    Returns the path and notes; a source that lacks a UID the SEG must reference is not written
+    (`path` None, the reason in `notes`). Raises ValueError for a label map off the CT's grid.
+    """
     files = ct.meta.get("files")
     if not files:
         msg = "the CT was not read from DICOM; a DICOM SEG needs the source series"
@@ -41,6 +82,21 @@ def write_dicom_seg(
         msg = f"label map {labels.shape} is not on the CT grid {ct.shape}"
         raise ValueError(msg)
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    for f, ds in zip(files, sources, strict=True):
+        blank = [k for k in _REQUIRED_UIDS if not str(ds.get(k, "") or "").strip()]
+        if blank:
+            return SegResult(None, [f"not written: {Path(f).name} has no {', '.join(blank)} to reference"])
+    notes: list[str] = []
+    deleted = sorted({k for ds in sources for k in _TYPE2 if k not in ds})
+    for ds in sources:
+        for attr in deleted:
+            if attr not in ds:
+                setattr(ds, attr, "")  # Type 2: present and empty, as the standard asks of a de-identifier
+    if deleted:
+        notes.append(f"source lacks {', '.join(deleted)} (de-identified?); written empty in the SEG")
+    frames, note = _frames_at_instances(labels, ct, sources)
+    if note:
+        notes.append(note)
     algo = hd.AlgorithmIdentificationSequence(
         name=model_name, version=model_version, family=codes.DCM.ArtificialIntelligence
     )
@@ -59,12 +115,12 @@ def write_dicom_seg(
         )
     seg = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=labels.array.astype(np.uint8),  # frames follow the CT's sorted slice order
+        pixel_array=frames,  # frames follow the CT's sorted slice order
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         # frames with no segment are left out; a map with nothing in it keeps them all (what highdicom
         # would fall back to anyway, with a warning per lesion-free patient)
-        omit_empty_frames=bool(labels.array.any()),
+        omit_empty_frames=bool(frames.any()),
         series_instance_uid=hd.UID(),
         series_number=300,
         sop_instance_uid=hd.UID(),
@@ -77,7 +133,40 @@ def write_dicom_seg(
     )
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
-    return Path(path)
+    return SegResult(Path(path), notes)
+
+
+def _frames_at_instances(
+    labels: Volume, ct: Volume, sources: Sequence[pydicom.Dataset]
+) -> tuple[np.ndarray, str]:
+    """The label slices lying at the source instances' positions, one per instance (sorted as the CT
+    files are). The CT grid has more slices than instances when missing slices were interpolated;
+    those extra slices have no instance to reference and stay in the NIfTI only."""
+    arr = labels.array.astype(np.uint8)
+    if arr.shape[0] == len(sources):
+        return arr, ""
+    normal = np.asarray(ct.direction, float)[:, 2]
+    origin = np.asarray(ct.origin, float)
+    step = float(ct.spacing[2])
+    try:
+        dist = np.array(
+            [float(np.dot(np.asarray(ds.ImagePositionPatient, float) - origin, normal)) for ds in sources]
+        )
+    except (AttributeError, TypeError, ValueError) as exc:
+        msg = (
+            f"CT grid has {arr.shape[0]} slices for {len(sources)} instances without positions to match them"
+        )
+        raise ValueError(msg) from exc
+    index = np.round(dist / step).astype(int)
+    off = np.abs(dist - index * step)
+    if np.any(index < 0) or np.any(index >= arr.shape[0]) or np.any(off > 0.05 * step + 1e-3):
+        msg = f"CT grid has {arr.shape[0]} slices for {len(sources)} instances whose positions are not on it"
+        raise ValueError(msg)
+    extra = arr.shape[0] - len(sources)
+    return arr[index], (
+        f"{extra} interpolated CT slice(s) have no source instance: the SEG holds the {len(sources)} "
+        "real slices, each referencing its instance (segmentation.nii.gz has every slice)"
+    )
 
 
 def read_dicom_seg(path: str | Path) -> Volume:

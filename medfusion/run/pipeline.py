@@ -1,8 +1,12 @@
 """The per-patient pipeline (load → register → infer → write → report) and the cohort runner.
 
 Each patient's outputs are written into a hidden folder and renamed into place when complete, so
-`OUT/<patient_id>/` either holds a whole result or does not exist. A failed patient gets
-`OUT/<patient_id>/error.json` and the run goes on.
+`OUT/<patient_id>/` either holds a whole result or does not exist. Each output is written on its
+own: a writer that fails (a DICOM SEG from a de-identified source, a report) is recorded in
+`qc.json` ("outputs") and the others still land. A failed patient gets `OUT/<patient_id>/error.json`
+and the run goes on. The cohort files (`summary.csv`, `run.json`, `failures.jsonl`) are rebuilt
+from the per-patient files after every run, so a resumed or interrupted run describes the whole
+output folder exactly as an uninterrupted one does.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import shutil
 import time
 import traceback
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,17 +30,26 @@ import numpy as np
 
 from medfusion import __version__
 from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfig
-from medfusion.io.atomic import atomic_path, write_json
+from medfusion.io.atomic import atomic_path, write_json, write_text
 from medfusion.io.case import load_case
 from medfusion.io.errors import InputError
 from medfusion.io.nifti import write_nifti, write_probabilities
+from medfusion.io.volume import Volume
 from medfusion.models.package import preprocess_config
+from medfusion.run.interrupt import Interrupted, check_stop, stop_on_signals
 
 log = logging.getLogger("medfusion.run")
 
 
 @dataclasses.dataclass
 class RunOptions:
+    """What `run_cohort` does: where to, with which pipeline, model, device and scale-out.
+
+    `resume` skips patients whose outputs are complete; `overwrite` replaces the listed patients in
+    an output folder that holds another run (without either, such a folder is refused). `retries`:
+    how many times a patient whose Dask worker died is run again elsewhere.
+    """
+
     out: Path
     pipeline: PipelineConfig
     model: str | None = None
@@ -45,6 +59,8 @@ class RunOptions:
     resume: bool = False
     only: list[str] | None = None
     modality_map: dict[str, str] | None = None
+    overwrite: bool = False
+    retries: int = 1
 
 
 # --- One patient ---
@@ -91,7 +107,10 @@ def run_preprocess_config(pipeline: PipelineConfig, meta: dict[str, Any]) -> Pre
 
 
 def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, Any]:
-    """Run one patient; returns its summary row. Raises nothing for bad input: it writes error.json."""
+    """Run one patient; returns its summary row. Raises nothing for bad input: it writes error.json.
+
+    A stop the user asked for (`Interrupted`) propagates instead, with the half-made folder removed.
+    """
     from medfusion.preprocess.prepare import prepare_case
     from medfusion.run.measure import measure
 
@@ -126,33 +145,46 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
         stage = "write"
         t2 = time.perf_counter()
         class_names = predictor.class_names
-        seg = case.ct.with_array(pred.labels_ct.astype(np.int16), "SEG")
-        write_nifti(seg, tmp / "segmentation.nii.gz")
-        write_json(
-            tmp / "segmentation.json",
-            {
-                "labels": {str(k): n for k, n in enumerate(class_names)},
-                "geometry": "the CT's own grid (same shape and affine)",
-                **(
-                    {"probabilities": "probabilities.nii.gz: one volume per label above, in that order"}
-                    if opts.pipeline.outputs.probabilities
-                    else {}
-                ),
-            },
+        ct: Volume = case.ct
+        seg = ct.with_array(pred.labels_ct.astype(np.int16), "SEG")
+        outputs = _Outputs(pid)
+        outputs.attempt("segmentation.nii.gz", lambda: write_nifti(seg, tmp / "segmentation.nii.gz"))
+        outputs.attempt(
+            "segmentation.json",
+            lambda: write_json(
+                tmp / "segmentation.json",
+                {
+                    "labels": {str(k): n for k, n in enumerate(class_names)},
+                    "geometry": "the CT's own grid (same shape and affine)",
+                    **(
+                        {"probabilities": "probabilities.nii.gz: one volume per label above, in that order"}
+                        if opts.pipeline.outputs.probabilities
+                        else {}
+                    ),
+                },
+            ),
         )
         if opts.pipeline.outputs.probabilities:
-            write_probabilities(pred.probs_ct, case.ct, tmp / "probabilities.nii.gz", class_names)
-        if opts.pipeline.outputs.dicom_seg and case.ct.meta.get("format") == "dicom":
+            outputs.attempt(
+                "probabilities.nii.gz",
+                lambda: write_probabilities(pred.probs_ct, ct, tmp / "probabilities.nii.gz", class_names),
+            )
+        if opts.pipeline.outputs.dicom_seg and ct.meta.get("format") == "dicom":
             from medfusion.io.seg import write_dicom_seg
 
-            write_dicom_seg(
-                seg,
-                case.ct,
-                class_names,
-                tmp / "segmentation.dcm",
-                model_name=str(predictor.meta.get("name")),
-                model_version=str(predictor.meta.get("version")),
-            )
+            def _seg() -> bool:
+                res = write_dicom_seg(
+                    seg,
+                    ct,
+                    class_names,
+                    tmp / "segmentation.dcm",
+                    model_name=str(predictor.meta.get("name")),
+                    model_version=str(predictor.meta.get("version")),
+                )
+                outputs.notes += [f"segmentation.dcm: {n}" for n in res.notes]
+                return res.path is not None
+
+            outputs.attempt("segmentation.dcm", _seg)
         meas = measure(seg, class_names)
         predicted = {n: bool(p >= 0.5) for n, p in pred.scores.items()}
         qc = {
@@ -177,7 +209,6 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             if (reg is None or reg.passed) and not case.errors
             else ("fail" if reg is not None and not reg.passed else "warn"),
         }
-        write_json(tmp / "qc.json", qc)
         scores = {
             "patient_id": pid,
             "probabilities": pred.scores,
@@ -193,6 +224,7 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
                 "amp": bool(predictor.amp),
                 "windows_per_call": int(predictor.sw_batch_size),
             },
+            "seed": {"inference": predictor.seed, "registration": cfg.registration.seed},
             "inputs": _provenance(case),
             "qc_verdict": qc["verdict"],
             "timings_s": {k: round(v, 3) for k, v in t.items()},
@@ -203,47 +235,107 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             t3 = time.perf_counter()
             from medfusion.report.pdf import write_report
 
-            write_report(tmp / "report.pdf", case, tensors, pred, scores, qc, class_names)
+            qc["outputs"] = outputs.to_json()  # what the report can say about the other outputs
+            outputs.attempt(
+                "report.pdf",
+                lambda: write_report(tmp / "report.pdf", case, tensors, pred, scores, qc, class_names),
+            )
             t["report"] = time.perf_counter() - t3
+        stage = "write"
+        qc["outputs"] = outputs.to_json()
+        write_json(tmp / "qc.json", qc)
         scores["timings_s"] = {k: round(v, 3) for k, v in t.items()}
-        write_json(tmp / "scores.json", scores)
+        write_json(tmp / "scores.json", scores)  # last: its presence marks the patient done
         _publish(tmp, final)
-        row = {
-            "patient_id": pid,
-            "status": "ok",
-            "qc_verdict": qc["verdict"],
-            "device": str(predictor.device),
-        }
-        row.update({f"p_{k}": round(v, 4) for k, v in pred.scores.items()})
-        row.update({f"pred_{k}": int(v) for k, v in predicted.items()})
-        row.update({f"u_{k}": round(v, 4) for k, v in pred.uncertainty.items()})
-        row.update({f"vol_{k}_ml": v for k, v in meas["volumes_ml"].items()})
-        row["lesion_count"] = meas["lesion_count"]
-        row["largest_diameter_mm"] = meas["largest_diameter_mm"]
-        row.update({f"t_{k}": round(v, 2) for k, v in t.items()})
-        return row
+        return patient_row(final)
     except Exception as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        check_stop(exc)  # the user's stop surfacing as a library's error is not the patient's failure
         reason = str(exc) if isinstance(exc, InputError | ValueError) else f"{type(exc).__name__}: {exc}"
         log.debug("patient %s failed", pid, exc_info=True)
+        return record_failure(opts.out, pid, stage, reason, traceback.format_exc(limit=6))
+    except BaseException:  # Interrupted, KeyboardInterrupt: leave no half-made folder behind
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        write_json(
-            tmp / "error.json",
-            {
-                "patient_id": pid,
-                "stage": stage,
-                "error": reason.splitlines()[0],
-                "traceback": traceback.format_exc(limit=6),
-            },
-        )
-        _publish(tmp, final)
+        raise
+
+
+class _Outputs:
+    """The per-patient writers' record: each output is attempted on its own, a failure is kept."""
+
+    def __init__(self, pid: str) -> None:
+        self.pid = pid
+        self.written: list[str] = []
+        self.failed: dict[str, str] = {}
+        self.notes: list[str] = []
+
+    def attempt(self, name: str, write: Callable[[], object]) -> None:
+        """Run one writer; on an error keep its reason and go on (a stop request still stops).
+        A writer returning False chose not to write (its note says why)."""
+        try:
+            if write() is not False:
+                self.written.append(name)
+        except Exception as exc:
+            check_stop(exc)
+            reason = str(exc) if isinstance(exc, InputError | ValueError) else f"{type(exc).__name__}: {exc}"
+            log.warning("patient %s: %s not written (%s)", self.pid, name, reason.splitlines()[0])
+            log.debug("writer %s failed", name, exc_info=True)
+            self.failed[name] = reason.splitlines()[0] if reason else type(exc).__name__
+
+    def to_json(self) -> dict[str, Any]:
+        return {"written": list(self.written), "failed": dict(self.failed), "notes": list(self.notes)}
+
+
+def record_failure(out: Path, pid: str, stage: str, reason: str, trace: str = "") -> dict[str, Any]:
+    """Write `OUT/<pid>/error.json` (replacing whatever was there) and return the patient's row."""
+    tmp = out / f".tmp-{pid}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_json(
+        tmp / "error.json",
+        {
+            "patient_id": pid,
+            "stage": stage,
+            "error": reason.splitlines()[0] if reason else "",
+            "traceback": trace,
+        },
+    )
+    _publish(tmp, out / pid)
+    return patient_row(out / pid)
+
+
+def patient_row(folder: Path) -> dict[str, Any]:
+    """A patient's summary.csv row, read back from its output folder (scores.json, qc.json or
+    error.json), so that a resumed patient's row is the same as a freshly run one's."""
+    pid = folder.name
+    err = folder / "error.json"
+    if err.exists() and not (folder / "scores.json").exists():
+        e = json.loads(err.read_text())
         return {
             "patient_id": pid,
             "status": "failed",
             "qc_verdict": "",
-            "error": reason.splitlines()[0],
-            "stage": stage,
+            "error": e.get("error", ""),
+            "stage": e.get("stage", ""),
         }
+    sc = json.loads((folder / "scores.json").read_text())
+    qc_path = folder / "qc.json"
+    qc = json.loads(qc_path.read_text()) if qc_path.exists() else {}
+    meas = sc.get("measurements", {})
+    row: dict[str, Any] = {
+        "patient_id": pid,
+        "status": "ok",
+        "qc_verdict": sc.get("qc_verdict", ""),
+        "device": sc.get("inference", {}).get("device", ""),
+    }
+    row.update({f"p_{k}": round(v, 4) for k, v in sc.get("probabilities", {}).items()})
+    row.update({f"pred_{k}": int(v) for k, v in (sc.get("predicted") or {}).items()})
+    row.update({f"u_{k}": round(v, 4) for k, v in sc.get("uncertainty", {}).items()})
+    row.update({f"vol_{k}_ml": v for k, v in meas.get("volumes_ml", {}).items()})
+    row["lesion_count"] = meas.get("lesion_count")
+    row["largest_diameter_mm"] = meas.get("largest_diameter_mm")
+    row["outputs_failed"] = ";".join(qc.get("outputs", {}).get("failed", {}))
+    row.update({f"t_{k}": round(v, 2) for k, v in sc.get("timings_s", {}).items()})
+    return row
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -253,6 +345,7 @@ def _publish(tmp: Path, final: Path) -> None:
 
 
 def is_done(out: Path, pid: str) -> bool:
+    """True when `OUT/<pid>/` holds a complete result (scores.json is written last)."""
     return (out / pid / "scores.json").exists()
 
 
@@ -305,71 +398,111 @@ def _predictor(opts: RunOptions) -> Any:  # Predictor (torch is imported lazily)
 
 
 def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> dict[str, Any]:
-    """Run every patient folder; write summary.csv and run.json. Returns run.json's content."""
-    opts.out.mkdir(parents=True, exist_ok=True)
+    """Run every patient folder; write summary.csv, run.json and failures.jsonl. Returns run.json's content.
+
+    Refuses (ValueError, before any work) `--only` ids that name no folder, and an output folder that
+    holds another run's patients unless `resume` or `overwrite` is set. A SIGINT/SIGTERM stops the
+    run cleanly: the cohort files are still rebuilt and run.json's "interrupted" names the signal
+    (its "exit_code" is 130 or 143).
+    """
     started = time.perf_counter()
     if opts.only:
+        names = {f.name for f in folders}
+        unknown = [p for p in opts.only if p not in names]
+        if unknown:
+            msg = (
+                f"--only: no patient folder named {', '.join(unknown)} (found {len(names)} patient folder(s))"
+            )
+            raise ValueError(msg)
         wanted = set(opts.only)
         folders = [f for f in folders if f.name in wanted]
+    previous = output_patients(opts.out)
+    if previous and not (opts.resume or opts.overwrite):
+        msg = (
+            f"{opts.out} already holds the outputs of {len(previous)} patient(s) from another run; "
+            "pass --resume to continue it or --overwrite to replace the patients listed (the others are kept)"
+        )
+        raise ValueError(msg)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    for stale in opts.out.glob(".tmp-*"):  # left by a run that was killed
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     todo = [f for f in folders if not (opts.resume and is_done(opts.out, f.name))]
     skipped = [f.name for f in folders if f not in todo]
+    listed = {f.name for f in folders}
+    kept = sorted(p for p in previous if p not in listed)
     rows: list[dict[str, Any]] = []
     model_info: dict[str, Any] = {}
-    if opts.workers > 1 or opts.cluster:
-        from dask.distributed import Client, LocalCluster, as_completed
+    interrupted: Interrupted | None = None
+    try:
+        with stop_on_signals():
+            if opts.workers > 1 or opts.cluster:
+                model_info = _run_dask(todo, opts, rows, progress)
+            else:
+                predictor = _predictor(opts)
+                model_info = predictor.describe()
+                for f in todo:
+                    rows.append(process_case(f, opts, predictor))
+                    if progress:
+                        progress(rows[-1])
+    except Interrupted as exc:
+        interrupted = exc
+    return write_cohort_files(
+        opts,
+        model_info,
+        requested=len(folders),
+        processed=[r["patient_id"] for r in rows],
+        resumed=skipped,
+        kept=kept,
+        seconds=time.perf_counter() - started,
+        interrupted=interrupted,
+    )
 
-        if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # not --debug
-            # Dask's logging config (applied on import) prints the scheduler's start-up and shut-down at
-            # INFO, with a traceback for each comm it closes at the end: keep it to warnings
-            logging.getLogger("distributed").setLevel(logging.WARNING)
-        cluster = (
-            None
-            if opts.cluster
-            else LocalCluster(
-                n_workers=opts.workers,
-                threads_per_worker=1,
-                processes=True,
-                # None does not switch the scheduler's HTTP server off (dask/distributed#8136); a free
-                # port on the loopback keeps it off the network and out of another cluster's way
-                dashboard_address="127.0.0.1:0",
-            )
-        )
-        with Client(opts.cluster or cluster) as client:
-            futs = [client.submit(_worker_run, str(f), opts, pure=False, retries=1) for f in todo]
-            for fut in as_completed(futs):
-                rows.append(fut.result())
-                if progress:
-                    progress(rows[-1])
-        if cluster is not None:
-            cluster.close()
-        from medfusion.models.package import DEFAULT_PACKAGE, read_meta
 
-        meta = read_meta(opts.model or DEFAULT_PACKAGE)
-        model_info = {
-            "name": meta.get("name"),
-            "version": meta.get("version"),
-            "weights_sha256": meta.get("weights_sha256"),
-        }
-    else:
-        predictor = _predictor(opts)
-        model_info = predictor.describe()
-        for f in todo:
-            rows.append(process_case(f, opts, predictor))
-            if progress:
-                progress(rows[-1])
-    for pid in skipped:
-        prev = json.loads((opts.out / pid / "scores.json").read_text())
-        rows.append(
-            {
-                "patient_id": pid,
-                "status": "ok (resumed)",
-                "qc_verdict": prev.get("qc_verdict", ""),
-                **{f"p_{k}": round(v, 4) for k, v in prev["probabilities"].items()},
-            }
+def output_patients(out: Path) -> list[str]:
+    """The patient ids with outputs in `out` (a folder holding scores.json or error.json)."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and ((p / "scores.json").exists() or (p / "error.json").exists())
+    )
+
+
+def write_cohort_files(
+    opts: RunOptions,
+    model_info: dict[str, Any],
+    *,
+    requested: int,
+    processed: list[str],
+    resumed: list[str],
+    kept: list[str],
+    seconds: float,
+    interrupted: Interrupted | None = None,
+) -> dict[str, Any]:
+    """Rebuild summary.csv, failures.jsonl and run.json from every patient folder in `opts.out`."""
+    rows = [patient_row(opts.out / pid) for pid in output_patients(opts.out)]
+    if not model_info:
+        model_info = next(
+            (
+                json.loads((opts.out / r["patient_id"] / "scores.json").read_text())["model"]
+                for r in rows
+                if r["status"] == "ok"
+            ),
+            {},
         )
-    rows.sort(key=lambda r: r["patient_id"])
     _write_summary(opts.out / "summary.csv", rows)
-    failures = [r for r in rows if r["status"] == "failed"]
+    failures = [
+        {"patient_id": r["patient_id"], "stage": r.get("stage"), "error": r.get("error")}
+        for r in rows
+        if r["status"] == "failed"
+    ]
+    write_text(opts.out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
     stage_keys = sorted({k for r in rows for k in r if k.startswith("t_")})
     run = {
         "medfusion_version": __version__,
@@ -381,18 +514,96 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
         "device": opts.device,
         "devices_used": sorted({str(r["device"]) for r in rows if r.get("device")}),
         "workers": opts.workers,
-        "patients": len(folders),
-        "processed": len(todo),
-        "resumed": skipped,
-        "failures": [
-            {"patient_id": r["patient_id"], "stage": r.get("stage"), "error": r.get("error")}
-            for r in failures
-        ],
-        "seconds_total": round(time.perf_counter() - started, 2),
+        "patients": len(rows),
+        "requested": requested,
+        "processed": len(processed),
+        "resumed": resumed,
+        "kept_from_earlier_runs": kept,
+        "interrupted": None if interrupted is None else signal_name(interrupted.signum),
+        "exit_code": None if interrupted is None else interrupted.exit_code,
+        "failures": failures,
+        "seconds_total": round(seconds, 2),
         "median_stage_seconds": {k[2:]: float(np.median([r[k] for r in rows if k in r])) for k in stage_keys},
     }
     write_json(opts.out / "run.json", run)
     return run
+
+
+def signal_name(signum: int) -> str:
+    """SIGINT, SIGTERM, …"""
+    import signal
+
+    return signal.Signals(signum).name
+
+
+def _run_dask(
+    todo: list[Path], opts: RunOptions, rows: list[dict[str, Any]], progress: Any
+) -> dict[str, Any]:
+    """The patients on a Dask LocalCluster (or `opts.cluster`); a patient whose worker died is run
+    again up to `opts.retries` times, then recorded as failed. The cluster is always closed."""
+    import dask
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:  # not --debug
+        # Dask's logging config (applied on import) prints the scheduler's start-up and shut-down at
+        # INFO, with a traceback for each comm it closes at the end: keep it to warnings
+        logging.getLogger("distributed").setLevel(logging.WARNING)
+    cluster = None
+    try:
+        if not opts.cluster:
+            # the scheduler's own re-runs off: a worker's death surfaces here at once, counted by --retries
+            with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+                cluster = LocalCluster(
+                    n_workers=opts.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    # None does not switch the scheduler's HTTP server off (dask/distributed#8136); a free
+                    # port on the loopback keeps it off the network and out of another cluster's way
+                    dashboard_address="127.0.0.1:0",
+                )
+        with Client(opts.cluster or cluster) as client:
+            futs = {client.submit(_worker_run, str(f), opts, pure=False): f for f in todo}
+            attempts = dict.fromkeys(futs.values(), 0)
+            pending = as_completed(list(futs))
+            for fut in pending:
+                folder = futs.pop(fut)
+                try:
+                    row = fut.result()
+                except Interrupted:
+                    raise
+                except Exception as exc:
+                    check_stop(exc)
+                    attempts[folder] += 1
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                    if attempts[folder] <= opts.retries:
+                        log.warning(
+                            "patient %s: %s; running it again (%d of %d)",
+                            folder.name,
+                            reason,
+                            attempts[folder],
+                            opts.retries,
+                        )
+                        again = client.submit(_worker_run, str(folder), opts, pure=False)
+                        futs[again] = folder
+                        pending.add(again)
+                        continue
+                    row = record_failure(
+                        opts.out, folder.name, "worker", f"{reason} (after {attempts[folder]} attempts)"
+                    )
+                rows.append(row)
+                if progress:
+                    progress(row)
+    finally:
+        if cluster is not None:
+            cluster.close()
+    from medfusion.models.package import DEFAULT_PACKAGE, read_meta
+
+    meta = read_meta(opts.model or DEFAULT_PACKAGE)
+    return {
+        "name": meta.get("name"),
+        "version": meta.get("version"),
+        "weights_sha256": meta.get("weights_sha256"),
+    }
 
 
 def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
