@@ -109,11 +109,12 @@ def qc_on_wrong_transforms(cohort: Path, pids: list[str], seed: int = 5) -> None
         tre = float(np.mean(target_registration_error(wrong, truth, case.ct, n=20)))
         qc = quality_check(case.ct, case.mr[0], wrong, cfg)
         caught += not qc["passed"]
-        # before 0.5 the consistency check was the round-trip distance alone (mean ≤ max_consistency_mm)
-        gap = qc["consistency_mm"]["mean"]
-        caught_before += not (qc["checks"]["head_overlap"] and gap <= cfg.max_consistency_mm)
+        # the round-trip distance alone (mean ≤ max_consistency_mm), as the consistency check was before 0.5
+        gap = qc["checks"]["consistency"]["value"]
+        caught_before += gap > cfg.max_consistency_mm
         verdict = "pass" if qc["passed"] else "fail"
-        print(pid, f"TRE {tre:.1f} mm, round trip {gap:.1f} mm:", verdict, qc["checks"], flush=True)
+        values = {k: c["value"] for k, c in qc["checks"].items()}
+        print(pid, f"TRE {tre:.1f} mm:", verdict, values, flush=True)
     print(f"QC failed {caught} of {len(pids)} wrong transforms (round-trip distance alone: {caught_before})")
 
 

@@ -151,7 +151,8 @@ def register(
     try:
         case = load_case(patient)
         if case.ct is None or not case.mr:
-            raise InputError(patient, "needs one CT and at least one MR volume")
+            why = "; ".join(str(e) for e in case.errors[:3])  # e.g. the CT that the loader refused, and why
+            raise InputError(patient, "needs one CT and at least one MR volume" + (f" ({why})" if why else ""))
         res = do_register(
             case.ct, case.mr[0], RegistrationConfig(affine=affine, consistency_check=not no_check)
         )
@@ -171,6 +172,8 @@ def register(
     )
     verdict = "passed" if res.passed else "FAILED"
     stdout.print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
+    for line in [*res.qc.get("reasons", []), *res.qc.get("warnings", [])]:
+        stdout.print(f"  {line}")
     if not res.passed:
         raise typer.Exit(1)
 

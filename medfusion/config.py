@@ -38,9 +38,23 @@ class RegistrationConfig(StrictModel):
     polish_smoothing_mm: float = Field(default=1.0, ge=0.0)
     polish_histogram_bins: int = Field(default=16, ge=4)
     rotation_search_deg: float = 15.0
+    # the images are reduced to this spacing (mm; an image's own spacing where coarser) before any metric
+    # evaluation, so that cost follows the head's size, not the scanner's matrix (0: each image's own
+    # grid, the behaviour before 0.8). 1.5 mm leaves the standard synthetic pair (1.6-2.5 mm) as it is.
+    working_spacing_mm: float = Field(default=1.5, ge=0.0)
     consistency_check: bool = True
     max_consistency_mm: float = 5.0
-    min_head_dice: float = 0.85
+    # a round trip beyond max_consistency_mm but within this is settled by the forward metric at both
+    # estimates; beyond it the registration fails (two far-apart optima: the images do not decide)
+    max_consistency_settle_mm: float = 20.0
+    # identity fields (patient_id, study_uid, frame_of_reference_uid) that must not differ between CT
+    # and MR; the others are reported as warnings when they differ (a CT and an MR are usually two
+    # studies with two frames of reference)
+    identity_must_match: list[Literal["patient_id", "study_uid", "frame_of_reference_uid"]] = ["patient_id"]
+    # the share of the MR's foreground that must lie inside the CT's field of view
+    min_fov_fraction: float = Field(default=0.5, ge=0.0, le=1.0)
+    # QC: registering again from the transform must not move the head's points by more than this (mean mm)
+    max_reoptimisation_mm: float = Field(default=2.0, gt=0.0)
     seed: int = 1
 
 
@@ -52,10 +66,11 @@ LEGACY_REGISTRATION: dict[str, object] = {
     "polish_iterations": 0,
     "polish_smoothing_mm": 1.0,
     "polish_histogram_bins": 16,
+    "working_spacing_mm": 0.0,
 }
 # Fields that existed for a while and were removed, with the value that meant what the code does now:
 # a stored record holding that value is read without the field; any other value stays a mismatch.
-REMOVED_REGISTRATION: dict[str, object] = {"consistency_levels": "coarse"}
+REMOVED_REGISTRATION: dict[str, object] = {"consistency_levels": "coarse", "min_head_dice": 0.85}
 
 
 def upgrade_registration(stored: dict[str, object]) -> dict[str, object]:

@@ -63,10 +63,13 @@ def test_qc_fails_on_a_wrong_transform(registered: dict) -> None:
     wrong[:3, 3] += [10.0, -8.0, 6.0]
     qc = quality_check(case.ct, case.mr[0], wrong, RegistrationConfig())
     assert not qc["passed"]
-    assert qc["consistency_mm"]["mean"] > 5.0
-    # the disagreement is settled by the metric: the reverse estimate scores better than the wrong transform
-    assert not qc["checks"]["consistency"]
-    assert qc["metric_at_reverse_estimate"] < qc["metric_at_transform"]
+    checks = qc["checks"]
+    assert (
+        checks["consistency"]["value"] > checks["consistency"]["limit"]
+        and not checks["consistency"]["passed"]
+    )
+    assert not checks["reoptimisation"]["passed"] and checks["reoptimisation"]["value"] > 2.0
+    assert any("better-scoring" in r for r in qc["reasons"])
 
 
 def test_registration_from_file_and_skip(registered: dict, tmp_path: Path, cohort: Path) -> None:
