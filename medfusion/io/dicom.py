@@ -21,12 +21,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from medfusion.io.errors import InputError
-from medfusion.io.volume import Volume
+from medfusion.io.volume import MAX_VOXELS, Volume
 
-MAX_VOXELS = 1024**3  # a header that claims more than this is refused before allocation
 _UNCOMPRESSED_LE = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 
@@ -121,10 +120,6 @@ class DicomSeries:
     @property
     def modality(self) -> str:
         return self.first.modality
-
-    @property
-    def description(self) -> str:
-        return str(self.first.header.get("SeriesDescription", ""))
 
     @property
     def is_image(self) -> bool:
@@ -979,13 +974,6 @@ def _meta(ds: Dataset, series_uid: str, paths: list[Path]) -> dict[str, Any]:
         "sop_class_uid": str(ds.get("SOPClassUID", "")),
         "transfer_syntax": str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")),
     }
-
-
-def transfer_syntax_name(uid: str) -> str:
-    try:
-        return UID(uid).name
-    except Exception:
-        return uid
 
 
 def read_dicom_volume(path: str | Path, min_slices: int = 1) -> Volume:

@@ -11,10 +11,9 @@ import numpy as np
 
 from medfusion.io.atomic import atomic_path
 from medfusion.io.errors import InputError
-from medfusion.io.volume import Volume
+from medfusion.io.volume import MAX_VOXELS, Volume
 
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-MAX_VOXELS = 1024**3  # refuse headers that claim more than this before allocating anything
 
 _NAME_MODALITY = (("flair", "MR"), ("t1", "MR"), ("t2", "MR"), ("mr", "MR"), ("ct", "CT"))
 

@@ -20,12 +20,19 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
+MAX_VOXELS = 1024**3  # a header that claims more voxels than this is refused before allocation
+
 # --- Types ---
 
 
 @dataclasses.dataclass
 class Volume:
-    """A 3D image and its geometry, in LPS millimetres."""
+    """A 3D image and its geometry, in LPS millimetres.
+
+    Raises:
+        ValueError: the array is not 3D, a spacing is not positive and finite, the origin is not
+            finite, or `direction` is not orthonormal (its columns must be unit axes at right angles).
+    """
 
     array: np.ndarray
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
