@@ -152,7 +152,9 @@ def register(
         case = load_case(patient)
         if case.ct is None or not case.mr:
             why = "; ".join(str(e) for e in case.errors[:3])  # e.g. the CT that the loader refused, and why
-            raise InputError(patient, "needs one CT and at least one MR volume" + (f" ({why})" if why else ""))
+            raise InputError(
+                patient, "needs one CT and at least one MR volume" + (f" ({why})" if why else "")
+            )
         res = do_register(
             case.ct, case.mr[0], RegistrationConfig(affine=affine, consistency_check=not no_check)
         )
@@ -187,7 +189,10 @@ def synth(
     n: Annotated[int, typer.Option("--n", min=1, help="Number of patients.")] = 40,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same cohort.")] = 7,
     size: Annotated[
-        str, typer.Option(help="Grid preset: standard (128×128×96 CT) or small (96×96×64).")
+        str,
+        typer.Option(
+            help="Grid preset: standard (128×128×96 CT), small (96×96×64) or clinical (512×512×152 CT at 0.45 × 0.45 × 1.25 mm, 256×256×176 MR at 1 mm)."
+        ),
     ] = "standard",
     workers: Annotated[int, typer.Option(min=1, help="Processes.")] = 2,
     start: Annotated[int, typer.Option(min=0, help="First patient index (to extend a cohort).")] = 0,

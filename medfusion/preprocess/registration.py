@@ -386,9 +386,16 @@ def quality_check(
         round(fov, 3), cfg.min_fov_fraction, "value >= limit", fov >= cfg.min_fov_fraction
     )
     fmask = _metric_mask(fixed, cfg)
-    checks["reoptimisation"] = _reoptimisation(fixed, moving, fmask, matrix, cfg)
+    image_checks = {"reoptimisation": (_reoptimisation, cfg.max_reoptimisation_mm)}
     if cfg.consistency_check:
-        checks["consistency"] = _consistency(fixed, moving, fmask, matrix, cfg)
+        image_checks["consistency"] = (_consistency, cfg.max_consistency_mm)
+    for name, (run, limit) in image_checks.items():
+        try:
+            checks[name] = run(fixed, moving, fmask, matrix, cfg)
+        except RuntimeError as exc:  # ITK: no metric samples where the images overlap
+            if "overlap" not in str(exc) and "outside" not in str(exc):
+                raise
+            checks[name] = _check(None, limit, "value <= limit", False, error="the images do not overlap")
     reasons = [_reason(name, c) for name, c in checks.items() if not c["passed"]]
     return {"passed": not reasons, "reasons": reasons, "warnings": warnings, "checks": checks}
 
@@ -409,6 +416,8 @@ def qc_summary(qc: dict[str, Any]) -> str:
 
 
 def _reason(name: str, c: dict[str, Any]) -> str:
+    if c.get("error"):
+        return f"{name.replace('_', ' ')}: {c['error']}"
     if name == "identity":
         return "the CT and the MR differ in " + ", ".join(IDENTITY_FIELDS[k] for k in c["value"])
     if name == "field_of_view":

@@ -24,7 +24,7 @@ from medfusion.io.volume import Volume
 from medfusion.synth import notes
 from medfusion.synth.export import study_info, write_series
 from medfusion.synth.phantom import CLASS_NAMES, HeadPhantom, labels_from_tissue
-from medfusion.synth.render import grid_points, render_ct, render_mr
+from medfusion.synth.render import grid_points, render_ct, render_mr, slabs
 
 # --- Parameters ---
 
@@ -41,6 +41,8 @@ class GridPreset:
         presets = {
             "standard": GridPreset((128, 128, 96), (1.6, 1.6, 2.0), (112, 112, 80), (1.9, 1.9, 2.5)),
             "small": GridPreset((96, 96, 64), (2.1, 2.1, 3.0), (80, 80, 56), (2.6, 2.6, 3.6)),
+            # a head CT as scanners write it (512², 0.45 mm in plane, 1.25 mm slices) and a 3D T1 at 1 mm
+            "clinical": GridPreset((512, 512, 152), (0.45, 0.45, 1.25), (256, 256, 176), (1.0, 1.0, 1.0)),
         }
         if name not in presets:
             msg = f"unknown grid preset {name!r}; choose one of {sorted(presets)}"
@@ -137,8 +139,9 @@ def generate_patient(
     # CT: axial, head centred near the table's origin
     ct_centre = np.array([rng.uniform(-5, 5), rng.uniform(-25, -15), rng.uniform(-60, 60)])
     ct = centred_grid(grid.ct_size, grid.ct_spacing, np.eye(3), ct_centre)
-    pts_ct = grid_points(ct)
-    tissue_ct = head.tissue(pts_ct - ct_centre).reshape(ct.shape)
+    tissue_ct = np.empty(ct.shape, np.uint8)
+    for k0, k1 in slabs(ct):
+        tissue_ct[k0:k1] = head.tissue(grid_points(ct, k0, k1) - ct_centre).reshape(k1 - k0, *ct.shape[1:])
     hu = render_ct(head, tissue_ct, ct, rng)
     labels = labels_from_tissue(tissue_ct)
     # MR: own grid and orientation, rigidly misaligned; y = R x + t maps CT points to MR points
@@ -149,11 +152,17 @@ def generate_patient(
     orient = str(rng.choice(list(_ORIENTATIONS)))
     mr_centre = rot @ ct_centre + trans + rng.uniform(-8, 8, 3)
     mr = centred_grid(grid.mr_size, grid.mr_spacing, _ORIENTATIONS[orient], mr_centre)
-    pts_mr = grid_points(mr)
-    pts_in_ct = (pts_mr - trans) @ rot  # R^T (q - t)
-    tissue_mr = head.tissue(pts_in_ct - ct_centre).reshape(mr.shape)
-    rim = head.core_rim(pts_in_ct - ct_centre).reshape(mr.shape)
-    t1c = render_mr(head, tissue_mr, rim, mr, pts_in_ct - ct_centre, rng)
+
+    def to_phantom(q: np.ndarray) -> np.ndarray:
+        return (q - trans) @ rot - ct_centre  # R^T (q - t), about the head centre
+
+    tissue_mr = np.empty(mr.shape, np.uint8)
+    rim = np.empty(mr.shape, bool)
+    for k0, k1 in slabs(mr):
+        p = to_phantom(grid_points(mr, k0, k1))
+        tissue_mr[k0:k1] = head.tissue(p).reshape(k1 - k0, *mr.shape[1:])
+        rim[k0:k1] = head.core_rim(p).reshape(k1 - k0, *mr.shape[1:])
+    t1c = render_mr(head, tissue_mr, rim, mr, to_phantom, rng)
     # Files
     study = study_info(pid, nf.sex, nf.age, seed, rng)
     write_series(
