@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from collections.abc import Iterator
-from types import FrameType
+from types import FrameType, TracebackType
 from typing import Any
 
 _state = {"signum": 0}
@@ -69,6 +70,14 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(old_sig, old_handler)
         raise Interrupted(signum)
 
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        # a C++ library calling back into Python (SimpleITK's iteration commands) prints an exception
+        # raised in the callback through sys.excepthook before it aborts: the stop needs no traceback
+        if not issubclass(kind, Interrupted):
+            old_hook(kind, value, tb)
+
+    old_hook = sys.excepthook
+    sys.excepthook = hook
     for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
         previous[signum] = signal.signal(signum, handler)
     try:
@@ -76,4 +85,5 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+        sys.excepthook = old_hook
         _state["signum"] = 0
