@@ -147,7 +147,8 @@ def test_12_nan_background_is_replaced_and_reported(tmp_path: Path) -> None:
     assert np.isfinite(mr.array).all()
     n_nan = int(round(truth["nan_fraction"] * mr.array.size))
     assert any(w.startswith(f"{n_nan} NaN/Inf voxel(s)") for w in mr.warnings), mr.warnings
-    assert float(mr.array.min()) == pytest.approx(150.0)  # the smallest finite value: the scalp
+    assert float(mr.array.min()) == 0.0  # NaN marked the background: 0, not the scalp's 150
+    assert float(np.mean(mr.array == 0.0)) == pytest.approx(truth["nan_fraction"])
 
 
 def test_14_nifti_without_transform_is_warned_about(tmp_path: Path) -> None:

@@ -149,7 +149,7 @@ def load_case(
             volumes.append(load_series(series))
         except InputError as exc:
             errors.append(exc)
-        except (ValueError, TypeError, OSError, IndexError, KeyError, MemoryError) as exc:
+        except Exception as exc:
             # a header combination the rules above did not foresee: lose the series, not the patient
             errors.append(InputError(series.first.path, f"series refused ({type(exc).__name__}: {exc})"))
     modality_map = {k.lower(): v.upper() for k, v in (modality_map or {}).items()}
@@ -158,7 +158,7 @@ def load_case(
             volumes.append(_load_nifti(path, modality_map))
         except InputError as exc:
             errors.append(exc)
-        except (ValueError, TypeError, OSError, IndexError, KeyError, MemoryError) as exc:
+        except Exception as exc:
             errors.append(InputError(path, f"NIfTI refused ({type(exc).__name__}: {exc})"))
     for v in volumes:
         v.warnings.extend(value_warnings(v))

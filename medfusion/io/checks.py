@@ -49,4 +49,22 @@ def value_warnings(volume: Volume) -> list[str]:
             f"no air near −1000 HU in this CT (1st percentile {p1:.0f} HU): a missing or wrong "
             "RescaleIntercept, or a field of view inside the body?"
         )
+    else:
+        out.extend(_slice_warnings(volume))
     return out
+
+
+def _slice_warnings(volume: Volume) -> list[str]:
+    """Slices without air, or with values far beyond the others', in a CT whose other slices are
+    plausible: a rescale (or sign) that differs from slice to slice."""
+    planes = np.asarray(volume.array[:, ::4, ::4], dtype=np.float32)
+    air = np.mean((planes >= AIR_HU[0]) & (planes <= AIR_HU[1]), axis=(1, 2))
+    high = planes.reshape(len(planes), -1).max(axis=1)
+    odd = np.flatnonzero((air == 0) & (np.median(air) > 0.02) | (np.abs(high) > MAX_PLAUSIBLE_HU))
+    if not len(odd):
+        return []
+    shown = ", ".join(str(int(k)) for k in odd[:6]) + ("…" if len(odd) > 6 else "")
+    return [
+        f"{len(odd)} of {len(planes)} CT slices (index {shown}) have no air near −1000 HU or values beyond "
+        "±20000 HU, unlike the others: RescaleIntercept or PixelRepresentation differing between slices?"
+    ]

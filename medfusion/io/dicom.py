@@ -9,11 +9,14 @@ transfer syntax goes through pydicom's decoder plugins (gdcm, pylibjpeg-openjpeg
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -42,6 +45,15 @@ NON_IMAGE_SOP = {
     "1.2.840.10008.5.1.4.1.1.88.33": "Comprehensive SR",
     "1.2.840.10008.5.1.4.1.1.88.59": "Key Object Selection",
     "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture",
+}
+# image storage SOP classes whose objects must carry pixels (CT, enhanced CT, MR, enhanced MR, PET, …)
+IMAGE_STORAGE = {
+    "1.2.840.10008.5.1.4.1.1.2",
+    "1.2.840.10008.5.1.4.1.1.2.1",
+    "1.2.840.10008.5.1.4.1.1.4",
+    "1.2.840.10008.5.1.4.1.1.4.1",
+    "1.2.840.10008.5.1.4.1.1.128",
+    "1.2.840.10008.5.1.4.1.1.130",
 }
 _NON_IMAGE_PREFIXES = (
     "1.2.840.10008.5.1.4.1.1.88.",
@@ -83,6 +95,7 @@ class DicomFile:
     pixel_offset: int | None  # byte offset of the pixel values, for the direct-read path
     header: Dataset
     high_bit: int = -1
+    rescale_given: bool = True
     problems: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
 
@@ -92,7 +105,10 @@ class DicomFile:
 
     @property
     def image_type(self) -> tuple[str, ...]:
-        value = self.header.get("ImageType", ())
+        try:
+            value = self.header.get("ImageType", ())
+        except Exception:  # an unconvertible element reads as absent
+            return ()
         if isinstance(value, str):
             value = value.split("\\")
         return tuple(str(v).strip().upper() for v in value)
@@ -292,8 +308,20 @@ def read_header(path: Path) -> DicomFile:
     """Parse one file's header (no pixel data). Raises InputError with a one-line reason.
 
     Non-image objects (DICOMDIR, SR, PDF, …) are returned too, with ``is_image`` False, so that
-    the caller can list them as skipped rather than unreadable.
+    the caller can list them as skipped rather than unreadable. An element pydicom cannot convert
+    (an unknown VR, a length that does not fit its VR, …) refuses the file, never the folder.
     """
+    try:
+        return _read_header(path)
+    except InputError:
+        raise
+    except OSError:
+        raise
+    except Exception as exc:  # deferred element conversion in pydicom raises many types
+        raise InputError(path, f"malformed header ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_header(path: Path) -> DicomFile:
     size = path.stat().st_size
     if size == 0:
         raise InputError(path, "zero-byte file")
@@ -329,8 +357,12 @@ def read_header(path: Path) -> DicomFile:
                 raise InputError(
                     path, f"truncated pixel data: {size - offset} bytes present, {need} expected"
                 )
-    slope = _number(ds, "RescaleSlope", 1.0, problems, warnings) or 1.0
+    slope = _number(ds, "RescaleSlope", 1.0, problems, warnings)
+    if slope == 0.0:
+        warnings.append("RescaleSlope '0' is not valid; read as 1")
+        slope = 1.0
     intercept = _number(ds, "RescaleIntercept", 0.0, problems, warnings)
+    rescale_given = _raw_text(ds, "RescaleIntercept") is not None or _raw_text(ds, "RescaleSlope") is not None
     ps = _geometry(ds, "PixelSpacing", 2, problems, warnings)
     if ps is not None and not np.all(ps > 0):
         problems.append(f"PixelSpacing '{_raw_text(ds, 'PixelSpacing')}' is not positive")
@@ -358,6 +390,7 @@ def read_header(path: Path) -> DicomFile:
         pixel_offset=offset if tsyntax in _UNCOMPRESSED_LE else None,
         header=ds,
         high_bit=_int(ds, "HighBit", bits_stored - 1),
+        rescale_given=rescale_given,
         problems=problems,
         warnings=warnings,
     )
@@ -411,6 +444,8 @@ def scan_folder(folder: str | Path, workers: int = 2) -> DicomScan:
             return exc
         except OSError as exc:
             return InputError(p, f"cannot read ({exc.strerror})")
+        except Exception as exc:  # whatever one file does, the others are read
+            return InputError(p, f"unreadable ({type(exc).__name__}: {exc})")
 
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for res in pool.map(_one, candidates):
@@ -419,6 +454,9 @@ def scan_folder(folder: str | Path, workers: int = 2) -> DicomScan:
     skipped: list[tuple[str, str]] = []
     for h in headers:
         kind = non_image_kind(h.sop_class)
+        if kind is None and h.sop_class in IMAGE_STORAGE and not h.is_image:
+            errors.append(InputError(h.path, "image object without Rows/Columns (truncated header?)"))
+            continue
         if kind is not None or not h.is_image:
             skipped.append((str(h.path), kind or "no image pixels"))
             continue
@@ -426,7 +464,11 @@ def scan_folder(folder: str | Path, workers: int = 2) -> DicomScan:
     series: list[DicomSeries] = []
     notes: list[str] = []
     for uid, files in groups.items():
-        split = split_series(uid, sorted(files, key=lambda f: str(f.path)))
+        try:
+            split = split_series(uid, sorted(files, key=lambda f: str(f.path)))
+        except (InputError, OSError) as exc:
+            errors.append(exc if isinstance(exc, InputError) else InputError(files[0].path, str(exc)))
+            continue
         series.extend(split.parts)
         skipped.extend(split.skipped)
         notes.extend(split.notes)
@@ -476,7 +518,10 @@ def _position_key(f: DicomFile) -> tuple[float, ...]:
 
 
 def _attribute_key(f: DicomFile, keyword: str) -> str:
-    value = f.header.get(keyword)
+    try:
+        value = f.header.get(keyword)
+    except Exception:  # an unconvertible element reads as absent
+        return ""
     if value is None or value == "":
         return ""
     if keyword == "ImageType":
@@ -538,30 +583,32 @@ def split_series(uid: str, files: list[DicomFile]) -> SeriesSplit:
         images = unique  # a series of localizers only: let the loader judge it
     elif len(images) < len(unique):
         notes.append(f"series {uid}: {len(unique) - len(images)} localizer image(s) left out")
-    # 3. geometry groups; files whose geometry is unreadable stay together for the loader to report
-    geometry: dict[tuple[Any, ...], list[DicomFile]] = {}
+    # 3. slices whose own header is faulty: each is an error when the others can make a volume; when
+    #    every slice shares the fault, the loader refuses the series in one line
+    faulty = [f for f in images if _slice_fault(f)]
+    if faulty and len(faulty) < len(images):
+        for f in faulty:
+            errors.append(InputError(f.path, f"{_slice_fault(f)}; slice left out of its series"))
+        images = [f for f in images if not _slice_fault(f)]
+    # 4. geometry groups, by tolerance (a DS rounded differently must not split a series)
+    groups: list[list[DicomFile]] = []
     for f in images:
-        if f.problems or f.orientation is None or f.position is None or f.pixel_spacing is None:
-            key: tuple[Any, ...] = ("unreadable geometry",)
+        for g in groups:
+            if _same_geometry(g[0], f):
+                g.append(f)
+                break
         else:
-            key = (
-                tuple(np.round(f.orientation, 3).tolist()),
-                f.rows,
-                f.columns,
-                tuple(np.round(f.pixel_spacing, 4).tolist()),
-                f.frames > 1,
-            )
-        geometry.setdefault(key, []).append(f)
-    groups = list(geometry.values())
+            groups.append([f])
     labels = [""] * len(groups)
     if len(groups) > 1:
         labels = [
             f"geometry {i + 1}/{len(groups)} ({g[0].rows}×{g[0].columns})" for i, g in enumerate(groups)
         ]
-    # 4. repeated positions
+    # 5. repeated positions, then gaps along the normal
     parts: list[tuple[str, list[DicomFile], list[str]]] = []
     for label, group in zip(labels, groups, strict=True):
-        parts.extend(_split_repeats(uid, label, group, notes))
+        for sub_label, sub, extra in _split_repeats(uid, label, group, notes):
+            parts.extend(_split_gaps(sub_label, sub, extra))
     multi = [p for p in parts if len(p[1]) > 1 or p[1][0].frames > 1]
     result: list[DicomSeries] = []
     for label, group, extra in parts:
@@ -574,6 +621,76 @@ def split_series(uid: str, files: list[DicomFile]) -> SeriesSplit:
     if len(result) > 1:
         notes.append(f"series {uid} split into {len(result)} volumes: " + "; ".join(p.part for p in result))
     return SeriesSplit(result, skipped, notes, errors)
+
+
+def _slice_fault(f: DicomFile) -> str | None:
+    """Why one slice cannot join a volume (malformed geometry or pixel layout), or None."""
+    if f.problems:
+        return f.problems[0]
+    missing = [
+        k
+        for k, v in (
+            ("ImagePositionPatient", f.position),
+            ("ImageOrientationPatient", f.orientation),
+            ("PixelSpacing", f.pixel_spacing),
+        )
+        if v is None
+    ]
+    if missing:
+        return f"missing {'/'.join(missing)}"
+    if f.pixel_representation not in (0, 1):
+        return f"PixelRepresentation {f.pixel_representation} is neither 0 nor 1"
+    if f.bits_allocated not in (1, 8, 16, 32) or not 1 <= f.bits_stored <= f.bits_allocated:
+        return f"BitsAllocated {f.bits_allocated} / BitsStored {f.bits_stored} is not a valid layout"
+    return None
+
+
+def _same_geometry(a: DicomFile, b: DicomFile) -> bool:
+    """One volume's slices: orientation within 1e-3, same matrix, spacing within 1e-3 mm."""
+    if _slice_fault(a) or _slice_fault(b):
+        return bool(_slice_fault(a)) and bool(_slice_fault(b))
+    assert a.orientation is not None and b.orientation is not None
+    assert a.pixel_spacing is not None and b.pixel_spacing is not None
+    return (
+        (a.rows, a.columns, a.frames > 1) == (b.rows, b.columns, b.frames > 1)
+        and bool(np.allclose(a.orientation, b.orientation, atol=1e-3))
+        and bool(np.allclose(a.pixel_spacing, b.pixel_spacing, atol=1e-3))
+    )
+
+
+GAP_FACTOR = 4.0  # a step along the normal this many times the median step splits a series into slabs
+
+
+def _split_gaps(
+    label: str, group: list[DicomFile], extra: list[str]
+) -> list[tuple[str, list[DicomFile], list[str]]]:
+    """Split a geometry group at gaps of more than GAP_FACTOR × its median slice step (two slabs of
+    one series): interpolating across a gap that wide would invent anatomy."""
+    if len(group) < 4 or group[0].frames > 1 or _slice_fault(group[0]):
+        return [(label, group, extra)]
+    assert group[0].orientation is not None
+    normal = np.cross(group[0].orientation[:3], group[0].orientation[3:])
+    dist = np.array([float(np.dot(f.position, normal)) for f in group])  # type: ignore[arg-type]
+    order = np.argsort(dist, kind="stable")
+    steps = np.diff(dist[order])
+    positive = steps[steps > 1e-3]
+    if not len(positive):
+        return [(label, group, extra)]
+    median = float(np.median(positive))
+    cuts = [i + 1 for i, s in enumerate(steps) if s > GAP_FACTOR * median]
+    if not cuts:
+        return [(label, group, extra)]
+    bounds = [0, *cuts, len(group)]
+    slabs = [[group[i] for i in order[lo:hi]] for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]
+    widest = float(steps.max())
+    return [
+        (
+            ", ".join(x for x in (label, f"slab {k + 1}/{len(slabs)}") if x),
+            slab,
+            [*extra, f"series split at a {widest:.0f} mm gap between slices (median step {median:.3g} mm)"],
+        )
+        for k, slab in enumerate(slabs)
+    ]
 
 
 def _split_repeats(
@@ -590,18 +707,21 @@ def _split_repeats(
         values: dict[str, list[DicomFile]] = {}
         for f in group:
             values.setdefault(_attribute_key(f, keyword), []).append(f)
-        # a split must explain the repeats: as many values as copies of a position, none a lone slice
+        # a split must reduce the repeats: no more values than copies of a position, none a lone
+        # slice, and fewer copies in every part; parts that still repeat are split further (two
+        # echoes × magnitude/phase, echoes × temporal positions, …)
         if not 2 <= len(values) <= repeats or min(len(v) for v in values.values()) < 2:
             continue
-        if all(len({_position_key(f) for f in v}) == len(v) for v in values.values()):
-            sub = f"{keyword} {{}}"
-            return [
-                (", ".join(x for x in (label, sub.format(k or "none")) if x), v, [])
-                for k, v in sorted(values.items())
-            ]
+        within = [max(Counter(_position_key(f) for f in v).values()) for v in values.values()]
+        if max(within) < repeats:
+            out: list[tuple[str, list[DicomFile], list[str]]] = []
+            for k, v in sorted(values.items()):
+                sub = ", ".join(x for x in (label, f"{keyword} {k or 'none'}") if x)
+                out.extend(_split_repeats(uid, sub, v, notes))
+            return out
     # copies under new SOPInstanceUIDs: same position, same pixels
     kept: dict[tuple[float, ...], tuple[DicomFile, str]] = {}
-    out: list[DicomFile] = []
+    remaining: list[DicomFile] = []
     dropped = 0
     for f in group:
         pos = _position_key(f)
@@ -610,16 +730,16 @@ def _split_repeats(
             if kept[pos][1] == digest:
                 dropped += 1
                 continue
-            out.append(f)  # a conflict: the loader refuses the group and names the file
+            remaining.append(f)  # a conflict: the loader refuses the group and names the file
             continue
         kept[pos] = (f, digest)
-        out.append(f)
+        remaining.append(f)
     extra = (
         [f"{dropped} duplicate slice(s) (same position and pixels, new SOPInstanceUID) dropped"]
         if dropped
         else []
     )
-    return [(label, out, extra)]
+    return [(label, remaining, extra)]
 
 
 # --- Loading ---
@@ -687,10 +807,8 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
             first.path, f"series has {len(files)} slice(s); a 3D volume needs at least {min_slices}"
         )
     warnings: list[str] = list(series.notes)
+    warnings.extend(_merged_file_warnings(files))
     for f in files:
-        for w in f.warnings:
-            if w not in warnings:
-                warnings.append(w)
         missing = [
             k
             for k, v in (
@@ -723,28 +841,29 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
         dup = files[int(np.argmin(steps)) + 1].path
         raise InputError(dup, "two slices share one position (duplicate or conflicting geometry)")
     nominal = float(np.median(steps)) if len(steps) else float(first.header.get("SliceThickness", 1.0) or 1.0)
-    dtype = _dtype_for(first)
+    _dtype_for(first)  # refuses an unsupported BitsAllocated before any read
     n, rows, cols = len(files), first.rows, first.columns
     if n * rows * cols > MAX_VOXELS:
         raise InputError(first.path, f"series of {n}×{rows}×{cols} voxels exceeds the {MAX_VOXELS} limit")
-    fast = _direct_int16(files)
-    if fast is not None:
-        # one pass: each thread reads a slice's bytes straight into the int16 output, masks the
-        # unused high bits and adds the intercept in place
-        data = np.empty((n, rows, cols), dtype=np.int16)
-
-        def _one(i: int) -> None:
-            _read_frame_into(files[i], data[i].view(dtype))
-            if fast:
-                data[i] += np.int16(fast)
-
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(_one, range(n)))
-    else:
-        stored = np.empty((n, rows, cols), dtype=dtype)
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            list(pool.map(lambda i: _read_frame_into(files[i], stored[i]), range(n)))
-        data = _rescale(stored, [f.slope for f in files], [f.intercept for f in files])
+    files, rescale_note = _fill_missing_rescale(files)
+    if rescale_note:
+        warnings.append(rescale_note)
+    data, failed = _read_pixels(files, workers)
+    if failed:
+        if len(failed) > len(files) // 2:
+            i, exc = failed[0]
+            raise InputError(
+                files[i].path, f"{len(failed)} of {len(files)} slices cannot be decoded: {exc.problem}"
+            )
+        keep = np.setdiff1d(np.arange(len(files)), [i for i, _ in failed])
+        names = ", ".join(files[i].path.name for i, _ in failed[:3]) + ("…" if len(failed) > 3 else "")
+        warnings.append(
+            f"{len(failed)} slice(s) could not be decoded ({names}: {failed[0][1].problem}); left out and "
+            "the gap interpolated"
+        )
+        files = [files[i] for i in keep]
+        data, dist, positions = data[keep], dist[keep], positions[keep]
+        steps = np.diff(dist)
     spacing_xy = (first.pixel_spacing[1], first.pixel_spacing[0])
     origin = positions[0]
     # gantry tilt (or any in-plane drift of the slice origins): shift each slice back onto one column
@@ -829,6 +948,105 @@ def _deshear(
         f"{rows + grow_r}×{cols + grow_c})"
     )
     return out, new_origin, note
+
+
+def _merged_file_warnings(files: list[DicomFile]) -> list[str]:
+    """The files' repair warnings, one per attribute: "… (in 24 of 24 slices)" instead of 24 lines."""
+    by_key: dict[str, list[str]] = {}
+    for f in files:
+        for w in f.warnings:
+            by_key.setdefault(w.split(" ", 1)[0] + w.split("'")[-1], []).append(w)
+    out = []
+    for texts in by_key.values():
+        suffix = f" (in {len(texts)} of {len(files)} slices)" if len(files) > 1 else ""
+        out.append(texts[0] + suffix)
+    return out
+
+
+def _fill_missing_rescale(files: list[DicomFile]) -> tuple[list[DicomFile], str | None]:
+    """A series whose RescaleSlope/RescaleIntercept is absent from some slices but the same in all
+    others: the absent ones take that value (read as 1 / 0 they would be off by the intercept)."""
+    given = [f for f in files if f.rescale_given]
+    if not given or len(given) == len(files):
+        return files, None
+    pairs = {(f.slope, f.intercept) for f in given}
+    n_missing = len(files) - len(given)
+    if len(pairs) != 1:
+        return files, (
+            f"RescaleSlope/RescaleIntercept absent from {n_missing} of {len(files)} slices and not the same "
+            "in the others; those slices read unscaled — check the values"
+        )
+    slope, intercept = next(iter(pairs))
+    fixed = [
+        f if f.rescale_given else dataclasses.replace(f, slope=slope, intercept=intercept) for f in files
+    ]
+    return fixed, (
+        f"RescaleSlope/RescaleIntercept absent from {n_missing} of {len(files)} slices; the series' "
+        f"{slope:g}/{intercept:g} applied to them"
+    )
+
+
+def _read_pixels(files: list[DicomFile], workers: int) -> tuple[np.ndarray, list[tuple[int, InputError]]]:
+    """Every slice's rescaled values, (n, rows, columns), and the slices that could not be decoded
+    (index, error); their planes are left as the series' minimum for the caller to drop.
+
+    One pass straight into int16 when the layout allows it (`_direct_int16`); one dtype for the
+    series when every slice shares BitsAllocated/BitsStored/PixelRepresentation; otherwise each slice
+    is read with its own layout and rescale (mixed exports) into float32.
+    """
+    n, rows, cols = len(files), files[0].rows, files[0].columns
+    failed: list[tuple[int, InputError]] = []
+    layouts = {(f.bits_allocated, f.bits_stored, f.pixel_representation) for f in files}
+    fast = _direct_int16(files)
+
+    def guarded(fn: Any) -> Any:
+        def run(i: int) -> None:
+            try:
+                fn(i)
+            except InputError as exc:
+                failed.append((i, exc))
+
+        return run
+
+    with _quiet_decoders(), ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        if fast is not None:
+            # each thread reads a slice's bytes into the int16 output, masks the unused high bits
+            # and adds the intercept in place
+            data = np.empty((n, rows, cols), dtype=np.int16)
+            dtype = _dtype_for(files[0])
+
+            def _fast(i: int) -> None:
+                _read_frame_into(files[i], data[i].view(dtype))
+                if fast:
+                    data[i] += np.int16(fast)
+
+            list(pool.map(guarded(_fast), range(n)))
+        elif len(layouts) == 1:
+            stored = np.zeros((n, rows, cols), dtype=_dtype_for(files[0]))
+            list(pool.map(guarded(lambda i: _read_frame_into(files[i], stored[i])), range(n)))
+            data = _rescale(stored, [f.slope for f in files], [f.intercept for f in files])
+        else:
+            data = np.zeros((n, rows, cols), dtype=np.float32)
+
+            def _own(i: int) -> None:
+                one = np.empty((rows, cols), dtype=_dtype_for(files[i]))
+                _read_frame_into(files[i], one)
+                data[i] = one.astype(np.float32) * np.float32(files[i].slope) + np.float32(files[i].intercept)
+
+            list(pool.map(guarded(_own), range(n)))
+    return data, sorted(failed, key=lambda t: t[0])
+
+
+@contextlib.contextmanager
+def _quiet_decoders() -> Iterator[None]:
+    """pydicom logs each decoder plugin's failure with its traceback; the caller reports one line."""
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _direct_int16(files: list[DicomFile]) -> int | None:

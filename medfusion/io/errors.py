@@ -6,9 +6,13 @@ from pathlib import Path
 
 
 class InputError(ValueError):
-    """A file or folder that cannot be read as what it claims to be."""
+    """A file or folder that cannot be read as what it claims to be.
+
+    The message is always one line, ``"<path>: <problem>"``: a problem text from a library that
+    spans several lines (decoders add hints and tracebacks) is joined with " / ".
+    """
 
     def __init__(self, path: str | Path, problem: str) -> None:
         self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{self.path}: {problem}")
+        self.problem = " / ".join(part.strip() for part in str(problem).splitlines() if part.strip())
+        super().__init__(f"{self.path}: {self.problem}")

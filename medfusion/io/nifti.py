@@ -58,7 +58,8 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     rule). A 4D file with one volume is squeezed; more volumes are refused. Voxels are normalised
     on read and every change is reported in ``Volume.warnings``:
 
-    - NaN/±Inf voxels are replaced by the background value (the smallest finite voxel), counted;
+    - NaN/±Inf voxels are replaced by the background value (0, or the smallest finite voxel when
+      that is negative, as a CT's air), counted;
     - non-native byte order and unusual dtypes (int64, uint32, float64, bool, …) become native
       int16/int32/float32 (float32 when the values do not fit an integer type exactly);
     - scl_slope/scl_inter are applied (the result is float32), noted in ``meta["notes"]``;
@@ -79,8 +80,8 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     shape = tuple(int(s) for s in img.shape)
     if int(np.prod(shape, dtype=np.float64)) > MAX_VOXELS:
         raise InputError(path, f"header claims {shape} voxels, more than the {MAX_VOXELS} limit")
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
+    while len(shape) > 3 and shape[-1] == 1:  # (x, y, z, 1[, 1…]): one volume
+        shape = shape[:-1]
     if len(shape) != 3:
         raise InputError(path, f"expected a 3D image, got shape {tuple(img.shape)}")
     stored = img.get_data_dtype()
@@ -97,8 +98,14 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     if slope not in (1.0, None) or inter not in (0.0, None):
         notes.append(f"scl_slope {float(slope):g} / scl_inter {float(inter):g} applied")
     data = _normalise_voxels(path, data, warnings)
-    warnings.extend(_transform_warnings(img))
-    affine = _RAS_TO_LPS @ img.header.get_best_affine()
+    transform_warnings = _transform_warnings(img)
+    warnings.extend(transform_warnings)
+    best = img.header.get_best_affine()
+    if _sheared(best) and int(img.header["sform_code"]) > 0 and int(img.header["qform_code"]) > 0:
+        # a sheared sform cannot hold a Volume; the qform (rotation + zooms by construction) can
+        warnings.append("sform is sheared (non-orthogonal axes); the qform is used instead")
+        best = img.header.get_qform()
+    affine = _RAS_TO_LPS @ best
     m = affine[:3, :3]
     spacing = np.linalg.norm(m, axis=0)
     if np.any(spacing <= 0) or not np.all(np.isfinite(m)):
@@ -115,6 +122,8 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
         "manufacturer": sidecar.get("Manufacturer", ""),
         "sidecar": sidecar,
         "notes": notes,
+        # no qform/sform: written back without a transform too (volume_to_nifti), never as if known
+        "orientation_unknown": any(w.startswith("no spatial transform") for w in transform_warnings),
     }
     # NIfTI (i, j, k) → SimpleITK layout (k, j, i)
     vol = Volume(
@@ -127,6 +136,15 @@ def read_nifti(path: str | Path, modality: str | None = None) -> Volume:
     )
     vol.warnings.extend(warnings)
     return vol
+
+
+def _sheared(affine: np.ndarray) -> bool:
+    m = affine[:3, :3]
+    n = np.linalg.norm(m, axis=0)
+    if np.any(n <= 0):
+        return False
+    d = m / n
+    return not np.allclose(d.T @ d, np.eye(3), atol=1e-4)
 
 
 def _normalise_voxels(path: Path, data: np.ndarray, warnings: list[str]) -> np.ndarray:
@@ -143,7 +161,8 @@ def _normalise_voxels(path: Path, data: np.ndarray, warnings: list[str]) -> np.n
         if n_bad:
             if n_bad == data.size:
                 raise InputError(path, "every voxel is NaN or infinite")
-            background = float(np.min(data[~bad]))
+            # NaN marks "no data" (masked background): 0 for a non-negative image, else its minimum
+            background = min(0.0, float(np.min(data[~bad])))
             data = np.where(bad, np.float32(background), data)
             warnings.append(
                 f"{n_bad} NaN/Inf voxel(s) ({100.0 * n_bad / data.size:.1f} %) replaced by the "
@@ -169,7 +188,7 @@ def _transform_warnings(img: Any) -> list[str]:
             "unknown; read with the voxel sizes only (axes assumed LAS, NIfTI's fall-back), "
             "so registration starts from a guess and left/right may be wrong"
         ]
-    if q_code > 0 and s_code > 0:
+    if q_code > 0 and s_code > 0 and not _sheared(header.get_sform()):
         q, s = header.get_qform(), header.get_sform()
         shift = float(np.linalg.norm(q[:3, 3] - s[:3, 3]))
         qa = q[:3, :3] / np.linalg.norm(q[:3, :3], axis=0)
@@ -189,8 +208,9 @@ def volume_to_nifti(volume: Volume, data_xyz: np.ndarray | None = None) -> nib.N
     affine = _RAS_TO_LPS @ volume.affine
     data = volume.array.transpose(2, 1, 0) if data_xyz is None else data_xyz
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
+    code = 0 if volume.meta.get("orientation_unknown") else 1
+    img.header.set_qform(affine, code=code)
+    img.header.set_sform(affine, code=code)
     img.header.set_xyzt_units("mm")
     return img
 
