@@ -757,6 +757,9 @@ def domain_fit(
     except (ValueError, InputError, PackageError) as exc:
         _fail(exc)
     for sit, rec in block["fitted_on"]["thresholds"].items():
+        if "not_fitted" in rec:
+            stdout.print(f"{sit}: no density ({rec['n_fit']} cases: {rec['not_fitted']})")
+            continue
         stdout.print(
             f"{sit}: {rec['n_fit']} fitted, threshold {rec['threshold']} "
             f"({rec['heldout_flagged']}/{rec['n_heldout']} held-out flagged)"

@@ -1,8 +1,15 @@
-"""Inference: one model per process, test-time flip augmentation, MC-dropout score uncertainty."""
+"""Inference: one model per process, test-time flip augmentation, MC-dropout score uncertainty, and
+the domain check of each case against the package's guard (models/domain.py).
+
+Deterministic: the same input, package and device give the same numbers. MC dropout draws from a
+generator seeded with `seed` (restored afterwards), and torch runs with deterministic algorithms
+(cuDNN autotuning off, cuBLAS with a fixed workspace), so label maps and scores repeat bit for bit.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +18,11 @@ import torch
 
 from medfusion.infer.postprocess import postprocess_labels
 from medfusion.infer.windowed import default_sw_batch_size, forward_case, package_roi
+from medfusion.models.domain import DomainGuard, DomainVerdict, EncoderFeatures, assess, case_facts
 from medfusion.models.measures import FEATURES as MEASURE_FEATURES
 from medfusion.models.measures import lesion_features
 from medfusion.models.network import MedFusionNet, channels_last
-from medfusion.models.package import load_package, pick_device
+from medfusion.models.package import DEFAULT_PACKAGE, load_package, pick_device
 from medfusion.preprocess.prepare import CaseTensors
 
 
@@ -27,6 +35,18 @@ class Prediction:
     uncertainty: dict[str, float]  # std of the calibrated probability over MC-dropout and TTA samples
     # the label map's measurements that the scores read (network.measures; empty otherwise)
     score_features: dict[str, float] = dataclasses.field(default_factory=dict)
+    # (D,) pooled encoder features of the unflipped pass, for the domain check (models/domain.py)
+    domain_features: np.ndarray | None = None
+
+
+def deterministic_torch(device: torch.device) -> None:
+    """Ask torch for deterministic kernels (process-wide): cuDNN without autotuning and deterministic
+    algorithms; cuBLAS needs its workspace fixed before its first call."""
+    if device.type == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 class Predictor:
@@ -48,9 +68,14 @@ class Predictor:
         lesions_need_core: bool = True,
         window_overlap: float = 0.5,
         sw_batch_size: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.device = pick_device(device)
-        self.model, self.meta = load_package(package, self.device)
+        deterministic_torch(self.device)
+        self.package = Path(package) if package is not None else DEFAULT_PACKAGE
+        self.model, self.meta = load_package(self.package, self.device)
+        self.guard = DomainGuard.load(self.package, self.meta)
+        self.seed = seed
         self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.tta = tta
         self.mc_samples = mc_samples
@@ -68,11 +93,21 @@ class Predictor:
         return self.model
 
     def _passes(
-        self, ct: torch.Tensor, mr: torch.Tensor, has: torch.Tensor, note: str
+        self, ct: torch.Tensor, mr: torch.Tensor, has: torch.Tensor, note: str, features: EncoderFeatures
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         flips: list[tuple[int, ...]] = [()] + ([(4,)] if self.tta else [])
         return forward_case(
-            self.model, ct, mr, has, note, self.roi, flips, self.amp, self.window_overlap, self.sw_batch_size
+            self.model,
+            ct,
+            mr,
+            has,
+            note,
+            self.roi,
+            flips,
+            self.amp,
+            self.window_overlap,
+            self.sw_batch_size,
+            features,
         )
 
     @torch.inference_mode()
@@ -82,7 +117,8 @@ class Predictor:
         mr = channels_last(torch.from_numpy(t.mr).float()[None].to(dev))
         has = torch.tensor([t.has_mr], device=dev)
         self.model.eval()
-        probs, heads = self._passes(ct, mr, has, t.note)
+        recorder = EncoderFeatures(self.model)
+        probs, heads = self._passes(ct, mr, has, t.note, recorder)
         off = self.model.note_logits([t.note]).float()
         score = self.model.score_logits
         pg = probs[0].cpu().numpy()
@@ -95,12 +131,13 @@ class Predictor:
         samples = [self.model.calibrated(score(h, off, meas)) for h in heads]
         if self.mc_samples > 0:
             self.model.score_head.train()  # dropout on, for Monte-Carlo sampling of the score head only
-            gen_state = torch.random.get_rng_state()
-            torch.manual_seed(0)  # the same case gives the same uncertainty
-            for _ in range(self.mc_samples):
-                for h in heads:
-                    samples.append(self.model.calibrated(score(h, off, meas)))
-            torch.random.set_rng_state(gen_state)
+            # the same case gives the same uncertainty: dropout masks from a generator seeded per case,
+            # on the device the masks are drawn on (CUDA has its own generator); the global state is kept
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                for _ in range(self.mc_samples):
+                    for h in heads:
+                        samples.append(self.model.calibrated(score(h, off, meas)))
             self.model.score_head.eval()
         point = (
             self.model.calibrated(torch.stack([score(h, off, meas) for h in heads]).mean(0))[0].cpu().numpy()
@@ -115,7 +152,14 @@ class Predictor:
             {n: float(point[i]) for i, n in enumerate(self.score_names)},
             {n: float(spread[i]) for i, n in enumerate(self.score_names)},
             features,
+            recorder.vector(),
         )
+
+    def assess(self, case: Any, pred: Prediction, mr_used: bool) -> DomainVerdict:
+        """The domain verdict for a predicted case (`case`: io.case.Case; `mr_used`: whether its MR
+        reached the model). Without a fitted guard in the package, only the rules that need no training
+        run (CT in Hounsfield units, MR not a CT)."""
+        return assess(self.guard, case_facts(case, mr_used), pred.domain_features)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -123,4 +167,5 @@ class Predictor:
             "version": self.meta.get("version"),
             "architecture": self.meta.get("architecture"),
             "weights_sha256": self.meta.get("weights_sha256"),
+            "domain_guard": bool(self.guard),
         }

@@ -10,11 +10,13 @@ predicted lesion — what most training crops were — or on the volume's centre
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
 
+from medfusion.models.domain import EncoderFeatures
 from medfusion.models.network import MedFusionNet
 
 
@@ -55,36 +57,28 @@ def forward_case(
     amp: bool = False,
     overlap: float = 0.5,
     sw_batch_size: int = 1,
+    features: EncoderFeatures | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Class probabilities (1, K, z, y, x) averaged over `flips`, and the score head's input per flip.
 
     `roi` None (or at least the volume's size) runs the whole volume at once; otherwise windows of
     `roi` overlapping by the fraction `overlap`, blended with Gaussian weights, `sw_batch_size` windows
-    per network call."""
+    per network call. `features`, if given, records the encoder's pooled features during the unflipped
+    segmentation pass only (models/domain.py), so they do not depend on test-time augmentation."""
     dev = ct.device.type
     nct = ct.shape[1]
-
-    def seg_probs(x: torch.Tensor) -> torch.Tensor:  # x: a batch of windows of the one case
-        n = x.shape[0]
-        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-            seg, _ = model.encode(x[:, :nct], x[:, nct:], has_mr.expand(n), [note] * n)
-        return torch.softmax(seg.float(), 1)
-
     whole = roi is None or all(r >= s for r, s in zip(roi, ct.shape[-3:], strict=True))
     probs, heads = [], []
     for f in flips:
         x = torch.cat([ct, mr], 1)
         x = x.flip(f) if f else x
-        if whole:
-            with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
-                seg, head_in = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
-            p = torch.softmax(seg.float(), 1)
-            heads.append(head_in.float())
-        else:
-            assert roi is not None
-            out = sliding_window_inference(x, roi, sw_batch_size, seg_probs, overlap=overlap, mode="gaussian")
-            assert isinstance(out, torch.Tensor)
-            p = out
+        recorder: EncoderFeatures | nullcontext[None] = (
+            features if features is not None and not f else nullcontext()
+        )
+        with recorder:
+            p, head_in = _segment(model, x, nct, has_mr, note, roi, whole, amp, overlap, sw_batch_size)
+        if head_in is not None:
+            heads.append(head_in)
         probs.append(p.flip(f) if f else p)
     mean = torch.stack(probs).mean(0)
     if not whole:
@@ -97,6 +91,67 @@ def forward_case(
                 _, head_in = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
             heads.append(head_in.float())
     return mean, heads
+
+
+def _segment(
+    model: MedFusionNet,
+    x: torch.Tensor,
+    nct: int,
+    has_mr: torch.Tensor,
+    note: str,
+    roi: list[int] | None,
+    whole: bool,
+    amp: bool,
+    overlap: float,
+    sw_batch_size: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One (possibly flipped) segmentation pass: probabilities, and the score head's input when the
+    whole volume ran at once."""
+    dev = x.device.type
+
+    def seg_probs(w: torch.Tensor) -> torch.Tensor:  # w: a batch of windows of the one case
+        n = w.shape[0]
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            seg, _ = model.encode(w[:, :nct], w[:, nct:], has_mr.expand(n), [note] * n)
+        return torch.softmax(seg.float(), 1)
+
+    if whole:
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=amp):
+            seg, head_in = model.encode(x[:, :nct], x[:, nct:], has_mr, [note])
+        return torch.softmax(seg.float(), 1), head_in.float()
+    assert roi is not None
+    out = sliding_window_inference(x, roi, sw_batch_size, seg_probs, overlap=overlap, mode="gaussian")
+    assert isinstance(out, torch.Tensor)
+    return out, None
+
+
+@torch.inference_mode()
+def encoder_features(
+    model: MedFusionNet,
+    ct: torch.Tensor,
+    mr: torch.Tensor,
+    has_mr: torch.Tensor,
+    roi: list[int] | None,
+    overlap: float = 0.5,
+    sw_batch_size: int = 1,
+) -> np.ndarray:
+    """The domain features (D,) of one case (ct (1, C, z, y, x), mr (1, 1, z, y, x)) that `forward_case`
+    records, from the image encoder alone over the same windows: for fitting a domain density without
+    the cost of the decoder."""
+    rec = EncoderFeatures(model)
+    nct = ct.shape[1]
+    x = torch.cat([ct, mr], 1)
+
+    def encode_only(w: torch.Tensor) -> torch.Tensor:
+        model.image_features(w[:, :nct], w[:, nct:], has_mr.expand(w.shape[0]))
+        return torch.zeros((w.shape[0], 1, *w.shape[2:]), device=w.device)
+
+    with rec:
+        if roi is None or all(r >= s for r, s in zip(roi, ct.shape[-3:], strict=True)):
+            encode_only(x)
+        else:
+            sliding_window_inference(x, roi, sw_batch_size, encode_only, overlap=overlap, mode="constant")
+    return rec.vector()
 
 
 def default_sw_batch_size(device: torch.device) -> int:

@@ -293,22 +293,10 @@ class MedFusionNet(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Segmentation logits and the fused vector the score head reads (for MC-dropout sampling)."""
         cfg = self.cfg
-        if not cfg.use_ct:
-            ct = torch.zeros_like(ct)
-        present = has_mr.to(ct.dtype).view(-1, 1, 1, 1, 1) * float(cfg.use_mr)
         if not cfg.use_note:
             notes = [""] * len(notes)
         tokens, tmask, tvec = self.text(notes)
-        if self.per_modality:
-            f_ct = self.enc_ct(ct)
-            f_mr = self.enc_mr(mr)
-            feats = [
-                m(a, present * b + (1 - present) * p.expand_as(b))
-                for m, a, b, p in zip(self.merges, f_ct, f_mr, self.mr_missing, strict=True)
-            ]
-        else:
-            mr_in = present * mr + (1 - present) * self.mr_missing_input.expand_as(mr)
-            feats = self.enc(torch.cat([ct, mr_in], 1))
+        feats = self.image_features(ct, mr, has_mr)
         extra: list[torch.Tensor] = []
         if self.sequence is not None:
             feats[-1], cls = self.sequence(feats[-1], tokens, tmask)
@@ -327,6 +315,22 @@ class MedFusionNet(nn.Module):
                 torch.zeros_like(log_vol),
             )
         return seg, torch.cat([pooled, lesion_feat, log_vol, tvec, *extra], 1)
+
+    def image_features(self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor) -> list[torch.Tensor]:
+        """The image encoder's features per level (B, C_l, …), fused across modalities, before the note
+        joins: what `encode` builds on, and what the domain density (models/domain.py) reads."""
+        if not self.cfg.use_ct:
+            ct = torch.zeros_like(ct)
+        present = has_mr.to(ct.dtype).view(-1, 1, 1, 1, 1) * float(self.cfg.use_mr)
+        if self.per_modality:
+            f_ct = self.enc_ct(ct)
+            f_mr = self.enc_mr(mr)
+            return [
+                m(a, present * b + (1 - present) * p.expand_as(b))
+                for m, a, b, p in zip(self.merges, f_ct, f_mr, self.mr_missing, strict=True)
+            ]
+        mr_in = present * mr + (1 - present) * self.mr_missing_input.expand_as(mr)
+        return list(self.enc(torch.cat([ct, mr_in], 1)))
 
     def calibrated(self, score_logits: torch.Tensor) -> torch.Tensor:
         """Probabilities after temperature scaling."""

@@ -57,6 +57,43 @@ def table(rows: list[list[str]], widths: list[float]) -> Table:
     return t
 
 
+def not_assessed_text(domain: dict[str, Any]) -> str:
+    """The banner of an out-of-domain case: "Not assessed: input outside the model's training domain —
+    <reasons>"."""
+    reasons = "; ".join(domain.get("reasons") or ["no reason recorded"])
+    return f"Not assessed: input outside the model's training domain — {reasons}"
+
+
+def not_assessed_banner(scores: dict[str, Any], styles: Any) -> list[Any]:
+    """The first page's banner when `scores["predicted"]` is null (out of domain); nothing otherwise."""
+    if scores.get("predicted") is not None:
+        return []
+    style = ParagraphStyle(
+        "banner",
+        parent=styles["Normal"],
+        fontSize=11,
+        leading=14,
+        textColor=colors.HexColor("#7b241c"),
+        backColor=colors.HexColor("#fdedec"),
+        borderPadding=4,
+    )
+    return [Spacer(1, 3 * mm), Paragraph(not_assessed_text(scores.get("domain") or {}), style)]
+
+
+def verdict_inputs_line(domain: dict[str, Any]) -> str:
+    """Which inputs the scores above were computed from, and whether their calibration was measured
+    for exactly those inputs (models/domain.py)."""
+    sit = domain.get("situation")
+    if not sit:
+        return "Inputs: not recorded."
+    missing = [m for m in ("MR", "note") if f"+{m}" not in sit]
+    lacking = f" (no {' and no '.join(missing)})" if missing else ""
+    if not domain.get("guard_fitted"):
+        return f"Inputs: {sit}{lacking}; this model package has no fitted domain guard."
+    how = "measured" if domain.get("calibrated_for_situation") else "NOT measured"
+    return f"Inputs: {sit}{lacking}; calibration {how} for these inputs."
+
+
 def write_report(
     path: Path,
     case: Any,
@@ -74,6 +111,7 @@ def write_report(
     story: list[Any] = [
         Paragraph("medfusion — multimodal imaging report", styles["Title"]),
         Paragraph(DISCLAIMER, warn),
+        *not_assessed_banner(scores, styles),
         Spacer(1, 3 * mm),
         table(
             [
@@ -93,11 +131,21 @@ def write_report(
     story.append(
         _img(figures.score_bars(scores["probabilities"], scores["uncertainty"], scores["threshold"]), 130)
     )
-    pred_txt = ", ".join(
-        f"{k}: {'POSITIVE' if v else 'negative'} (p = {scores['probabilities'][k]:.2f} ± {scores['uncertainty'][k]:.2f})"
-        for k, v in scores["predicted"].items()
-    )
-    story.append(Paragraph(f"Predicted at threshold {scores['threshold']}: {pred_txt}", styles["Normal"]))
+    domain = scores.get("domain") or {}
+    if scores.get("predicted") is None:  # out of the model's domain: no verdict, the banner says why
+        probs = ", ".join(f"{k} {p:.2f}" for k, p in scores["probabilities"].items())
+        story.append(
+            Paragraph(
+                f"Probabilities for research use only, not an answer: {probs}. Inputs: {domain.get('situation', '—')}.",
+                small,
+            )
+        )
+    else:
+        pred_txt = ", ".join(
+            f"{k}: {'POSITIVE' if v else 'negative'} (p = {scores['probabilities'][k]:.2f} ± {scores['uncertainty'][k]:.2f})"
+            for k, v in scores["predicted"].items()
+        )
+        story.append(Paragraph(f"Predicted at threshold {scores['threshold']}: {pred_txt}", styles["Normal"]))
     story.append(Paragraph("Measurements", styles["Heading2"]))
     meas = scores["measurements"]
     rows = [["Structure", "Volume (mL)"]] + [
@@ -131,7 +179,7 @@ def write_report(
         if "consistency_mm" in q:
             reg_line += f", reverse-registration consistency {q['consistency_mm']['mean']} mm"
     story.append(Paragraph(reg_line, small))
-    story.append(Paragraph(f"Overall input verdict: {qc['verdict']}", small))
+    story.append(Paragraph(f"Overall input verdict: {qc['verdict']}. {verdict_inputs_line(domain)}", small))
     story.append(PageBreak())
     story.append(Paragraph("Images through the lesion", styles["Heading2"]))
     story.append(_img(figures.triplanar(case.ct, tensors.mr_in_ct, pred.labels_ct, class_names), 170))

@@ -141,6 +141,7 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
         stage = "infer"
         t1 = time.perf_counter()
         pred = predictor.predict(tensors)
+        domain = predictor.assess(case, pred, mr_used)  # models/domain.py: before anyone reads a score
         t["infer"] = time.perf_counter() - t1
         stage = "write"
         t2 = time.perf_counter()
@@ -186,7 +187,8 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
 
             outputs.attempt("segmentation.dcm", _seg)
         meas = measure(seg, class_names)
-        predicted = {n: bool(p >= 0.5) for n, p in pred.scores.items()}
+        # out of the model's domain: no answer ("not assessed"); the probabilities stay for research use
+        predicted = {n: bool(p >= 0.5) for n, p in pred.scores.items()} if domain.in_domain else None
         qc = {
             "patient_id": pid,
             "inputs": {
@@ -215,6 +217,7 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             "predicted": predicted,
             "threshold": 0.5,
             "uncertainty": pred.uncertainty,
+            "domain": domain.to_json(),
             "measurements": meas,
             **({"score_features": pred.score_features} if pred.score_features else {}),
             "model": predictor.describe(),
@@ -328,6 +331,7 @@ def patient_row(folder: Path) -> dict[str, Any]:
         "device": sc.get("inference", {}).get("device", ""),
     }
     row.update({f"p_{k}": round(v, 4) for k, v in sc.get("probabilities", {}).items()})
+    row["in_domain"] = sc.get("domain", {}).get("in_domain", "")
     row.update({f"pred_{k}": int(v) for k, v in (sc.get("predicted") or {}).items()})
     row.update({f"u_{k}": round(v, 4) for k, v in sc.get("uncertainty", {}).items()})
     row.update({f"vol_{k}_ml": v for k, v in meas.get("volumes_ml", {}).items()})

@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from medfusion.config import PreprocessConfig, StrictModel
 from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.atomic import atomic_path, write_json
+from medfusion.models.domain import DEFAULT_FLAG_RATE, MAX_SITUATION_ECE
 from medfusion.models.measures import grid_spacing_zyx, lesion_features
 from medfusion.models.network import MedFusionNet, NetConfig, channels_last
 from medfusion.models.package import load_package, package_vocabulary, pick_device, save_package
@@ -80,6 +81,16 @@ class AugmentConfig(StrictModel):
     class_crop_ratios: list[float] | None = None
 
 
+class DomainFitConfig(StrictModel):
+    """The domain guard fitted after training (models/domain.py, train/domain.py)."""
+
+    fit: bool = True
+    # share of held-out in-domain cases the feature-distance threshold flags
+    flag_rate: float = Field(default=DEFAULT_FLAG_RATE, gt=0, lt=1)
+    # an input situation's scores count as calibrated at or below this validation ECE (issue #25: 0.08)
+    max_ece: float = Field(default=MAX_SITUATION_ECE, gt=0)
+
+
 class TrainConfig(StrictModel):
     name: str = "medfusion-default"
     version: str = "0.1.0"
@@ -88,6 +99,7 @@ class TrainConfig(StrictModel):
     preprocess: PreprocessConfig = PreprocessConfig()
     augment: AugmentConfig = AugmentConfig()
     diagnosis: DiagnosisConfig = DiagnosisConfig()
+    domain: DomainFitConfig = DomainFitConfig()
     epochs: int = 30
     steps_per_epoch: int | None = None
     batch_size: int = 2
@@ -604,6 +616,23 @@ class Trainer:
                 },
                 metrics={"validation": metrics_out},
             )
+            if cfg.domain.fit:
+                from medfusion.train.domain import fit_training_domain
+
+                fit_training_domain(
+                    model.to(self.device),
+                    self.out / "package",
+                    train,
+                    val,
+                    Path(cfg.data.patients),
+                    cfg.crop_size,
+                    val_probabilities=p_cal,
+                    val_labels=y_val,
+                    flag_rate=cfg.domain.flag_rate,
+                    max_ece=cfg.domain.max_ece,
+                    overlap=cfg.val_window_overlap,
+                    sw_batch_size=default_sw_batch_size(self.device),
+                )
             summary = {
                 "validation": metrics_out,
                 "temperature": temps.tolist(),
