@@ -4,6 +4,12 @@ error measure (TRE at 20 random points inside the CT head mask).
 
     python benchmarks/registration.py --cohort DIR [--n 10]
 
+    python benchmarks/registration.py --size clinical --cohort CLINICAL_DIR --baseline-cohort STANDARD_DIR [--n 10]
+
+`--size clinical`: the cost of the matrix. Each pair of the clinical-size cohort (`medfusion synth --size
+clinical`) and of the standard-size one is registered in the same run; medians and their ratio, TRE
+against the generator's truth, and the process's peak RSS are printed.
+
     python benchmarks/registration.py --cohort DIR --n 10 \
         --ants-python /path/to/ants-venv/bin/python --elastix-python /path/to/elastix-venv/bin/python
 
@@ -118,9 +124,44 @@ def qc_on_wrong_transforms(cohort: Path, pids: list[str], seed: int = 5) -> None
     print(f"QC failed {caught} of {len(pids)} wrong transforms (round-trip distance alone: {caught_before})")
 
 
+def size_ratio(clinical: Path, standard: Path, n: int) -> None:
+    """Registration time and TRE per pair at clinical and at standard size, same run, same settings."""
+    import resource
+
+    cfg = RegistrationConfig(consistency_check=False)
+    rows: dict[str, dict[str, list[float]]] = {}
+    for label, cohort in (("standard", standard), ("clinical", clinical)):
+        rows[label] = {"s": [], "tre": [], "worst": []}
+        for pid in sorted(p.name for p in (cohort / "patients").iterdir())[:n]:
+            case = load_case(cohort / "patients" / pid)
+            assert case.ct is not None
+            truth = np.array(
+                json.loads((cohort / "labels" / pid / "truth.json").read_text())["registration"]["matrix_lps"]
+            )
+            t = time.perf_counter()
+            res = register(case.ct, case.mr[0], cfg)
+            dt = time.perf_counter() - t
+            e = target_registration_error(res.matrix, truth, case.ct, n=20)
+            rows[label]["s"].append(dt)
+            rows[label]["tre"].append(float(np.median(e)))
+            rows[label]["worst"].append(float(e.max()))
+            print(label, pid, case.ct.shape, f"{dt:.1f} s, TRE median {np.median(e):.2f} mm", flush=True)
+    print(f"\n{'size':10s} {'pairs':>5s} {'median s':>9s} {'median TRE':>10s} {'worst pt':>9s}")
+    for label, v in rows.items():
+        print(
+            f"{label:10s} {len(v['s']):5d} {statistics.median(v['s']):9.2f} "
+            f"{statistics.median(v['tre']):10.2f} {max(v['worst']):9.2f}"
+        )
+    ratio = statistics.median(rows["clinical"]["s"]) / statistics.median(rows["standard"]["s"])
+    print(f"clinical / standard median time: {ratio:.2f}×")
+    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cohort", type=Path, required=True)
+    ap.add_argument("--size", choices=["standard", "clinical"], default="standard")
+    ap.add_argument("--baseline-cohort", type=Path, help="standard-size cohort for --size clinical")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--ants-python", help="Python of an environment with antspyx")
     ap.add_argument("--elastix-python", help="Python of an environment with itk-elastix")
@@ -145,6 +186,11 @@ def main() -> None:
         )
         if py
     }
+    if args.size == "clinical":
+        if args.baseline_cohort is None:
+            ap.error("--size clinical needs --baseline-cohort (a standard-size cohort)")
+        size_ratio(args.cohort, args.baseline_cohort, args.n)
+        return
     pids = sorted(p.name for p in (args.cohort / "patients").iterdir())[args.start : args.start + args.n]
     if args.qc_wrong:
         qc_on_wrong_transforms(args.cohort, pids)
@@ -171,6 +217,7 @@ def main() -> None:
         tmp = Path(tempfile.mkdtemp())
         for name in res:
             t = time.perf_counter()
+            out: Any
             if name in externals:
                 out, dt = external(*externals[name], case, tmp)
             else:

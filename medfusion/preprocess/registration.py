@@ -197,8 +197,9 @@ def _candidates(
         return init, [(0.0, tuple(tx.GetParameters()))]
     reg = _method(fmask, [0.3], cfg)
     step = np.radians(cfg.rotation_search_deg / 2)
-    reg.SetOptimizerAsExhaustive([2, 2, 2, 0, 0, 0])
-    reg.SetOptimizerScales([step, step, step, 1, 1, 1])
+    shifts, shift_mm = _shift_search(fixed, moving)
+    reg.SetOptimizerAsExhaustive([2, 2, 2, *shifts])
+    reg.SetOptimizerScales([step, step, step, shift_mm, shift_mm, shift_mm])
     reg.SetShrinkFactorsPerLevel([cfg.shrink_factors[0]])
     reg.SetSmoothingSigmasPerLevel([3.0])
     reg.SetInitialTransform(tx, inPlace=True)
@@ -208,6 +209,21 @@ def _candidates(
     )
     reg.Execute(fixed.image, moving.image)
     return init, sorted(seen)
+
+
+def _shift_search(fixed: _Working, moving: _Working, step_mm: float = 10.0) -> tuple[list[int], float]:
+    """Steps each side (x, y, z) of a translation search, for an MR that covers only part of the head.
+
+    The moments-centred start puts the centroids of the two foregrounds together; when one image is a
+    slab (its foreground spans less than 80 % of the other's along an axis) the slab's true place may
+    be anywhere along that axis, so the search also tries shifts of `step_mm` spanning the difference."""
+    f, m = _mask_points(fixed.mask, 4000, 0), _mask_points(moving.mask, 4000, 0)
+    if len(f) == 0 or len(m) == 0:
+        return [0, 0, 0], step_mm
+    span_f, span_m = np.ptp(f, axis=0), np.ptp(m, axis=0)
+    short = np.minimum(span_f, span_m) < 0.8 * np.maximum(span_f, span_m)
+    steps = np.where(short, np.minimum(4, np.ceil(np.abs(span_f - span_m) / 2 / step_mm)), 0)
+    return [int(n) for n in steps], step_mm
 
 
 @dataclasses.dataclass(frozen=True)
