@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -57,38 +58,98 @@ class Case:
 # --- Discovery ---
 
 
-def is_patient_folder(folder: Path) -> bool:
-    """A folder of one patient, as opposed to a folder of patients.
+# sub-folder names of one patient's export: modality or series folders, CD/DVD PT*/ST*/SE* levels
+_SERIES_FOLDER = re.compile(
+    r"^(ct|mr|mri|pet|t1\w*|t2\w*|flair\w*|dwi|adc|swi|pd\w*|dicom|dcm|nifti|nii|images?|series\w*|"
+    r"scans?|anat|pt\d+|st\d+|se\d+|s\d+|\d+)$",
+    re.IGNORECASE,
+)
+_NOT_NOTES = ("readme", "licen", "copying", "changes", "changelog", "protocol", "notice", "authors")
 
-    It holds an image file directly (NIfTI by name, DICOM by content), or it holds a clinical note
-    directly, has images below it, and none of its sub-folders holds a note of its own (those would
-    be patients). A stray README, script or note in a cohort's root does not make the root a patient.
-    """
+
+def _visible(d: Path, want_dir: bool) -> list[Path]:
+    try:
+        return sorted(p for p in d.iterdir() if not p.name.startswith(".") and p.is_dir() == want_dir)
+    except OSError:
+        return []
+
+
+def _is_image_file(p: Path) -> bool:
     from medfusion.io.dicom import looks_like_dicom
 
-    def visible(d: Path, want_dir: bool) -> list[Path]:
-        return [p for p in d.iterdir() if not p.name.startswith(".") and p.is_dir() == want_dir]
+    return p.name.upper() != "DICOMDIR" and (is_nifti(p) or looks_like_dicom(p))
 
-    def is_image(p: Path) -> bool:
-        return is_nifti(p) or looks_like_dicom(p)
 
-    def is_note(p: Path) -> bool:
-        name = p.name.lower()
-        if name.startswith("readme"):
-            return False
-        return name.endswith(NOTE_SUFFIXES) or (name.startswith("note") and name.endswith(".json"))
+def is_note_file(p: Path) -> bool:
+    """A clinical note by name: ``*.txt`` / ``*.md`` / ``note*.json``, not a README, licence, change
+    log or protocol."""
+    name = p.name.lower()
+    if name.startswith(_NOT_NOTES):
+        return False
+    return name.endswith(NOTE_SUFFIXES) or (name.startswith("note") and name.endswith(".json"))
 
-    files = visible(folder, want_dir=False)
-    if any(is_image(p) for p in files):
+
+def _first_patient_id(d: Path, budget: int = 200) -> tuple[bool, str | None]:
+    """(holds an image file, PatientID of the first DICOM image found) below `d`, looking at no more
+    than `budget` files."""
+    import pydicom
+
+    seen = 0
+    has_image = False
+    for p in sorted(d.rglob("*")):
+        if seen >= budget:
+            break
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        seen += 1
+        if not _is_image_file(p):
+            continue
+        has_image = True
+        if is_nifti(p):
+            continue
+        try:
+            ds = pydicom.dcmread(p, stop_before_pixels=True, force=True, specific_tags=["PatientID", "Rows"])
+            if "Rows" in ds:
+                return True, str(ds.get("PatientID", "") or "")
+        except Exception:
+            continue
+    return has_image, None
+
+
+def is_patient_folder(folder: Path) -> bool:
+    """A folder of one patient, as opposed to a folder of patients. In this order:
+
+    1. its sub-folders' DICOM images carry two or more PatientIDs → a folder of patients;
+    2. it holds an image file directly (NIfTI by name, DICOM by content; a DICOMDIR is an index,
+       not an image) → one patient;
+    3. it holds a clinical note directly and no sub-folder with images holds a note of its own →
+       one patient (the synthetic layout: ``note.txt``, ``CT/``, ``MR/``);
+    4. every sub-folder with images is named like a series or modality folder (``CT``, ``MR``,
+       ``T1…``, ``DICOM``, CD levels ``PT0…``/``ST0…``/``SE0…``, numbers) → one patient;
+    5. two or more sub-folders with images, all DICOM of one PatientID → one patient;
+    6. otherwise a folder of patients (each sub-folder with images is one).
+
+    A stray README, licence, script, note or atlas in a cohort's root therefore does not make the
+    root one patient, and a note-less patient exported as ``CT/`` + ``MR/`` stays one patient.
+    """
+    subdirs = _visible(folder, want_dir=True)
+    found = {d: _first_patient_id(d) for d in subdirs}
+    with_images = [d for d, (has, _) in found.items() if has]
+    ids = {pid for _, pid in found.values() if pid}
+    if len(ids) >= 2:
+        return False
+    files = _visible(folder, want_dir=False)
+    if any(_is_image_file(p) for p in files):
         return True
-    if not any(is_note(p) for p in files):
+    if not with_images:
         return False
-    subdirs = visible(folder, want_dir=True)
-    if any(is_note(p) for d in subdirs for p in visible(d, want_dir=False)):
-        return False
-    return any(
-        is_image(p) for d in subdirs for p in d.rglob("*") if p.is_file() and not p.name.startswith(".")
-    )
+    if any(is_note_file(p) for p in files) and not any(
+        is_note_file(p) for d in with_images for p in _visible(d, want_dir=False)
+    ):
+        return True
+    if all(_SERIES_FOLDER.match(d.name) for d in with_images):
+        return True
+    return len(with_images) >= 2 and len(ids) == 1 and all(found[d][1] for d in with_images)
 
 
 def find_patient_folders(roots: list[Path] | list[str]) -> list[Path]:
@@ -162,6 +223,13 @@ def load_case(
             errors.append(InputError(path, f"NIfTI refused ({type(exc).__name__}: {exc})"))
     for v in volumes:
         v.warnings.extend(value_warnings(v))
+    patient_ids = sorted({str(v.meta.get("patient_id") or "") for v in volumes} - {""})
+    if len(patient_ids) > 1:
+        for v in volumes:
+            v.warnings.append(
+                f"this folder holds series of {len(patient_ids)} PatientIDs ({', '.join(patient_ids)}): "
+                "one patient per folder is expected"
+            )
     cts = sorted((v for v in volumes if v.modality == "CT"), key=_rank, reverse=True)
     mrs = sorted((v for v in volumes if v.modality == "MR"), key=_rank, reverse=True)
     choices: list[str] = list(scan.notes)
@@ -173,7 +241,11 @@ def load_case(
         choices.append(
             f"MR: primary is {mrs[0].meta.get('series_description') or mrs[0].meta.get('source')} among {len(mrs)}"
         )
-    note, note_path = read_note(folder)
+    try:
+        note, note_path = read_note(folder)
+    except InputError as exc:  # a broken note costs the note, not the patient
+        errors.append(exc)
+        note, note_path = "", None
     labels = None
     if labels_dir is not None:
         labels = load_label_map(Path(labels_dir) / pid)
@@ -206,20 +278,32 @@ def _load_nifti(path: Path, modality_map: dict[str, str]) -> Volume:
 
 
 def read_note(folder: Path) -> tuple[str, Path | None]:
-    """The clinical note of a patient folder (first note file found) and its path; empty when none."""
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file():
-            continue
-        name = path.name.lower()
-        if name.endswith(NOTE_SUFFIXES) and not name.startswith("readme"):
-            return path.read_text(errors="replace").strip(), path
-        if name.startswith("note") and name.endswith(".json"):
+    """The clinical note of a patient folder and its path; ("", None) when there is none.
+
+    Candidates are `is_note_file` names; the shallowest wins, then names starting with "note" or
+    "clinical", then alphabetical order — so a licence or README on a CD, or a note deeper in a
+    series folder, never shadows the patient's ``note.txt``. Text is read as UTF-8, else as
+    Windows-1252 (which Latin-1 notes also decode as). Raises InputError (naming the file) for a ``note*.json`` that is not valid JSON.
+    """
+    candidates = [p for p in folder.rglob("*") if p.is_file() and is_note_file(p)]
+
+    def rank(p: Path) -> tuple[int, int, str]:
+        name = p.name.lower()
+        return (len(p.relative_to(folder).parts), 0 if name.startswith(("note", "clinical")) else 1, name)
+
+    for path in sorted(candidates, key=rank):
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:  # notes from older systems: Windows-1252 / Latin-1
+            text = raw.decode("cp1252", errors="replace")
+        if path.name.lower().endswith(".json"):
             try:
-                data: Any = json.loads(path.read_text())
+                data: Any = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise InputError(path, f"note JSON is not valid ({exc})") from exc
-            text = data.get("text", "") if isinstance(data, dict) else ""
-            return str(text).strip(), path
+            text = str(data.get("text", "")) if isinstance(data, dict) else ""
+        return text.strip(), path
     return "", None
 
 
