@@ -431,3 +431,59 @@ def test_load_case_on_mutated_headers_loads_or_refuses(
     assert all("\n" not in str(e) for e in case.errors)
     if case.ct is not None:
         assert np.isfinite(case.ct.array).all()
+
+
+# --- Kind 7: cohort discovery and notes ---
+
+
+def _patient(folder: Path, pid: str, note: bool = True) -> None:
+    for ds in _series(folder / "CT", _head()):
+        ds.PatientID = pid
+        ds.save_as(next((folder / "CT").glob(f"*{ds.SOPInstanceUID[-6:]}")), enforce_file_format=True)
+    if note:
+        (folder / "note.txt").write_text("Headache for two weeks.\n")
+
+
+@pytest.mark.parametrize(
+    "stray", ["README.md", "LICENSE.md", "notes.txt", "study_protocol.txt", "atlas_mni.nii.gz"]
+)
+def test_a_stray_file_in_a_cohort_root_does_not_make_it_a_patient(tmp_path: Path, stray: str) -> None:
+    from medfusion.io.case import find_patient_folders
+
+    root = tmp_path / "cohort"
+    _patient(root / "P1", "P1", note=False)
+    _patient(root / "P2", "P2", note=False)
+    if stray.endswith(".nii.gz"):
+        nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), root / stray)
+    else:
+        (root / stray).write_text("not a patient\n")
+    assert [p.name for p in find_patient_folders([root])] == ["P1", "P2"]
+
+
+def test_a_noteless_patient_with_series_folders_stays_one_patient(tmp_path: Path) -> None:
+    from medfusion.io.case import find_patient_folders
+
+    pat = tmp_path / "PAT01"
+    _patient(pat, "PAT01", note=False)
+    mr = _series(pat / "MR", _head(), modality="MR")
+    for k, ds in enumerate(mr):
+        ds.PatientID = "PAT01"
+        ds.save_as(pat / "MR" / f"IM{k:04d}_{ds.SOPInstanceUID[-6:]}", enforce_file_format=True)
+    assert find_patient_folders([pat]) == [pat]
+    case = load_case(pat)
+    assert case.ct is not None and len(case.mr) == 1
+
+
+def test_notes_licences_and_encodings(tmp_path: Path) -> None:
+    from medfusion.io.case import read_note
+
+    pat = tmp_path / "P"
+    _patient(pat, "P", note=False)
+    (pat / "CT" / "LICENSE.TXT").write_text("Licensed under …\n")
+    (pat / "note.json").write_bytes('{"text": "Kopfschmerz seit 3 Wochen, Übelkeit"}'.encode("cp1252"))
+    text, path = read_note(pat)
+    assert path is not None and path.name == "note.json" and text.endswith("Übelkeit")
+    (pat / "note.json").write_text("{not json")
+    case = load_case(pat)
+    assert case.ct is not None and case.note == ""
+    assert any("note JSON is not valid" in e.problem for e in case.errors)

@@ -1153,11 +1153,31 @@ def _load_multiframe(f: DicomFile, min_slices: int = 2) -> Volume:
     ]
     normal = np.cross(iop[:3], iop[3:])
     dist = pos @ normal
+    split_note = None
+    if len(np.unique(np.round(dist, 2))) < len(dist):
+        # several stacks in one object (echoes, temporal positions, stacks): read the first frame's
+        keys = [_frame_stack_key(it) for it in per]
+        if len(set(keys)) > 1:
+            chosen = keys[0]
+            take = np.array([k == chosen for k in keys])
+            arr, pos, dist = arr[take], pos[take], dist[take]
+            slopes = [v for v, t in zip(slopes, take, strict=True) if t]
+            inters = [v for v, t in zip(inters, take, strict=True) if t]
+            split_note = (
+                f"multi-frame image holds {len(set(keys))} stacks (by StackID / TemporalPositionIndex / "
+                f"EffectiveEchoTime); the first frame's ({'/'.join(str(x) for x in chosen)}) is read"
+            )
     order = np.argsort(dist, kind="stable")
     arr, dist, pos = arr[order], dist[order], pos[order]
     steps = np.diff(dist)
-    if len(dist) < min_slices or np.any(steps < 1e-3):
-        raise InputError(f.path, f"multi-frame image has fewer than {min_slices} distinct slice positions")
+    if len(dist) < min_slices:
+        raise InputError(
+            f.path, f"multi-frame image has {len(dist)} frame(s); a 3D volume needs {min_slices}"
+        )
+    if np.any(steps < 1e-3):
+        raise InputError(
+            f.path, "multi-frame image repeats slice positions and nothing tells its stacks apart"
+        )
     thickness = _get(per[0], "PixelMeasuresSequence", "SliceThickness")
     nominal = float(np.median(steps)) if len(steps) else float(thickness or 1.0)
     data = _rescale(arr, [slopes[i] for i in order], [inters[i] for i in order])
@@ -1169,11 +1189,27 @@ def _load_multiframe(f: DicomFile, min_slices: int = 2) -> Volume:
         str(ds.get("Modality", "OT")),
         _meta(ds, f.series_uid, [f.path]),
     )
+    if split_note:
+        vol.warnings.append(split_note)
     if len(steps) and np.max(np.abs(steps - nominal)) > 0.01 * nominal + 1e-3:
         vol.warnings.append("uneven frame spacing; resampled to a regular grid")
         reg, _ = _regularise(vol.array, dist, nominal)
         vol = vol.__class__(reg, vol.spacing, vol.origin, vol.direction, vol.modality, vol.meta, vol.warnings)
     return vol
+
+
+def _frame_stack_key(item: Dataset) -> tuple[str, str, str]:
+    """(StackID, TemporalPositionIndex, EffectiveEchoTime) of one per-frame functional group item."""
+
+    def first(seq: str, attr: str) -> str:
+        s = item.get(seq)
+        return str(s[0].get(attr, "")) if s else ""
+
+    return (
+        first("FrameContentSequence", "StackID"),
+        first("FrameContentSequence", "TemporalPositionIndex"),
+        first("MREchoSequence", "EffectiveEchoTime"),
+    )
 
 
 def _meta(ds: Dataset, series_uid: str, paths: list[Path]) -> dict[str, Any]:
