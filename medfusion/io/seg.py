@@ -18,9 +18,11 @@ import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
 
+import medfusion
 from medfusion.io.atomic import atomic_path
 from medfusion.io.errors import InputError
 from medfusion.io.volume import Volume
+from medfusion.report.colours import class_colour
 
 # SNOMED CT codes per class (category, type); unknown class names fall back to "Tissue".
 _ABNORMAL = hd.sr.CodedConcept("49755003", "SCT", "Morphologically abnormal structure")
@@ -71,6 +73,11 @@ def write_dicom_seg(
 ) -> SegResult:
     """Write `labels` (on the CT's grid, values = class indices) as a BINARY DICOM SEG referencing the CT files.
 
+    One segment per class (segment number = class index) in the report's colour
+    (RecommendedDisplayCIELabValue, report/colours.py); a segment has frames only on the slices where
+    it has voxels. SoftwareVersions is medfusion's version; the model's name and version are in each
+    segment's algorithm identification.
+
     Returns the path and notes; a source that lacks a UID the SEG must reference is not written
     (`path` None, the reason in `notes`). Raises ValueError for a label map off the CT's grid.
     """
@@ -111,6 +118,8 @@ def write_dicom_seg(
                 segmented_property_type=prop,
                 algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
                 algorithm_identification=algo,
+                # the report's overlay colour, so that a viewer shows the segment as the report does
+                display_color=hd.color.CIELabColor.from_string(class_colour(k)),
             )
         )
     seg = hd.seg.Segmentation(
@@ -127,7 +136,7 @@ def write_dicom_seg(
         instance_number=1,
         manufacturer="medfusion",
         manufacturer_model_name=model_name,
-        software_versions=model_version,
+        software_versions=medfusion.__version__,  # the writer's version; the model's is in the algorithm
         device_serial_number="0",
         series_description="medfusion segmentation",
     )

@@ -17,8 +17,7 @@ from nibabel import orientations as nib_orientations  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 from medfusion.io.volume import Volume  # noqa: E402
-
-CLASS_COLOURS = ["#00000000", "#e41a1c", "#ffd92f", "#4daf4a", "#377eb8", "#984ea3"]
+from medfusion.report.colours import CLASS_COLOURS  # noqa: E402
 
 
 def _png(fig: plt.Figure, dpi: int = 130) -> bytes:

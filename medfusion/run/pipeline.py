@@ -186,7 +186,8 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
                 return res.path is not None
 
             outputs.attempt("segmentation.dcm", _seg)
-        meas = measure(seg, class_names)
+        mr_grid = tensors.mr_in_ct if mr_used else None  # on the CT's grid
+        meas = measure(seg, class_names, ct=case.ct, mr=mr_grid)
         # out of the model's domain: no answer ("not assessed"); the probabilities stay for research use
         predicted = {n: bool(p >= 0.5) for n, p in pred.scores.items()} if domain.in_domain else None
         qc = {
@@ -207,8 +208,11 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
                 "settings": cfg.registration.model_dump(mode="json"),
             },
             "mr_used_by_model": mr_used,
+            # input warnings (tilt corrected, NaN replaced, orientation unknown, …) make it "warn"
             "verdict": "pass"
-            if (reg is None or reg.passed) and not case.errors
+            if (reg is None or reg.passed)
+            and not case.errors
+            and not any(v.warnings for v in [case.ct, *case.mr])
             else ("fail" if reg is not None and not reg.passed else "warn"),
         }
         scores = {
@@ -232,6 +236,21 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
             "qc_verdict": qc["verdict"],
             "timings_s": {k: round(v, 3) for k, v in t.items()},
         }
+        if "segmentation.dcm" in outputs.written:  # the SR's measurement groups reference the SEG
+            from medfusion.io.sr import write_dicom_sr
+
+            outputs.attempt(
+                "segmentation_sr.dcm",
+                lambda: write_dicom_sr(
+                    tmp / "segmentation.dcm",
+                    ct,
+                    class_names,
+                    scores,
+                    tmp / "segmentation_sr.dcm",
+                    model_name=str(predictor.meta.get("name")),
+                    model_version=str(predictor.meta.get("version")),
+                ),
+            )
         t["write"] = time.perf_counter() - t2
         if opts.pipeline.outputs.report:
             stage = "report"
@@ -243,6 +262,12 @@ def process_case(folder: Path, opts: RunOptions, predictor: Any) -> dict[str, An
                 "report.pdf",
                 lambda: write_report(tmp / "report.pdf", case, tensors, pred, scores, qc, class_names),
             )
+            if "report.pdf" in outputs.written and ct.meta.get("format") == "dicom":
+                from medfusion.io.docpdf import write_encapsulated_pdf
+
+                outputs.attempt(
+                    "report.dcm", lambda: write_encapsulated_pdf(tmp / "report.pdf", ct, tmp / "report.dcm")
+                )
             t["report"] = time.perf_counter() - t3
         stage = "write"
         qc["outputs"] = outputs.to_json()
