@@ -1224,6 +1224,10 @@ def _meta(ds: Dataset, series_uid: str, paths: list[Path]) -> dict[str, Any]:
         "series_uid": series_uid,
         "frame_of_reference_uid": str(ds.get("FrameOfReferenceUID", "")),
         "series_description": str(ds.get("SeriesDescription", "")),
+        # for the report's header: age and sex as coded (e.g. "054Y", "F"), never the birth date
+        "patient_age": str(ds.get("PatientAge", "") or ""),
+        "patient_sex": str(ds.get("PatientSex", "") or ""),
+        "accession_number": str(ds.get("AccessionNumber", "") or ""),
         "manufacturer": str(ds.get("Manufacturer", "")),
         "sop_class_uid": str(ds.get("SOPClassUID", "")),
         "transfer_syntax": str(getattr(ds, "file_meta", Dataset()).get("TransferSyntaxUID", "")),

@@ -81,6 +81,15 @@ class DisplayGrid:
         axis = (2, 1, 0)[view]
         return float(self.origin[axis] + index * self.spacing[axis] * self.axes[axis, axis])
 
+    def index_of(self, lps: tuple[float, float, float], shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The (k, j, i) index of the turned array of this `shape` nearest to the point `lps` (mm),
+        clipped to the array."""
+        # displayed axes i, j, k run along LPS x, y, z from `origin`; turned arrays are (k, j, i)
+        rel = np.asarray(lps, float) - self.origin
+        ijk = [int(round(float(np.dot(rel, self.axes[:, a])) / self.spacing[a])) for a in range(3)]
+        k, j, i = (int(np.clip(ijk[a], 0, shape[2 - a] - 1)) for a in (2, 1, 0))
+        return k, j, i
+
 
 def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     fg = labels > 0
@@ -178,6 +187,55 @@ def triplanar(ct: Volume, mr: Volume | None, labels: np.ndarray, class_names: li
     if handles:
         fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return _png(fig)
+
+
+def key_image(
+    ct: Volume,
+    labels: np.ndarray,
+    class_names: list[str],
+    *,
+    centre_lps: tuple[float, float, float] | None = None,
+    title: str = "",
+) -> bytes:
+    """One row of CT (brain window) with the segmentation overlaid in three planes through
+    `centre_lps` (a lesion's centroid, LPS mm; the lesions' centre when None), in display
+    orientation with letters, slice positions and scale bars. `labels` (z, y, x) lies on the CT's grid."""
+    grid = DisplayGrid.of(ct)
+    labels_d = grid.turn(labels)
+    c = _centre(labels_d) if centre_lps is None else grid.index_of(centre_lps, labels_d.shape)
+    ct_d = grid.turn(ct.array.astype(np.float32))
+    aspects = _aspects(grid.spacing)
+    pixel_mm = [grid.spacing[0], grid.spacing[0], grid.spacing[1]]
+    cmap = ListedColormap(CLASS_COLOURS[: max(2, len(class_names))])
+    fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.5))
+    for k, (sl, lab) in enumerate(zip(display_planes(ct_d, c), display_planes(labels_d, c), strict=True)):
+        axes[k].imshow(sl, cmap="gray", vmin=-20, vmax=100, aspect=aspects[k])
+        axes[k].imshow(
+            np.ma.masked_equal(lab, 0),
+            cmap=cmap,
+            vmin=0,
+            vmax=len(class_names) - 1,
+            alpha=0.5,
+            aspect=aspects[k],
+            interpolation="nearest",
+        )
+        where = f"{'zyx'[k]} {grid.position_mm(k, c[k]):+.1f} mm"
+        _annotate(axes[k], k, sl.shape, pixel_mm[k], where)
+        axes[k].set_xticks([])
+        axes[k].set_yticks([])
+        axes[k].set_title(VIEWS[k], fontsize=8)
+    present = set(np.unique(labels).tolist())
+    handles = [
+        Patch(color=CLASS_COLOURS[k], label=n.replace("_", " "))
+        for k, n in enumerate(class_names)
+        if k > 0 and k in present
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
     return _png(fig)
 
 

@@ -12,9 +12,19 @@ from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import ParagraphStyle, getSampleStyleSheet
 from reportlab.lib.units import mm
-from reportlab.platypus import Image, PageBreak, Paragraph, SimpleDocTemplate, Spacer, Table, TableStyle
+from reportlab.platypus import (
+    Image,
+    KeepTogether,
+    PageBreak,
+    Paragraph,
+    SimpleDocTemplate,
+    Spacer,
+    Table,
+    TableStyle,
+)
 
 from medfusion.io.atomic import atomic_path
+from medfusion.preprocess.registration import qc_summary
 from medfusion.report import figures
 from medfusion.text.negation import mark_negations, tokenize
 
@@ -42,15 +52,24 @@ def _img(png: bytes, width_mm: float) -> Image:
     return img
 
 
-def table(rows: list[list[str]], widths: list[float]) -> Table:
-    t = Table(rows, colWidths=[w * mm for w in widths])
+CELL = ParagraphStyle("cell", fontName="Helvetica", fontSize=8.5, leading=10)
+HEAD_CELL = ParagraphStyle("head_cell", parent=CELL, fontName="Helvetica-Bold")
+MAX_FINDINGS = 6  # lesions listed one per row; the rest are summarised in one line
+
+
+def table(rows: list[list[str]], widths: list[float], *, header: bool = True) -> Table:
+    """A grid table whose cells wrap inside their column (`widths` in mm), never overflowing it."""
+    cells = [
+        [Paragraph(_escape(str(v)), HEAD_CELL if header and r == 0 else CELL) for v in row]
+        for r, row in enumerate(rows)
+    ]
+    t = Table(cells, colWidths=[w * mm for w in widths], repeatRows=1 if header else 0)
     t.setStyle(
         TableStyle(
             [
-                ("FONT", (0, 0), (-1, -1), "Helvetica", 9),
-                ("FONT", (0, 0), (-1, 0), "Helvetica-Bold", 9),
                 ("GRID", (0, 0), (-1, -1), 0.25, colors.grey),
-                ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee")),
+                ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                *([("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee"))] if header else []),
             ]
         )
     )
@@ -94,6 +113,126 @@ def verdict_inputs_line(domain: dict[str, Any]) -> str:
     return f"Inputs: {sit}{lacking}; calibration {how} for these inputs."
 
 
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+# --- Header facts ---
+
+
+def readable_date(value: str) -> str:
+    """A DICOM date (YYYYMMDD) as 2025-01-05; anything else as given, "—" when empty.
+
+    Examples:
+        >>> readable_date("20250105")
+        '2025-01-05'
+    """
+    value = (value or "").strip()
+    if re.fullmatch(r"\d{8}", value):
+        return f"{value[:4]}-{value[4:6]}-{value[6:]}"
+    return value or "—"
+
+
+_AGE_NOTE = re.compile(r"\b(\d{1,3})[- ]?(?:year|yr)s?[- ]old\b", re.I)
+_FEMALE = re.compile(r"\b(woman|female|lady|girl|she|her)\b", re.I)
+_MALE = re.compile(r"\b(man|male|gentleman|boy|he|his)\b", re.I)
+_SEX = {"F": "female", "M": "male", "O": "other"}
+
+
+def age_and_sex(meta: dict[str, Any], note: str) -> tuple[str, str]:
+    """Age and sex for the header: from the DICOM (PatientAge "054Y", PatientSex "F"), else from the
+    note ("a 54-year-old woman"), each marked "(note)" when read there; "—" when neither says.
+
+    Examples:
+        >>> age_and_sex({"patient_age": "054Y", "patient_sex": "F"}, "")
+        ('54 years', 'female')
+        >>> age_and_sex({}, "Patient is a 58 year old male patient.")
+        ('58 years (note)', 'male (note)')
+    """
+    age = "—"
+    code = str(meta.get("patient_age") or "").strip()
+    unit = {"Y": "years", "M": "months", "W": "weeks", "D": "days"}
+    if re.fullmatch(r"\d{3}[YMWD]", code):
+        age = f"{int(code[:3])} {unit[code[3]]}"
+    elif (m := _AGE_NOTE.search(note or "")) is not None:
+        age = f"{int(m.group(1))} years (note)"
+    sex = _SEX.get(str(meta.get("patient_sex") or "").strip().upper(), "—")
+    if sex == "—" and note:
+        female, male = bool(_FEMALE.search(note)), bool(_MALE.search(note))
+        if female != male:
+            sex = ("female" if female else "male") + " (note)"
+    return age, sex
+
+
+# --- Findings ---
+
+
+def _volume(ml: float | None) -> str:
+    return "—" if ml is None else (f"{ml:.2f}" if ml < 10 else f"{ml:.1f}")
+
+
+def findings_rows(lesions: list[dict[str, Any]], class_names: list[str]) -> tuple[list[list[str]], str]:
+    """The findings table (a header row, then one row per lesion, largest first, up to
+    MAX_FINDINGS) from `scores["measurements"]["lesions"]`, and a line summarising the lesions
+    beyond those ("" when none are left out)."""
+    parts = [n for n in class_names[1:]]
+    head = ["#", "Location", *[f"{n.replace('_', ' ').capitalize()} (mL)" for n in parts]]
+    head += ["Core diameter, axial long × short (mm)", "CT core (HU)", "MR enhancement"]
+    rows = [head]
+    for lesion in lesions[:MAX_FINDINGS]:
+        vols = lesion.get("volumes_ml", {})
+        d1, d2 = lesion.get("axial_diameters_mm", (0.0, 0.0))
+        hu = lesion.get("ct_core_hu")
+        ratio = lesion.get("mr_enhancement_ratio")
+        rows.append(
+            [
+                str(lesion.get("number", "")),
+                f"{lesion.get('side', '')}, {lesion.get('region', '')}",
+                *[_volume(vols.get(n)) for n in parts],
+                f"{lesion.get('core_diameter_mm', 0.0):.1f}; {d1:.1f} × {d2:.1f}",
+                "—" if hu is None else f"{hu:.0f}",
+                "—" if ratio is None else f"× {ratio:.2f}",
+            ]
+        )
+    rest = lesions[MAX_FINDINGS:]
+    summary = ""
+    if rest:
+        total = sum(float(les.get("total_ml", 0.0)) for les in rest)
+        largest = max(float(les.get("core_diameter_mm", 0.0)) for les in rest)
+        summary = (
+            f"{len(rest)} further lesion(s) not listed: {total:.2f} mL in all, the largest "
+            f"{largest:.1f} mm across."
+        )
+    return rows, summary
+
+
+def impression(scores: dict[str, Any]) -> str:
+    """One plain-words line from the findings and the scores, ending with the research-use
+    statement. Out of the model's domain it says the case was not assessed."""
+    lesions = scores.get("measurements", {}).get("lesions", [])
+    if not lesions:
+        found = "No lesion detected."
+    else:
+        first = lesions[0]
+        where = f"{first.get('side', '')} {first.get('region', '')}".strip()
+        found = (
+            f"{len(lesions)} lesion{'s' if len(lesions) > 1 else ''} detected; the largest "
+            f"({where}) measures {first.get('core_diameter_mm', 0.0):.0f} mm with "
+            f"{first.get('total_ml', 0.0):.1f} mL in all."
+        )
+    predicted = scores.get("predicted")
+    if predicted is None:
+        call = "Diagnostic scores not assessed (input outside the model's training domain)."
+    else:
+        calls = [
+            f"{name.replace('_', ' ')} {'likely' if positive else 'unlikely'} "
+            f"(p = {scores['probabilities'][name]:.2f})"
+            for name, positive in predicted.items()
+        ]
+        call = "Model: " + "; ".join(calls) + "." if calls else ""
+    return f"{found} {call} Research use only; not for clinical decisions.".replace("  ", " ")
+
+
 def write_report(
     path: Path,
     case: Any,
@@ -103,33 +242,91 @@ def write_report(
     qc: dict[str, Any],
     class_names: list[str],
 ) -> Path:
+    """Write the patient's PDF report to `path` (atomically) and return it.
+
+    Page 1: header (patient, age, sex, study date, accession, series, model), the impression line,
+    the findings table (one row per lesion, `findings_rows`) and the key image through the largest
+    lesion, then the scores; then the images (three planes, a key image per further lesion), the
+    note's key sentences, the quality checks and the registration check. `case` is the loaded Case,
+    `tensors` its CaseTensors (``mr_in_ct`` on the CT's grid), `pred` the Prediction
+    (``labels_ct`` (z, y, x) class indices on the CT's grid), `scores`/`qc` the dicts of
+    scores.json/qc.json.
+    """
     styles = getSampleStyleSheet()
     small = ParagraphStyle("small", parent=styles["Normal"], fontSize=8, leading=10)
     warn = ParagraphStyle("warn", parent=styles["Normal"], fontSize=8, textColor=colors.HexColor("#b03a2e"))
+    strong = ParagraphStyle(
+        "strong", parent=styles["Normal"], fontName="Helvetica-Bold", fontSize=10, leading=13
+    )
     model = scores["model"]
-    mods = ["CT"] + [f"MR ({m.meta.get('series_description', '')})" for m in case.mr]
+    meta = case.ct.meta
+    age, sex = age_and_sex(meta, case.note or "")
+    ct_series = meta.get("series_description") or "—"
+    mr_series = "; ".join(m.meta.get("series_description") or "(no description)" for m in case.mr) or "none"
+    lesions = scores["measurements"].get("lesions", [])
     story: list[Any] = [
         Paragraph("medfusion — multimodal imaging report", styles["Title"]),
         Paragraph(DISCLAIMER, warn),
         *not_assessed_banner(scores, styles),
-        Spacer(1, 3 * mm),
+        Spacer(1, 2 * mm),
         table(
             [
-                ["Patient ID", "Study date", "Modalities", "Model"],
+                ["Patient ID", case.patient_id, "Age / sex", f"{age} / {sex}"],
                 [
-                    case.patient_id,
-                    scores["inputs"].get("study_date") or "—",
-                    ", ".join(mods) + (", note" if case.note else ""),
+                    "Study date",
+                    readable_date(scores["inputs"].get("study_date") or ""),
+                    "Accession",
+                    meta.get("accession_number") or "—",
+                ],
+                ["CT series", ct_series, "MR series", mr_series],
+                [
+                    "Clinical note",
+                    "yes" if case.note else "none",
+                    "Model",
                     f"{model.get('name')} {model.get('version')}",
                 ],
             ],
-            [35, 25, 75, 45],
+            [25, 60, 25, 70],
+            header=False,
         ),
-        Spacer(1, 4 * mm),
-        Paragraph("Diagnostic scores", styles["Heading2"]),
+        Spacer(1, 3 * mm),
+        Paragraph(f"Impression: {_escape(impression(scores))}", strong),
+        Paragraph("Findings", styles["Heading2"]),
     ]
+    if lesions:
+        rows, rest = findings_rows(lesions, class_names)
+        n_parts = len(class_names) - 1
+        story.append(table(rows, [7, 33, *[66 / max(n_parts, 1)] * n_parts, 30, 18, 26]))
+        if rest:
+            story.append(Paragraph(rest, small))
+        story.append(Spacer(1, 1.5 * mm))
+        story.append(
+            Paragraph(
+                "Location: side of the head's midline and quadrant of the head. Diameters: the core's "
+                "longest extent in 3D, then on the axial slice with the most core its longest diameter "
+                "and the widest extent perpendicular to it (RANO). MR enhancement: mean MR signal in "
+                "the core over that in the 3 mm rim of tissue around the lesion.",
+                small,
+            )
+        )
+        first = lesions[0]
+        story.append(
+            _img(
+                figures.key_image(
+                    case.ct,
+                    pred.labels_ct,
+                    class_names,
+                    centre_lps=tuple(first["centroid_lps"]),
+                    title="Key image: lesion 1",
+                ),
+                165,
+            )
+        )
+    else:
+        story.append(Paragraph("No lesion detected.", styles["Normal"]))
+    story.append(Paragraph("Diagnostic scores", styles["Heading2"]))
     story.append(
-        _img(figures.score_bars(scores["probabilities"], scores["uncertainty"], scores["threshold"]), 130)
+        _img(figures.score_bars(scores["probabilities"], scores["uncertainty"], scores["threshold"]), 110)
     )
     domain = scores.get("domain") or {}
     if scores.get("predicted") is None:  # out of the model's domain: no verdict, the banner says why
@@ -145,28 +342,47 @@ def write_report(
             f"{k}: {'POSITIVE' if v else 'negative'} (p = {scores['probabilities'][k]:.2f} ± {scores['uncertainty'][k]:.2f})"
             for k, v in scores["predicted"].items()
         )
-        story.append(Paragraph(f"Predicted at threshold {scores['threshold']}: {pred_txt}", styles["Normal"]))
-    story.append(Paragraph("Measurements", styles["Heading2"]))
-    meas = scores["measurements"]
-    rows = [["Structure", "Volume (mL)"]] + [
-        [k.replace("_", " "), f"{v:.2f}"] for k, v in meas["volumes_ml"].items()
-    ]
-    rows += [
-        ["Lesions (tumour core components)", str(meas["lesion_count"])],
-        ["Largest lesion diameter (mm)", f"{meas['largest_diameter_mm']:.1f}"],
-    ]
-    story.append(table(rows, [80, 40]))
+        story.append(Paragraph(f"Predicted at threshold {scores['threshold']}: {pred_txt}", small))
+    vols = scores["measurements"]["volumes_ml"]
+    story.append(
+        Paragraph(
+            "Total segmented volume: "
+            + ", ".join(f"{k.replace('_', ' ')} {v:.2f} mL" for k, v in vols.items())
+            + f"; {len(lesions)} lesion(s).",
+            small,
+        )
+    )
+    story.append(PageBreak())
+    story.append(
+        Paragraph(
+            "Images through the lesions" if lesions else "Images (no lesion detected)", styles["Heading2"]
+        )
+    )
+    story.append(_img(figures.triplanar(case.ct, tensors.mr_in_ct, pred.labels_ct, class_names), 160))
+    for lesion in lesions[1:MAX_FINDINGS]:
+        story.append(
+            _img(
+                figures.key_image(
+                    case.ct,
+                    pred.labels_ct,
+                    class_names,
+                    centre_lps=tuple(lesion["centroid_lps"]),
+                    title=f"Key image: lesion {lesion['number']} ({lesion.get('side', '')}, {lesion.get('region', '')})",
+                ),
+                150,
+            )
+        )
     story.append(Paragraph("Key sentences of the clinical note", styles["Heading2"]))
     sents = key_sentences(case.note) if case.note else []
     if sents:
         for s in sents:
-            story.append(Paragraph(f"• {s}", small))
+            story.append(Paragraph(f"• {_escape(s)}", small))
     else:
         story.append(
             Paragraph(
-                "No clinical note was found, or it states none of the key facts."
+                "No clinical note was found."
                 if not case.note
-                else "The note states none of the key facts.",
+                else "No sentence of the note matched the facts the model reads.",
                 small,
             )
         )
@@ -175,21 +391,26 @@ def write_report(
     reg_line = f"Registration: {reg.get('mode')}"
     if reg.get("qc"):
         q = reg["qc"]
-        reg_line += f", head-mask Dice {q.get('head_mask_dice')}, {'PASSED' if q.get('passed') else 'FAILED — MR left out of the model'}"
-        if "consistency_mm" in q:
-            reg_line += f", reverse-registration consistency {q['consistency_mm']['mean']} mm"
-    story.append(Paragraph(reg_line, small))
+        reg_line += ", " + qc_summary(q)
+    story.append(Paragraph(_escape(reg_line), small))
     story.append(Paragraph(f"Overall input verdict: {qc['verdict']}. {verdict_inputs_line(domain)}", small))
-    story.append(PageBreak())
-    story.append(Paragraph("Images through the lesion", styles["Heading2"]))
-    story.append(_img(figures.triplanar(case.ct, tensors.mr_in_ct, pred.labels_ct, class_names), 170))
-    story.append(_img(figures.registration_check(case.ct, tensors.mr_in_ct), 170))
-    story.append(
-        Paragraph(
-            f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by medfusion. {DISCLAIMER}",
-            small,
-        )
+    input_warnings = [
+        f"{v.get('modality', '')} {v.get('series_description', '')}: {w}"
+        for v in [qc["inputs"].get("ct") or {}, *qc["inputs"].get("mr", [])]
+        for w in v.get("warnings", [])
+    ]
+    for w in input_warnings:
+        story.append(Paragraph(_escape(f"Input warning — {w}"), warn))
+    mr_used = bool(qc.get("mr_used_by_model", True))
+    closing = Paragraph(
+        f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by medfusion. {DISCLAIMER}", small
     )
+    if tensors.mr_in_ct is None:
+        story.append(closing)
+    else:
+        # the last figure and the closing line travel together: no page holding only the closing line
+        check = figures.registration_check(case.ct, tensors.mr_in_ct, pred.labels_ct, used=mr_used)
+        story.append(KeepTogether([_img(check, 160), closing]))
 
     def _footer(canvas: Any, doc: Any) -> None:
         canvas.saveState()

@@ -1,0 +1,115 @@
+"""The PDF report's text: header facts (age, sex, readable date, accession), one findings row per
+lesion, "No lesion detected" where true, cells that wrap instead of overflowing, no orphan page."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from pypdf import PdfReader
+from reportlab.platypus import Paragraph
+
+from medfusion.report import pdf
+from medfusion.run.measure import measure
+from tests.dicom_case import CLASS_NAMES, dicom_ct
+
+NOTE = "A 54-year-old woman presenting with headache for 3 weeks. No history of malignancy."
+
+
+def _report(
+    tmp_path: Path, n_lesions: int, *, in_domain: bool = True, patient_id: str = "DCM001"
+) -> tuple[str, dict, PdfReader]:
+    ct, labels = dicom_ct(tmp_path / "ct", n_lesions=n_lesions)
+    meas = measure(labels, CLASS_NAMES, ct=ct)
+    scores: dict[str, Any] = {
+        "probabilities": {"malignant": 0.71},
+        "uncertainty": {"malignant": 0.05},
+        "threshold": 0.5,
+        "predicted": {"malignant": True} if in_domain else None,
+        "domain": {"in_domain": in_domain, "reasons": [] if in_domain else ["CT outside training range"]},
+        "model": {"name": "default", "version": "1.0"},
+        "inputs": {"study_date": ct.meta["study_date"]},
+        "measurements": meas,
+    }
+    qc = {
+        "registration": {"mode": "none"},
+        "verdict": "pass",
+        "inputs": {"ct": {}, "mr": []},
+        "mr_used_by_model": False,
+    }
+    case = SimpleNamespace(patient_id=patient_id, ct=ct, mr=[], note=NOTE)
+    out = pdf.write_report(
+        tmp_path / "report.pdf",
+        case,
+        SimpleNamespace(mr_in_ct=None),
+        SimpleNamespace(labels_ct=labels.array),
+        scores,
+        qc,
+        CLASS_NAMES,
+    )
+    reader = PdfReader(str(out))
+    return " ".join(p.extract_text() for p in reader.pages), meas, reader
+
+
+def test_two_lesions_two_findings_rows_and_header_facts(tmp_path: Path) -> None:
+    text, meas, reader = _report(tmp_path, 2)
+    rows, rest = pdf.findings_rows(meas["lesions"], CLASS_NAMES)
+    assert len(rows) == 1 + 2 and rest == ""
+    assert rows[1][1].startswith("left") and rows[2][1].startswith("right")
+    for row in rows[1:]:
+        assert row[1] in text.replace("\n", " ")
+    assert "2025-01-05" in text and "20250105" not in text
+    assert "female" in text  # PatientSex F from the DICOM
+    assert "54 years (note)" in text  # no PatientAge in the DICOM: from the note
+    assert "A1234567" in text and "Head 2mm" in text
+    assert "No lesion detected" not in text
+    assert "2 lesions detected" in text and "Research use only" in text
+    # no MR: no registration figure, and the closing line is not alone on a last page
+    assert (
+        "Generated" in reader.pages[-1].extract_text() and "Quality checks" in reader.pages[-1].extract_text()
+    )
+
+
+def test_no_lesion_is_written_as_such(tmp_path: Path) -> None:
+    text, meas, _ = _report(tmp_path, 0, in_domain=False)
+    assert meas["lesions"] == []
+    assert "No lesion detected" in text and "Images (no lesion detected)" in text
+    assert "diameter 0.0" not in text and "Largest lesion diameter" not in text
+    assert "not assessed" in text  # out of domain: the impression gives no call
+
+
+def test_findings_beyond_the_limit_are_summarised() -> None:
+    lesion = {
+        "number": 1,
+        "volumes_ml": {"tumour_core": 0.5},
+        "total_ml": 1.0,
+        "core_diameter_mm": 9.0,
+        "axial_diameters_mm": [8.0, 5.0],
+        "side": "left",
+        "region": "superior anterior",
+    }
+    lesions = [dict(lesion, number=k) for k in range(1, pdf.MAX_FINDINGS + 3)]
+    rows, rest = pdf.findings_rows(lesions, CLASS_NAMES)
+    assert len(rows) == 1 + pdf.MAX_FINDINGS
+    assert rest.startswith("2 further lesion(s)") and "2.00 mL" in rest
+
+
+@pytest.mark.parametrize("value", ["P" * 90, "a very long series description " * 6])
+def test_cells_wrap_inside_their_column(value: str) -> None:
+    t = pdf.table([["Patient ID", value], ["Study date", "2025-01-05"]], [25, 60], header=False)
+    t.wrap(500, 800)
+    for row, widths in zip(t._cellvalues, [t._colWidths] * len(t._cellvalues), strict=True):
+        for cell, width in zip(row, widths, strict=True):
+            cell = cell[0] if isinstance(cell, list | tuple) else cell
+            assert isinstance(cell, Paragraph)
+            cell.wrap(width - 12, 800)  # the table's default padding, 6 pt each side
+            widest = max(cell.getActualLineWidths0())
+            assert widest <= width - 12 + 0.5, (widest, width)
+
+
+def test_age_and_sex_prefer_the_dicom() -> None:
+    assert pdf.age_and_sex({"patient_age": "061Y", "patient_sex": "M"}, NOTE) == ("61 years", "male")
+    assert pdf.age_and_sex({}, "") == ("—", "—")
+    assert pdf.readable_date("") == "—"
