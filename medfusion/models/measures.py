@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
-from scipy.spatial.distance import pdist
+
+from medfusion.measure.lesions import class_roles, feret_diameter_mm, label_lesions
 
 FEATURES = (
     "lesion_present",
@@ -29,33 +30,8 @@ FEATURES = (
     "lesion_count",
 )
 
-_CONNECTIVITY = np.ones((3, 3, 3), bool)
-
-
-def feret_diameter_mm(mask: np.ndarray, spacing_zyx: tuple[float, ...], max_points: int = 3000) -> float:
-    """Largest distance (mm) between two voxel centres of `mask` (z, y, x) on a grid with this spacing
-    (max Feret diameter); one voxel counts its largest spacing, an empty mask 0.
-
-    Examples:
-        >>> m = np.zeros((3, 3, 5), bool); m[1, 1, :] = True
-        >>> feret_diameter_mm(m, (2.0, 1.0, 1.5))
-        6.0
-    """
-    idx = np.argwhere(mask)
-    if len(idx) < 2:
-        return float(len(idx) and max(spacing_zyx))
-    if len(idx) > max_points:  # the boundary holds the extremes; subsample it deterministically
-        idx = np.argwhere(mask & ~ndimage.binary_erosion(mask))
-        if len(idx) > max_points:
-            idx = idx[np.linspace(0, len(idx) - 1, max_points).astype(int)]
-    return float(pdist(idx * np.asarray(spacing_zyx, float)).max())
-
-
-def class_roles(class_names: list[str]) -> tuple[int, int | None]:
-    """Index of the tumour core (`tumour_core`, else class 1) and of calcification (None if absent)."""
-    core = class_names.index("tumour_core") if "tumour_core" in class_names else 1
-    calc = class_names.index("calcification") if "calcification" in class_names else None
-    return core, calc
+# the lesion definition, the Feret diameter and the class roles live in measure/lesions.py
+__all__ = ["FEATURES", "class_roles", "feret_diameter_mm", "grid_spacing_zyx", "lesion_features"]
 
 
 def lesion_features(labels: np.ndarray, spacing_zyx: tuple[float, ...], class_names: list[str]) -> np.ndarray:
@@ -72,9 +48,9 @@ def lesion_features(labels: np.ndarray, spacing_zyx: tuple[float, ...], class_na
     """
     core_k, calc_k = class_roles(class_names)
     out = np.zeros(len(FEATURES), np.float32)
-    comp, n = ndimage.label(labels > 0, structure=_CONNECTIVITY)
+    comp, with_core = label_lesions(labels, class_names)
+    n = int(comp.max())
     is_core = labels == core_k
-    with_core = np.unique(comp[is_core])  # core voxels are foreground: every label here is > 0
     if len(with_core) == 0:  # nothing found: zeros, and a ratio of 1 (no oedema around no core)
         out[FEATURES.index("oedema_radius_ratio")] = 1.0
         return out

@@ -1,36 +1,40 @@
-"""Measurements on a label map: per-class volumes (mL), lesion count, largest diameter (mm)."""
+"""Measurements on a predicted label map for scores.json and the report: per-class volumes (mL) and
+the lesions (measure/lesions.py, the one lesion definition) with their findings."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from medfusion.io.volume import Volume
-from medfusion.models.measures import feret_diameter_mm
+from medfusion.measure.lesions import find_lesions
 
 
-def largest_diameter_mm(mask: np.ndarray, vol: Volume, max_points: int = 3000) -> float:
-    """Largest distance (mm) between two voxel centres of `mask` (max Feret diameter; 0 if empty)."""
-    return feret_diameter_mm(mask, tuple(vol.spacing[::-1]), max_points)
+def measure(
+    labels: Volume,
+    class_names: list[str],
+    *,
+    ct: Volume | None = None,
+    mr: Volume | None = None,
+) -> dict[str, Any]:
+    """Volumes per class (mL) and the lesions of `labels` (class indices on the CT's grid).
 
-
-def measure(labels: Volume, class_names: list[str], lesion_class: int = 1) -> dict[str, Any]:
-    """Volumes per class in mL; connected components (26-connectivity) of the lesion class."""
+    Returns a JSON-ready dict: ``volumes_ml`` {class: mL}, ``lesion_count``, ``largest_diameter_mm``
+    (the longest core diameter of all lesions, 0.0 when there is none), ``lesion_diameters_mm``
+    (longest core diameter per lesion, largest core first) and ``lesions`` (each lesion's findings,
+    `Lesion.to_json`). `ct` and `mr` on the same grid add the core's CT density and MR enhancement.
+    """
     arr = labels.array
     vml = labels.voxel_volume_ml
     counts = np.bincount(arr.ravel().astype(np.int64), minlength=len(class_names))
     volumes = {name: round(float(counts[k]) * vml, 3) for k, name in enumerate(class_names) if k > 0}
-    comp, n = ndimage.label(arr == lesion_class, structure=np.ones((3, 3, 3)))
-    diameters = []
-    if n:
-        sizes = np.bincount(comp.ravel())[1:]
-        for k in np.argsort(sizes)[::-1][:5]:
-            diameters.append(round(largest_diameter_mm(comp == k + 1, labels), 1))
+    lesions = find_lesions(labels, class_names, ct=ct, mr=mr)
+    diameters = [lesion.core_diameter_mm for lesion in lesions]
     return {
         "volumes_ml": volumes,
-        "lesion_count": int(n),
+        "lesion_count": len(lesions),
         "largest_diameter_mm": max(diameters) if diameters else 0.0,
         "lesion_diameters_mm": diameters,
+        "lesions": [lesion.to_json() for lesion in lesions],
     }
