@@ -17,12 +17,13 @@ $(VENV)/.installed: pyproject.toml
 
 venv: $(VENV)/.installed
 
-# dciodvfy (Debian's dicom3tools) validates the DICOM we write; the tests that need it skip when absent.
+# dciodvfy (Debian's dicom3tools) validates the DICOM we write, pdftoppm (poppler-utils) renders the
+# report's pages for review; the tests that need them skip when absent.
 dicom3tools:
-	@command -v dciodvfy >/dev/null 2>&1 || \
-	  ( (apt-get install -y -qq dicom3tools >/dev/null 2>&1 || \
-	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dicom3tools >/dev/null 2>&1)) \
-	    || echo "note: dicom3tools not installed; dciodvfy tests will be skipped" )
+	@(command -v dciodvfy && command -v pdftoppm) >/dev/null 2>&1 || \
+	  ( (apt-get install -y -qq dicom3tools poppler-utils >/dev/null 2>&1 || \
+	     (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dicom3tools poppler-utils >/dev/null 2>&1)) \
+	    || echo "note: dicom3tools/poppler-utils not installed; dciodvfy and page-render tests will be skipped" )
 
 demo: venv
 	$(VENV)/bin/medfusion run sample_data/patients --out reports/demo

@@ -3,6 +3,9 @@ lesion, "No lesion detected" where true, cells that wrap instead of overflowing,
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -113,3 +116,30 @@ def test_age_and_sex_prefer_the_dicom() -> None:
     assert pdf.age_and_sex({"patient_age": "061Y", "patient_sex": "M"}, NOTE) == ("61 years", "male")
     assert pdf.age_and_sex({}, "") == ("—", "—")
     assert pdf.readable_date("") == "—"
+
+
+@pytest.mark.skipif(shutil.which("pdftoppm") is None, reason="pdftoppm (poppler-utils) not installed")
+def test_every_page_renders_for_review(tmp_path: Path) -> None:
+    """Every page of a two-lesion report as PNG under $MEDFUSION_ARTEFACTS (else the test's folder),
+    so that a reviewer can look at it."""
+    _, _, reader = _report(tmp_path, 2)
+    out = Path(os.environ.get("MEDFUSION_ARTEFACTS", tmp_path)) / "report_pages"
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["pdftoppm", "-r", "80", "-png", str(tmp_path / "report.pdf"), str(out / "page")], check=True
+    )
+    pages = sorted(out.glob("page-*.png"))
+    assert len(pages) == len(reader.pages) >= 2
+    assert all(p.stat().st_size > 5000 for p in pages)  # not blank
+
+
+def test_note_excerpt_puts_the_indication_first_and_keeps_negated_facts() -> None:
+    note = (
+        "Denies recent travel. Mild seasonal allergies. Patient is a 67 year old man presenting with "
+        "visual disturbance. No known melanoma. Symptoms have been slowly progressive over 3 months."
+    )
+    sents = pdf.key_sentences(note)
+    assert sents[0].startswith("Patient is a 67 year old man")
+    assert "No known melanoma." in sents and "Denies recent travel." not in sents
+    assert sents[-1].startswith("Symptoms have been slowly progressive")
+    assert pdf.key_sentences("He reports visual disturbance.") == ["He reports visual disturbance."]

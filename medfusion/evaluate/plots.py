@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -33,45 +34,72 @@ def write_plots_and_pdf(
     rows: list[dict[str, Any]],
     pairs: dict[str, tuple[np.ndarray, np.ndarray]],
     summary: dict[str, Any],
+    *,
+    run: str = "",
+    model: str = "",
 ) -> list[Path]:
+    """Write the evaluation plots (PNG, one per score and one for segmentation) and evaluation.pdf
+    into `out`; `run` and `model` (optional) name what was evaluated in the PDF's header. Returns
+    the PNG paths."""
     paths: list[Path] = []
     for s, (y, p) in pairs.items():
         if len(np.unique(y)) < 2:
             continue
-        fig, ax = plt.subplots(1, 3, figsize=(11, 3.4))
+        fig, ax = plt.subplots(1, 3, figsize=(11, 3.6), layout="constrained")
         fpr, tpr, _ = roc_curve(y, p)
         ax[0].plot(fpr, tpr)
         ax[0].plot([0, 1], [0, 1], "k--", lw=0.7)
-        ax[0].set(title=f"ROC {s}", xlabel="1 − specificity", ylabel="sensitivity")
+        ax[0].set(title=f"ROC ({s}, n = {len(y)})", xlabel="1 − specificity", ylabel="sensitivity")
         prec, rec, _ = precision_recall_curve(y, p)
         ax[1].plot(rec, prec)
-        ax[1].set(title=f"precision–recall {s}", xlabel="recall", ylabel="precision")
+        ax[1].axhline(float(np.mean(y)), color="grey", ls="--", lw=0.7, label="prevalence")
+        ax[1].legend(fontsize=7, loc="lower left")
+        ax[1].set(title=f"precision–recall ({s})", xlabel="recall", ylabel="precision")
         edges = np.linspace(0, 1, 11)
         idx = np.clip(np.digitize(p, edges[1:-1]), 0, 9)
-        conf = [p[idx == b].mean() for b in range(10) if np.any(idx == b)]
-        acc = [y[idx == b].mean() for b in range(10) if np.any(idx == b)]
+        bins = [b for b in range(10) if np.any(idx == b)]
+        conf = [float(p[idx == b].mean()) for b in bins]
+        acc = [float(y[idx == b].mean()) for b in bins]
         ax[2].plot([0, 1], [0, 1], "k--", lw=0.7)
         ax[2].plot(conf, acc, "o-")
-        ax[2].set(title="reliability", xlabel="mean predicted probability", ylabel="observed frequency")
+        for b, cx, cy in zip(bins, conf, acc, strict=True):  # bin counts: how much each point weighs
+            ax[2].annotate(
+                f"{int(np.sum(idx == b))}", (cx, cy), textcoords="offset points", xytext=(3, 4), fontsize=7
+            )
+        ax[2].set(
+            title="reliability (n per bin)", xlabel="mean predicted probability", ylabel="observed frequency"
+        )
+        for a in ax:  # full unit axes: a curve never looks better for a cropped axis
+            a.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
         paths.append(_save(fig, out / f"diagnosis_{s}.png"))
     classes = list(dict.fromkeys(r["class"] for r in rows))
     if classes:
-        fig, ax = plt.subplots(1, 2, figsize=(11, 3.6))
+        fig, ax = plt.subplots(1, 2, figsize=(11, 3.8), layout="constrained")
         data = [[r["dice"] for r in rows if r["class"] == c and r["empty"] != "both"] for c in classes]
         ax[0].boxplot(data, showfliers=False)
-        ax[0].set_xticks(range(1, len(classes) + 1), classes)
+        ax[0].set_xticks(
+            range(1, len(classes) + 1),
+            [f"{c.replace('_', ' ')}\n(n = {len(d)})" for c, d in zip(classes, data, strict=True)],
+        )
         for i, d in enumerate(data, start=1):
             ax[0].scatter(
                 np.full(len(d), i) + np.random.default_rng(i).uniform(-0.12, 0.12, len(d)), d, s=8, alpha=0.6
             )
-        ax[0].set(title="Dice per class", ylim=(0, 1.02))
-        vp = np.array([r["volume_pred_ml"] for r in rows])
-        vr = np.array([r["volume_ref_ml"] for r in rows])
-        mean, diff = (vp + vr) / 2, vp - vr
-        ax[1].scatter(mean, diff, s=10)
-        md, sd = float(diff.mean()), float(diff.std())
-        for v, ls in ((md, "-"), (md + 1.96 * sd, "--"), (md - 1.96 * sd, "--")):
-            ax[1].axhline(v, color="grey", ls=ls, lw=0.8)
+        ax[0].set(title="Dice per class (both-empty cases excluded)", ylim=(0, 1.02))
+        for k, c in enumerate(classes):  # one colour per class, limits per class
+            rs = [r for r in rows if r["class"] == c]
+            vp = np.array([r["volume_pred_ml"] for r in rs], float)
+            vr = np.array([r["volume_ref_ml"] for r in rs], float)
+            diff = vp - vr
+            colour = f"C{k}"
+            ax[1].scatter(
+                (vp + vr) / 2, diff, s=10, color=colour, label=f"{c.replace('_', ' ')} (n = {len(rs)})"
+            )
+            md, sd = float(diff.mean()), float(diff.std())
+            ax[1].axhline(md, color=colour, ls="-", lw=0.8)
+            for v in (md + 1.96 * sd, md - 1.96 * sd):
+                ax[1].axhline(v, color=colour, ls="--", lw=0.6)
+        ax[1].legend(fontsize=7, title="bias (—), ±1.96 SD (--)", title_fontsize=7)
         ax[1].set(
             title="Bland–Altman: volume (mL)",
             xlabel="mean of predicted and reference",
@@ -79,11 +107,24 @@ def write_plots_and_pdf(
         )
         paths.append(_save(fig, out / "segmentation.png"))
     styles = getSampleStyleSheet()
-    story: list[Any] = [Paragraph("medfusion — evaluation", styles["Title"])]
+    story: list[Any] = [
+        Paragraph("medfusion — evaluation", styles["Title"]),
+        Paragraph(
+            f"Evaluated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC into {out.name}/. "
+            f"Patients: {summary.get('n_patients_predicted', '—')} predicted, "
+            f"{summary.get('n_patients_with_reference', '—')} with a reference segmentation, "
+            f"{summary.get('n_patients_labelled', '—')} labelled. "
+            + (f"Run: {run}. " if run else "")
+            + (f"Model: {model}. " if model else "")
+            + "Each metric states how many cases it averages (n).",
+            styles["Normal"],
+        ),
+    ]
     seg_rows = [
         [
             "class",
             "cases",
+            "n (Dice, HD95, NSD)",
             "Dice mean",
             "HD95 mm (median)",
             "NSD mean",
@@ -96,8 +137,9 @@ def write_plots_and_pdf(
         fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
         seg_rows.append(
             [
-                c,
+                c.replace("_", " "),
                 str(b["n_cases"]),
+                f"{b['dice']['n']}, {b['hd95_mm']['n']}, {b['nsd']['n']}",
                 fmt(b["dice"]["mean"]),
                 fmt(b["hd95_mm"]["median"]),
                 fmt(b["nsd"]["mean"]),
@@ -108,7 +150,7 @@ def write_plots_and_pdf(
         )
     story += [
         Paragraph("Segmentation", styles["Heading2"]),
-        table(seg_rows, [30, 14, 20, 28, 20, 20, 18, 20]),
+        table(seg_rows, [24, 13, 24, 17, 22, 17, 17, 15, 15]),
     ]
     if "diagnosis" in summary:
         drows = [["score", "metric", "value", "95 % CI"]]

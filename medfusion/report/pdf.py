@@ -26,22 +26,33 @@ from reportlab.platypus import (
 from medfusion.io.atomic import atomic_path
 from medfusion.preprocess.registration import qc_summary
 from medfusion.report import figures
-from medfusion.text.negation import mark_negations, tokenize
 
 DISCLAIMER = "RESEARCH USE ONLY. Not a medical device; not for diagnosis or treatment decisions. The default model is trained on synthetic phantoms."
+# the facts the model reads from a note: cancer history, the course and its pace, the complaint
 _KEY = re.compile(
-    r"cancer|malignan|carcinoma|melanoma|metasta|progress|worsen|weeks?|months?|seizure|weakness|history",
+    r"cancer|malignan|carcinoma|melanoma|lymphoma|metasta|tumou?r|neoplas|progress|worsen|deteriorat|"
+    r"rapid|gradual|slow|onset|\bdays?\b|weeks?|months?|years? ago|history|seizure|weakness|numbness|"
+    r"headache|visual|vision|word-finding|aphasia|speech|gait|personality|confusion|vomit",
     re.I,
 )
+# the indication: who the patient is and why they came
+_INDICATION = re.compile(r"year[- ]old|presenting|presents|referred|complain|admitted", re.I)
 
 
 def key_sentences(note: str, limit: int = 6) -> list[str]:
-    """Sentences that carry diagnostic facts (history, course, negations), in note order."""
+    """The note's indication first (the sentence naming age, sex and complaint), then the sentences
+    that carry the facts the model reads (cancer history, course, pace, symptoms), in note order, at
+    most `limit`. Negated facts are kept as written ("No known melanoma."), so they read negated;
+    sentences without such a fact ("Denies recent travel.") are left out.
+
+    Examples:
+        >>> key_sentences("Denies recent travel. A 54-year-old woman with headaches. No known melanoma.")
+        ['A 54-year-old woman with headaches.', 'No known melanoma.']
+    """
     sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", note.strip()) if s.strip()]
-    keep = [
-        s for s in sents if _KEY.search(s) or any(t.startswith("neg_") for t in mark_negations(tokenize(s)))
-    ]
-    return keep[:limit]
+    first = next((s for s in sents if _INDICATION.search(s)), None)
+    rest = [s for s in sents if s is not first and _KEY.search(s)]
+    return ([first] if first else []) + rest[: limit - (1 if first else 0)]
 
 
 def _img(png: bytes, width_mm: float) -> Image:
