@@ -107,9 +107,9 @@ def test_cells_wrap_inside_their_column(value: str) -> None:
         for cell, width in zip(row, widths, strict=True):
             cell = cell[0] if isinstance(cell, list | tuple) else cell
             assert isinstance(cell, Paragraph)
-            cell.wrap(width - 12, 800)  # the table's default padding, 6 pt each side
+            cell.wrap(width - 6, 800)  # the table's padding, 3 pt each side
             widest = max(cell.getActualLineWidths0())
-            assert widest <= width - 12 + 0.5, (widest, width)
+            assert widest <= width - 6 + 0.5, (widest, width)
 
 
 def test_age_and_sex_prefer_the_dicom() -> None:
@@ -143,3 +143,19 @@ def test_note_excerpt_puts_the_indication_first_and_keeps_negated_facts() -> Non
     assert "No known melanoma." in sents and "Denies recent travel." not in sents
     assert sents[-1].startswith("Symptoms have been slowly progressive")
     assert pdf.key_sentences("He reports visual disturbance.") == ["He reports visual disturbance."]
+
+
+def test_findings_header_words_fit_their_columns() -> None:
+    """No header word is broken across lines ("Calcificatio-n"): each fits its column's width."""
+    from reportlab.lib.units import mm
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    rows, _ = pdf.findings_rows([], CLASS_NAMES)
+    widths = pdf.findings_widths(len(CLASS_NAMES) - 1)
+    assert len(widths) == len(rows[0]) and sum(widths) == pytest.approx(180)
+    for text, width in zip(rows[0], widths, strict=True):
+        for word in text.split():
+            assert stringWidth(word, "Helvetica-Bold", pdf.HEAD_CELL.fontSize) <= width * mm - 6, (
+                word,
+                width,
+            )

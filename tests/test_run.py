@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from medfusion.cli import app
 from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfig
 from medfusion.io.case import load_case
+from medfusion.io.docpdf import read_encapsulated_pdf
 from medfusion.io.nifti import read_nifti
 from medfusion.io.seg import read_dicom_seg
 from medfusion.models.measures import FEATURES as MEASURE_FEATURES
@@ -88,6 +89,11 @@ def test_outputs_are_in_the_ct_geometry_and_seg_matches(run_out: tuple) -> None:
     if seg.array.any():
         back = resample(read_dicom_seg(out / pid / "segmentation.dcm"), ct, label=True)
         assert np.array_equal(back.array, seg.array)
+    # the DICOM CT also gets the SR (one volumetric group per lesion) and the report as DICOM PDF
+    sr = hd.sr.srread(str(out / pid / "segmentation_sr.dcm"))
+    lesions = json.loads((out / pid / "scores.json").read_text())["measurements"]["lesions"]
+    assert len(sr.content.get_volumetric_roi_measurement_groups()) == len(lesions)
+    assert read_encapsulated_pdf(out / pid / "report.dcm") == (out / pid / "report.pdf").read_bytes()
 
 
 def test_probability_maps_are_the_label_maps_source(run_out: tuple) -> None:

@@ -80,6 +80,8 @@ def table(rows: list[list[str]], widths: list[float], *, header: bool = True) ->
             [
                 ("GRID", (0, 0), (-1, -1), 0.25, colors.grey),
                 ("VALIGN", (0, 0), (-1, -1), "TOP"),
+                ("LEFTPADDING", (0, 0), (-1, -1), 3),
+                ("RIGHTPADDING", (0, 0), (-1, -1), 3),
                 *([("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee"))] if header else []),
             ]
         )
@@ -217,6 +219,11 @@ def findings_rows(lesions: list[dict[str, Any]], class_names: list[str]) -> tupl
     return rows, summary
 
 
+def findings_widths(n_parts: int) -> list[float]:
+    """Column widths (mm, 180 in all) of the findings table with `n_parts` volume columns."""
+    return [6, 30, *[75 / max(n_parts, 1)] * n_parts, 28, 15, 26]
+
+
 def impression(scores: dict[str, Any]) -> str:
     """One plain-words line from the findings and the scores, ending with the research-use
     statement. Out of the model's domain it says the case was not assessed."""
@@ -307,7 +314,7 @@ def write_report(
     if lesions:
         rows, rest = findings_rows(lesions, class_names)
         n_parts = len(class_names) - 1
-        story.append(table(rows, [7, 33, *[66 / max(n_parts, 1)] * n_parts, 30, 18, 26]))
+        story.append(table(rows, findings_widths(n_parts)))
         if rest:
             story.append(Paragraph(rest, small))
         story.append(Spacer(1, 1.5 * mm))
