@@ -2,8 +2,10 @@
 the domain check of each case against the package's guard (models/domain.py).
 
 Deterministic: the same input, package and device give the same numbers. MC dropout draws from a
-generator seeded with `seed` (restored afterwards), and torch runs with deterministic algorithms
-(cuDNN autotuning off, cuBLAS with a fixed workspace), so label maps and scores repeat bit for bit.
+generator seeded with `seed` (restored afterwards), torch runs with deterministic algorithms (cuDNN
+autotuning off, cuBLAS with a fixed workspace), and SimpleITK — whose registration runs in the same
+process after the predictor is made — on one thread (`deterministic_torch`), so label maps and scores
+repeat bit for bit.
 """
 
 from __future__ import annotations
@@ -40,13 +42,21 @@ class Prediction:
 
 
 def deterministic_torch(device: torch.device) -> None:
-    """Ask torch for deterministic kernels (process-wide): cuDNN without autotuning and deterministic
-    algorithms; cuBLAS needs its workspace fixed before its first call."""
+    """Ask for repeatable numbers (process-wide): torch's deterministic algorithms, cuDNN without
+    autotuning, cuBLAS with a fixed workspace (set before its first call); and SimpleITK on one thread.
+
+    ITK's Mattes mutual information accumulates its joint histogram from several threads in whatever
+    order they finish, so the same seeded registration moved by up to 0.014 in a matrix entry from one
+    call to the next on 2 threads (3 calls, one small synthetic pair) and not at all on one. The cost is
+    the registration's (and resampling's) parallelism."""
+    import SimpleITK as sitk
+
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
 
 
 class Predictor:
