@@ -533,9 +533,11 @@ def write_cohort_files(
     ]
     write_text(opts.out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in failures))
     stage_keys = sorted({k for r in rows for k in r if k.startswith("t_")})
+    finished = dt.datetime.now(dt.timezone.utc)
     run = {
         "medfusion_version": __version__,
-        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "started": (finished - dt.timedelta(seconds=seconds)).isoformat(timespec="seconds"),
+        "finished": finished.isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "versions": _versions(),
         "config": opts.pipeline.model_dump(),
