@@ -582,7 +582,8 @@ def assess(guard: DomainGuard | None, facts: dict[str, Any], features: np.ndarra
                 if missing_inputs(sit)
                 else f"inputs {sit}: no calibration measured"
             )
-        dens = guard.densities.get(sit)
+        # the encoder features read no note: a case without one is measured by its image situation's density
+        dens = guard.densities.get(sit) or guard.densities.get(sit.replace("+note", "") + "+note")
         if dens is not None and features is not None and dens.threshold is not None:
             distance = float(dens.distance(features)[0])
             threshold = float(dens.threshold)
