@@ -376,6 +376,30 @@ def test_a_failing_writer_costs_only_its_own_output(
     assert res.exit_code == 0, res.output
 
 
+def test_a_failing_sr_costs_only_the_sr(
+    two_patients: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import medfusion.io.sr
+
+    patients, _ = two_patients
+    pid = sorted(p.name for p in patients.iterdir())[0]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        msg = "no code for this concept"
+        raise ValueError(msg)
+
+    monkeypatch.setattr(medfusion.io.sr, "write_dicom_sr", broken)
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid])
+    assert res.exit_code == 0, res.output
+    d = out / pid
+    qc = json.loads((d / "qc.json").read_text())
+    assert qc["outputs"]["failed"] == {"segmentation_sr.dcm": "no code for this concept"}
+    assert not (d / "segmentation_sr.dcm").exists()
+    for name in ("segmentation.dcm", "report.pdf", "report.dcm", "scores.json"):
+        assert (d / name).exists(), name
+
+
 @pytest.mark.slow
 def test_a_dead_dask_worker_costs_a_retry_not_the_cohort(
     two_patients: tuple[Path, Path], tmp_path: Path
