@@ -172,7 +172,11 @@ def find_lesions(
             total_ml=round(float(inside.sum()) * ml, 3),
             core_diameter_mm=round(feret_diameter_mm(core, spacing_zyx), 1),
             axial_diameters_mm=(round(d1, 1), round(d2, 1)),
-            centroid_lps=(round(float(centroid[0]), 1), round(float(centroid[1]), 1), round(float(centroid[2]), 1)),
+            centroid_lps=(
+                round(float(centroid[0]), 1),
+                round(float(centroid[1]), 1),
+                round(float(centroid[2]), 1),
+            ),
             side=_side(float(centroid[0]), midline),
             region=_region(centroid, centre),
         )
@@ -225,7 +229,12 @@ def _region(centroid: np.ndarray, centre: np.ndarray) -> str:
 
 
 def _enhancement(
-    mr: Volume, comp: np.ndarray, k: int, core: np.ndarray, box: tuple[slice, ...], spacing_zyx: tuple[float, ...]
+    mr: Volume,
+    comp: np.ndarray,
+    k: int,
+    core: np.ndarray,
+    box: tuple[slice, ...],
+    spacing_zyx: tuple[float, ...],
 ) -> float | None:
     """Mean MR in the core over the mean in a SHELL_MM shell of non-lesion voxels around the lesion."""
     grow = [max(1, int(np.ceil(SHELL_MM / s))) for s in spacing_zyx]
