@@ -210,6 +210,12 @@ def synth(
             help="Write only OUT/notes.csv: notes and diagnoses, no images (a corpus to pre-train the note path).",
         ),
     ] = False,
+    anatomy: Annotated[
+        str,
+        typer.Option(
+            help="Head anatomy: phantom (ellipsoid head) or mni (nilearn's MNI152 brain, deformed per patient, with skull, face and skull base; needs medfusion[mni])."
+        ),
+    ] = "phantom",
 ) -> None:
     """Generate synthetic head patients (CT DICOM, MR DICOM/NIfTI, notes) with labels and truth."""
     from medfusion.synth.generate import generate_cohort, generate_note_corpus
@@ -225,8 +231,10 @@ def synth(
             plan[start]["n_lesions"] = 0
             if n > 1:
                 plan[start + 1].update({"course_stated": False, "history_stated": False})
-        rows = generate_cohort(out, n, seed, size, workers, start=start, progress=True, plan=plan)
-    except ValueError as exc:
+        rows = generate_cohort(
+            out, n, seed, size, workers, start=start, progress=True, plan=plan, anatomy=anatomy
+        )
+    except (ValueError, ImportError) as exc:
         _fail(exc)
     pos = sum(r["malignant"] for r in rows)
     stdout.print(f"wrote {len(rows)} patients to {out}/patients and labels to {out}/labels ({pos} malignant)")

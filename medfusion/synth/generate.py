@@ -21,7 +21,7 @@ import numpy as np
 from medfusion.io.atomic import atomic_path, write_json, write_text
 from medfusion.io.nifti import write_nifti
 from medfusion.io.volume import Volume
-from medfusion.synth import notes
+from medfusion.synth import mni, notes
 from medfusion.synth.export import study_info, write_series
 from medfusion.synth.phantom import CLASS_NAMES, HeadPhantom, labels_from_tissue
 from medfusion.synth.render import grid_points, render_ct, render_mr, slabs
@@ -50,6 +50,7 @@ class GridPreset:
         return presets[name]
 
 
+ANATOMIES = {"phantom": "SYN", "mni": "MNI"}  # anatomy → patient-ID prefix
 MAX_ROTATION_DEG = 15.0
 MAX_TRANSLATION_MM = 20.0
 _ORIENTATIONS = {
@@ -120,9 +121,17 @@ def generate_patient(
     preset: str = "standard",
     mr_format: str | None = None,
     force: dict[str, Any] | None = None,
+    anatomy: str = "phantom",
 ) -> dict[str, Any]:
-    """Generate one patient; returns its row for labels.csv / oracle.csv."""
+    """Generate one patient; returns its row for labels.csv / oracle.csv.
+
+    `anatomy` is "phantom" (the ellipsoid head of phantom.py) or "mni" (nilearn's MNI152 template,
+    deformed per patient: mni.py). Both carry the same lesion and diagnosis draws for a (seed, index):
+    the MNI patient moves the phantom's lesions into its white matter."""
     grid = GridPreset.get(preset)
+    if anatomy not in ANATOMIES:
+        msg = f"unknown anatomy {anatomy!r}; choose one of {list(ANATOMIES)}"
+        raise ValueError(msg)
     head, nf, rng = patient_facts(seed, index)
     for key, value in (force or {}).items():
         if key == "n_lesions":
@@ -133,16 +142,33 @@ def generate_patient(
             )
         else:
             setattr(nf, key, value)
-    pid = f"SYN{seed % 10000:04d}{index:04d}"
+    real = None
+    if anatomy == "mni":
+        real = mni.MniHead.from_phantom(head, np.random.default_rng([seed, index, 11]))
+    body: HeadPhantom | mni.MniHead = real if real is not None else head
+    pid = f"{ANATOMIES[anatomy]}{seed % 10000:04d}{index:04d}"
     pdir = out / "patients" / pid
     ldir = out / "labels" / pid
     # CT: axial, head centred near the table's origin
     ct_centre = np.array([rng.uniform(-5, 5), rng.uniform(-25, -15), rng.uniform(-60, 60)])
     ct = centred_grid(grid.ct_size, grid.ct_spacing, np.eye(3), ct_centre)
     tissue_ct = np.empty(ct.shape, np.uint8)
-    for k0, k1 in slabs(ct):
-        tissue_ct[k0:k1] = head.tissue(grid_points(ct, k0, k1) - ct_centre).reshape(k1 - k0, *ct.shape[1:])
-    hu = render_ct(head, tissue_ct, ct, rng)
+    if real is None:
+        for k0, k1 in slabs(ct):
+            tissue_ct[k0:k1] = head.tissue(grid_points(ct, k0, k1) - ct_centre).reshape(
+                k1 - k0, *ct.shape[1:]
+            )
+        hu = render_ct(head, tissue_ct, ct, rng)
+    else:
+        bone_fraction = np.empty(ct.shape, np.float32)
+        other = np.empty(ct.shape, np.uint8)
+        voxel_mm = float(np.prod(ct.spacing) ** (1 / 3))
+        for k0, k1 in slabs(ct):
+            t, f, o = real.sample(grid_points(ct, k0, k1) - ct_centre, voxel_mm)
+            tissue_ct[k0:k1], bone_fraction[k0:k1], other[k0:k1] = (
+                a.reshape(k1 - k0, *ct.shape[1:]) for a in (t, f, o)
+            )
+        hu = mni.render_ct(real, tissue_ct, bone_fraction, other, ct, rng)
     labels = labels_from_tissue(tissue_ct)
     # MR: own grid and orientation, rigidly misaligned; y = R x + t maps CT points to MR points
     angles = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)
@@ -160,9 +186,12 @@ def generate_patient(
     rim = np.empty(mr.shape, bool)
     for k0, k1 in slabs(mr):
         p = to_phantom(grid_points(mr, k0, k1))
-        tissue_mr[k0:k1] = head.tissue(p).reshape(k1 - k0, *mr.shape[1:])
-        rim[k0:k1] = head.core_rim(p).reshape(k1 - k0, *mr.shape[1:])
-    t1c = render_mr(head, tissue_mr, rim, mr, to_phantom, rng)
+        tissue_mr[k0:k1] = body.tissue(p).reshape(k1 - k0, *mr.shape[1:])
+        rim[k0:k1] = body.core_rim(p).reshape(k1 - k0, *mr.shape[1:])
+    if real is None:
+        t1c = render_mr(head, tissue_mr, rim, mr, to_phantom, rng)
+    else:
+        t1c = mni.render_mr(real, tissue_mr, rim, mr, to_phantom, rng)
     # Files
     study = study_info(pid, nf.sex, nf.age, seed, rng)
     write_series(
@@ -214,10 +243,11 @@ def generate_patient(
     matrix = np.eye(4)
     matrix[:3, :3] = rot
     matrix[:3, 3] = trans
-    truth = {
+    truth: dict[str, Any] = {
         "patient_id": pid,
         "seed": seed,
         "index": index,
+        "anatomy": anatomy,
         "registration": {
             "matrix_lps": matrix.tolist(),
             "convention": "ITK: maps a CT (fixed) point in LPS mm to the corresponding MR (moving) point",
@@ -235,7 +265,7 @@ def generate_patient(
                 "necrosis": les.necrosis,
                 "calcifications": len(les.calcifications),
             }
-            for les in head.lesions
+            for les in body.lesions
         ],
         "image_facts": dataclasses.asdict(facts),
         "note_facts": dataclasses.asdict(nf),
@@ -245,6 +275,8 @@ def generate_patient(
         "class_names": list(CLASS_NAMES),
         "voxels_per_class": {name: int(np.sum(labels == i)) for i, name in enumerate(CLASS_NAMES)},
     }
+    if real is not None:
+        truth["normal_structures"] = mni.normal_structures(real)
     write_json(ldir / "truth.json", truth)
     return {
         "patient_id": pid,
@@ -268,8 +300,15 @@ def generate_cohort(
     start: int = 0,
     progress: bool = False,
     plan: dict[int, dict[str, Any]] | None = None,
+    anatomy: str = "phantom",
 ) -> list[dict[str, Any]]:
-    """Generate `n` patients into `out`; deterministic for (`seed`, index). `plan` forces facts per index."""
+    """Generate `n` patients into `out`; deterministic for (`seed`, index). `plan` forces facts per index;
+    `anatomy` is "phantom" or "mni" (see `generate_patient`)."""
+    if anatomy not in ANATOMIES:
+        msg = f"unknown anatomy {anatomy!r}; choose one of {list(ANATOMIES)}"
+        raise ValueError(msg)
+    if anatomy == "mni":
+        mni.atlas()  # built once (and the template checked) before forking
     out = Path(out)
     (out / "patients").mkdir(parents=True, exist_ok=True)
     (out / "labels").mkdir(parents=True, exist_ok=True)
@@ -285,6 +324,7 @@ def generate_cohort(
             preset,
             plan.get(i, {}).get("mr_format"),
             {k: v for k, v in plan.get(i, {}).items() if k != "mr_format"},
+            anatomy,
         )
         for i in indices
     ]

@@ -32,6 +32,13 @@ class Tissue(enum.IntEnum):
     NECROSIS = 10
     OEDEMA = 11
     CALCIFICATION = 12
+    # real-anatomy heads (mni.py) only
+    SOFT = 13  # muscle, skin, mucosa
+    GLOBE = 14
+    SKULL_BASE = 15  # dense petrous / sphenoid / clival bone
+    FALX = 16
+    VENOUS = 17  # dural venous sinus blood
+    CALC_NORMAL = 18  # physiological calcification (pineal, choroid plexus, falx): not a lesion
 
 
 LABEL_OF_TISSUE = {Tissue.CORE: 1, Tissue.NECROSIS: 1, Tissue.OEDEMA: 2, Tissue.CALCIFICATION: 3}
@@ -198,12 +205,17 @@ class HeadPhantom:
 
     def core_rim(self, p: np.ndarray) -> np.ndarray:
         """True in the outer third of each tumour core (where contrast enhances)."""
-        out = np.zeros(len(p), bool)
-        for les in self.lesions:
-            near = np.flatnonzero(np.all(np.abs(p - les.core.centre) < les.core.radius * 1.6, axis=1))
-            rc = les.core.rel(p[near])
-            out[near] |= (rc > 0.66) & (rc < 1)
-        return out
+        return lesion_rim(self.lesions, p)
+
+
+def lesion_rim(lesions: list[Lesion], p: np.ndarray) -> np.ndarray:
+    """(N,) bool: True at the (N, 3) points in the outer third of a tumour core of `lesions`."""
+    out = np.zeros(len(p), bool)
+    for les in lesions:
+        near = np.flatnonzero(np.all(np.abs(p - les.core.centre) < les.core.radius * 1.6, axis=1))
+        rc = les.core.rel(p[near])
+        out[near] |= (rc > 0.66) & (rc < 1)
+    return out
 
 
 def labels_from_tissue(t: np.ndarray) -> np.ndarray:
