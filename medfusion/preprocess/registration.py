@@ -142,7 +142,6 @@ class _Working:
 
     image: sitk.Image  # float32; CT clamped to soft tissue, MR to its 99.5th percentile
     mask: sitk.Image  # uint8 head/body mask on the same grid
-    volume: Volume  # the full-resolution volume (identity and metadata)
 
 
 def _prepare(vol: Volume, cfg: RegistrationConfig) -> _Working:
@@ -154,7 +153,7 @@ def _prepare(vol: Volume, cfg: RegistrationConfig) -> _Working:
         lo, hi = -150.0, 150.0
     else:
         lo, hi = 0.0, float(np.percentile(sitk.GetArrayViewFromImage(img), 99.5))
-    return _Working(sitk.Clamp(img, sitk.sitkFloat32, lo, hi), mask, vol)
+    return _Working(sitk.Clamp(img, sitk.sitkFloat32, lo, hi), mask)
 
 
 def _method(
