@@ -25,7 +25,11 @@ def anatomy() -> Anatomy:
 
 @pytest.mark.parametrize(
     ("variant", "seed", "slab"),
-    [("brain-only", 1, (0.0, 1.0)), ("with scalp", 2, (0.0, 1.0)), ("slab", 3, (0.45, 1.0))],
+    [
+        ("brain-only", 1, (0.0, 1.0)),  # the case the old QC failed: fast suite
+        pytest.param("with scalp", 2, (0.0, 1.0), marks=pytest.mark.slow),
+        pytest.param("slab", 3, (0.45, 1.0), marks=pytest.mark.slow),
+    ],
 )
 def test_real_anatomy_registers_and_passes_qc(
     anatomy: Anatomy, variant: str, seed: int, slab: tuple[float, float]

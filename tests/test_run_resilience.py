@@ -281,7 +281,7 @@ def _wait_for_work(out: Path, proc: subprocess.Popen[str], timeout: float = 300)
         time.sleep(0.05)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_signal_stops_the_run_cleanly_and_says_how_to_resume(
     two_patients: tuple[Path, Path], tmp_path: Path, sig: signal.Signals
 ) -> None:
