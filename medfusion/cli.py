@@ -15,7 +15,10 @@ from rich.table import Table
 from medfusion.io.errors import InputError
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Multimodal (CT + MRI + clinical note) diagnosis."
+    add_completion=False,
+    no_args_is_help=True,
+    help="Multimodal (CT + MRI + clinical note) diagnosis.",
+    rich_markup_mode=None,
 )
 # soft_wrap: a message stays one line also when the output is a log file, not a terminal
 console = Console(stderr=True, soft_wrap=True)  # errors, progress
@@ -53,7 +56,10 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def inspect(
-    folders: Annotated[list[Path], typer.Argument(help="Patient folder(s) or folder(s) of patient folders.")],
+    folders: Annotated[
+        list[Path],
+        typer.Argument(help="Patient folder(s) or folder(s) of patient folders.", metavar="FOLDER"),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
     modality: Annotated[
         list[str] | None, typer.Option(help="NAME=CT|MR for NIfTI files whose modality is not evident.")
@@ -133,7 +139,7 @@ def inspect(
 
 @app.command()
 def register(
-    patient: Annotated[Path, typer.Argument(help="One patient folder (a CT and an MR).")],
+    patient: Annotated[Path, typer.Argument(help="One patient folder (a CT and an MR).", metavar="PATIENT")],
     out: Annotated[Path, typer.Option("--out", help="Folder for transform.json, mr_in_ct.nii.gz, qc.json.")],
     affine: Annotated[bool, typer.Option(help="Add an affine stage after the rigid one.")] = False,
     no_check: Annotated[
@@ -185,7 +191,13 @@ def register(
 
 @app.command()
 def synth(
-    out: Annotated[Path, typer.Option("--out", help="Output folder: OUT/patients/<id>/ and OUT/labels/.")],
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Output folder: OUT/patients/<id>/ and OUT/labels/ (default: reports/synth-<seed>-<time>).",
+        ),
+    ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of patients.")] = 40,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed gives the same cohort.")] = 7,
     size: Annotated[
@@ -218,7 +230,11 @@ def synth(
     ] = "phantom",
 ) -> None:
     """Generate synthetic head patients (CT DICOM, MR DICOM/NIfTI, notes) with labels and truth."""
+    import datetime as dt
+
     from medfusion.synth.generate import generate_cohort, generate_note_corpus
+
+    out = out or Path("reports") / f"synth-{seed}-{dt.datetime.now():%Y%m%d-%H%M%S}"
 
     if notes_only:
         counts = generate_note_corpus(out, n, seed, start)
@@ -316,7 +332,8 @@ DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "defau
 @app.command()
 def run(
     patients: Annotated[
-        list[Path], typer.Argument(help="Patient folder(s) or folder(s) of patient folders.")
+        list[Path],
+        typer.Argument(help="Patient folder(s) or folder(s) of patient folders.", metavar="FOLDER"),
     ],
     out: Annotated[
         Path | None, typer.Option("--out", help="Output folder (default: a new folder under reports/).")
@@ -686,7 +703,9 @@ def calibrate(
 
 @app.command()
 def convert(
-    patient: Annotated[Path, typer.Argument(help="One patient folder (DICOM and/or NIfTI).")],
+    patient: Annotated[
+        Path, typer.Argument(help="One patient folder (DICOM and/or NIfTI).", metavar="PATIENT")
+    ],
     out: Annotated[
         Path, typer.Option("--out", help="Folder for ct.nii.gz, mr.nii.gz, mr_2.nii.gz … + JSON.")
     ],
@@ -722,7 +741,8 @@ app.add_typer(domain_app, name="domain")
 @domain_app.command("fit")
 def domain_fit(
     patients: Annotated[
-        list[Path], typer.Argument(help="In-domain patient folders (or folders of them) to fit on.")
+        list[Path],
+        typer.Argument(help="In-domain patient folders (or folders of them) to fit on.", metavar="FOLDER"),
     ],
     model: Annotated[
         Path | None, typer.Option("--model", "--package", help="Package to fit (default: the shipped one).")
@@ -778,7 +798,11 @@ def domain_fit(
 
 
 def main() -> None:
-    app()
+    # --debug is the app's option; accept it after the sub-command too (medfusion run … --debug)
+    args = sys.argv[1:]
+    if "--debug" in args[1:]:
+        args = ["--debug", *[a for a in args if a != "--debug"]]
+    app(args=args)
 
 
 if __name__ == "__main__":

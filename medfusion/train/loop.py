@@ -817,8 +817,18 @@ class Trainer:
         return {"auroc": mean_auroc(y, lg), "brier": float(np.mean((p - y) ** 2))}
 
     def _progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
+        """One status line per epoch, rewritten each step: step, loss, elapsed and remaining time."""
+        if step == 0 or not hasattr(self, "_epoch_started"):
+            self._epoch_started = time.perf_counter()
         if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
-            print(f"\repoch {epoch} step {step + 1}/{steps} loss {loss:.4f}", end="", flush=True)
+            elapsed = time.perf_counter() - self._epoch_started
+            eta = elapsed / max(step, 1) * (steps - step - 1)  # timed from the end of the first step
+            print(
+                f"\repoch {epoch} step {step + 1}/{steps} loss {loss:.4f} "
+                f"{elapsed:5.0f} s elapsed, ETA {eta:4.0f} s for the epoch",
+                end="",
+                flush=True,
+            )
             if step + 1 == steps:
                 print()
 
