@@ -2,7 +2,7 @@
 
 AUROC and AUPRC (average precision) are scikit-learn's; accuracy, sensitivity (recall of
 positives), specificity, PPV, NPV and F1 are taken at a probability threshold (p ≥ t is positive);
-Brier = mean (p − y)²; ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b| over 10 equal-width bins.
+Brier = mean (p − y)² (Brier, Mon Weather Rev 1950); ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b| over 10 equal-width bins.
 ECE is biased upwards on small cohorts (a perfectly calibrated model's ECE on 100 cases with the
 shipped model's probabilities has median ≈ 0.10), so it comes with the distribution it would have if
 the probabilities were exactly calibrated (outcomes drawn as Bernoulli(p)) and the share of those
@@ -21,6 +21,23 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of binary probabilities: Σ_b (n_b / n) |mean(y)_b − mean(p)_b|.
+
+    The binned estimator of Naeini, Cooper & Hauskrecht (AAAI 2015) as used by Guo et al. ("On
+    Calibration of Modern Neural Networks", ICML 2017), applied to the positive-class probability
+    against the observed positive rate (not top-label confidence against accuracy). Bins are
+    `bins` equal-width intervals [k/bins, (k+1)/bins) of [0, 1], the last one closed; values
+    outside [0, 1] fall into the first or last bin.
+
+    Args:
+        y: array-like of shape (n,), outcomes 0/1.
+        p: array-like of shape (n,), predicted probabilities of the positive class, in [0, 1].
+        bins: number of equal-width bins.
+
+    Returns:
+        ECE in [0, 1]; 0 is perfectly calibrated. Empty bins contribute nothing; empty input gives
+        0.0. Biased upwards on small cohorts (see `ece_calibrated_null`).
+    """
     edges = np.linspace(0.0, 1.0, bins + 1)
     idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
     total = 0.0
@@ -48,6 +65,22 @@ def _safe(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np.ndarray
 
 
 def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
+    """Confusion-matrix metrics with p ≥ `t` called positive.
+
+    accuracy = (TP + TN) / n; sensitivity (recall) = TP / (TP + FN); specificity = TN / (TN + FP);
+    PPV (precision) = TP / (TP + FP); NPV = TN / (TN + FN); F1 = harmonic mean of sensitivity and
+    PPV (van Rijsbergen 1979).
+
+    Args:
+        y: array of shape (n,), outcomes 0/1.
+        p: array of shape (n,), predicted probabilities in [0, 1].
+        t: the probability threshold.
+
+    Returns:
+        The six metrics, each in [0, 1]. A metric whose denominator is 0 is NaN (e.g. sensitivity
+        without positives, everything on empty input); F1 is NaN whenever TP = 0, where the count
+        form 2TP / (2TP + FP + FN) would give 0.
+    """
     yhat = p >= t
     tp = float(np.sum(yhat & (y == 1)))
     tn = float(np.sum(~yhat & (y == 0)))
@@ -127,7 +160,25 @@ METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 def diagnosis_metrics(
     y: np.ndarray, p: np.ndarray, thresholds: dict[str, float], n_boot: int = 2000, seed: int = 0
 ) -> dict[str, Any]:
-    """Point values and 95 % CIs of every metric; threshold metrics at each named threshold."""
+    """Point values and 95 % CIs of every metric; threshold metrics at each named threshold.
+
+    CIs are the 2.5th and 97.5th percentiles of `n_boot` bootstrap resamples of the cases (drawn
+    with a generator seeded with `seed`); resamples where a metric is undefined (NaN) are dropped and
+    counted in ``bootstrap_undefined``.
+
+    Args:
+        y: array-like of shape (n,), outcomes 0/1.
+        p: array-like of shape (n,), predicted probabilities of the positive class, in [0, 1].
+        thresholds: name → probability threshold; each adds ``<metric>@<name>`` entries.
+        n_boot: bootstrap resamples.
+        seed: seed of the bootstrap and of the ECE null draws.
+
+    Returns:
+        ``n``, ``n_positive``, ``thresholds``, and per metric a dict of ``value``, ``ci_low``,
+        ``ci_high`` (None where undefined, e.g. AUROC with one class) and ``bootstrap_undefined``.
+        ``ece`` also carries ``calibrated_null`` (median, 95th percentile and p-value of the ECE of
+        exactly calibrated outcomes, `ece_calibrated_null`) when n > 0.
+    """
     y = np.asarray(y, int)
     p = np.asarray(p, float)
 

@@ -30,6 +30,26 @@ from medfusion.preprocess.prepare import CaseTensors
 
 @dataclasses.dataclass
 class Prediction:
+    """What `Predictor.predict` returns for one case. Arrays are (z, y, x) voxel order.
+
+    Attributes:
+        probs_grid: float32 (K, z, y, x) softmax class probabilities on the model grid
+            (`CaseTensors.grid`), averaged over the test-time flips; each voxel sums to 1 over the
+            K classes of `Predictor.class_names`.
+        probs_ct: float32 (K, z', y', x') the same probabilities linearly resampled onto the CT's own
+            grid (`CaseTensors.ct_volume`; outside the model grid: background 1, other classes 0).
+        labels_ct: uint8 (z', y', x') argmax of `probs_ct` (class indices into `class_names`) after
+            `infer.postprocess.postprocess_labels` (core-less lesions dropped when configured).
+        scores: calibrated (temperature-scaled) probability in [0, 1] per score name.
+        uncertainty: per score name, the standard deviation (Bessel-corrected) of the calibrated
+            probability over the samples: one per test-time flip, plus `mc_samples` × flips with
+            dropout on in the score head. NaN when there is only one sample (no flip, no MC dropout).
+        score_features: the label map's measurements the scores read (`models.measures.FEATURES`,
+            measured on the model grid), when the network has `measures`; empty otherwise.
+        domain_features: float64 (D,) pooled encoder features of the unflipped pass, for the domain
+            check (models/domain.py).
+    """
+
     probs_grid: np.ndarray  # (K, z, y, x) on the model grid
     probs_ct: np.ndarray  # (K, z, y, x) on the CT grid
     labels_ct: np.ndarray  # (z, y, x) uint8 on the CT grid
@@ -61,6 +81,30 @@ def deterministic_torch(device: torch.device) -> None:
 
 class Predictor:
     """Loads a model package once; `predict` maps one CaseTensors to a Prediction.
+
+    Making a predictor calls `deterministic_torch`, which changes process-wide torch and SimpleITK
+    settings (deterministic algorithms, one SimpleITK thread).
+
+    Args:
+        package: model package folder (`model.json` + `weights.safetensors`); None: the bundled default.
+        device: "auto" (cuda, then mps, then cpu), "cpu", "cuda", "cuda:N" or "mps".
+        tta: also run the x-flipped volume (last array axis) and average the probabilities.
+        mc_samples: Monte-Carlo dropout passes of the score head per head input (0: none), for
+            `Prediction.uncertainty`.
+        amp: bf16 autocast; only takes effect on CUDA.
+        sliding_window: segment with windows of the package's training crop size (z, y, x voxels)
+            when the package records one; False, or a package without one: the whole grid in one pass.
+        lesions_need_core: set connected lesions without a tumour-core voxel to background (packages
+            whose classes include "tumour_core").
+        window_overlap: fraction in [0, 1) by which neighbouring windows overlap.
+        sw_batch_size: windows per network call; None: 8 on CUDA, 2 otherwise.
+        seed: seed of the MC-dropout generator, so the same case gives the same uncertainty.
+
+    Raises:
+        ValueError: `device` is not a device name or is not available on this machine; or the
+            package's domain guard files are inconsistent (`DomainGuard.load`).
+        PackageError: the package is missing, unreadable, of an unknown architecture, its weights
+            fail their SHA-256 check, or they do not fit the network `model.json` describes.
 
     Examples:
         >>> Predictor.__name__
@@ -100,6 +144,7 @@ class Predictor:
 
     @property
     def net(self) -> MedFusionNet:
+        """The loaded network (in `channels_last_3d` memory order, on `device`)."""
         return self.model
 
     def _passes(
@@ -122,6 +167,29 @@ class Predictor:
 
     @torch.inference_mode()
     def predict(self, t: CaseTensors) -> Prediction:
+        """Segment and score one prepared case.
+
+        Segmentation runs on the model grid (sliding windows of the training crop size unless
+        disabled), averaged over the test-time flips; the diagnosis head reads the whole volume or,
+        with windows, one window centred on the predicted lesion (infer/windowed.py). Scores are
+        temperature-calibrated; with MC dropout, the dropout masks come from a generator seeded with
+        `seed` whose state is restored afterwards. Deterministic for the same input, package and device.
+
+        Args:
+            t: `preprocess.prepare.prepare_case` output: `t.ct` float32 (C_ct, z, y, x) CT windows in
+                [0, 1], `t.mr` float32 (1, z, y, x) robust z-scored MR (zeros when absent), on the
+                model grid `t.grid`; `t.ct_volume` gives the CT grid the outputs are mapped back to.
+
+        Returns:
+            The Prediction: probabilities on both grids, the label map on the CT grid, scores and
+            their uncertainty, and the encoder features for `assess`.
+
+        Raises:
+            RuntimeError: the network cannot take the grid (with the whole volume in one pass, every
+                model-grid axis must be divisible by 2 ** (len(network.channels) - 1), 8 for the
+                default four levels; sliding windows take the crop size and need no such grid), or
+                from torch (e.g. CUDA out of memory).
+        """
         dev = self.device
         ct = channels_last(torch.from_numpy(t.ct).float()[None].to(dev))
         mr = channels_last(torch.from_numpy(t.mr).float()[None].to(dev))
@@ -172,6 +240,8 @@ class Predictor:
         return assess(self.guard, case_facts(case, mr_used), pred.domain_features)
 
     def describe(self) -> dict[str, Any]:
+        """The package's identity for run records: name, version, architecture, weights' SHA-256
+        (values from `model.json`, None where absent) and whether a fitted domain guard was loaded."""
         return {
             "name": self.meta.get("name"),
             "version": self.meta.get("version"),

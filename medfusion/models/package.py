@@ -25,7 +25,8 @@ DEFAULT_PACKAGE = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
 class PackageError(ValueError):
-    pass
+    """A model package that cannot be used: missing or invalid `model.json`, unknown architecture,
+    missing or altered weights, or weights that do not fit the network. The message names the package."""
 
 
 def save_package(
@@ -40,6 +41,30 @@ def save_package(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
 ) -> Path:
+    """Write `model` as a package folder: `weights.safetensors` and `model.json`.
+
+    Weights are stored on the CPU, contiguous, without the frozen pretrained note encoder's (rebuilt
+    from its own files, `external_weights`); the weights file is written atomically before
+    `model.json`, which records its SHA-256, so `load_package` can refuse altered weights.
+
+    Args:
+        model: the trained network (its `cfg` and, for the GRU note encoder, its vocabulary are stored).
+        out: the package folder; created if missing, existing files of the same names are replaced.
+        preprocess: the preprocessing the model was trained with (stored as ``preprocess``).
+        name: package name (``name`` in `model.json`).
+        version: package version string.
+        class_names: segmentation classes, index = label value, background first.
+        score_names: the diagnostic scores' names, one per score-head output.
+        training: the training run's record, stored as given ({} if None); inference reads its
+            ``config.crop_size`` (z, y, x voxels) as the sliding-window size.
+        metrics: evaluation results to record; {} if None.
+
+    Returns:
+        The package folder `out`.
+
+    Raises:
+        OSError: the folder or its files cannot be written.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {
@@ -80,6 +105,11 @@ def external_weights(model: MedFusionNet) -> set[str]:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
+    """The parsed `model.json` of the package folder `path`, unvalidated (no weights are read).
+
+    Raises:
+        PackageError: `path` holds no `model.json`, or it is not valid JSON.
+    """
     path = Path(path)
     mj = path / "model.json"
     if not mj.exists():
@@ -105,7 +135,24 @@ def package_vocabulary(meta: dict[str, Any]) -> Vocabulary:
 def load_package(
     path: str | Path | None = None, device: str | torch.device = "cpu"
 ) -> tuple[MedFusionNet, dict[str, Any]]:
-    """Rebuild the network from `model.json` and load `weights.safetensors` (checked against its SHA-256)."""
+    """Rebuild the network from `model.json` and load `weights.safetensors` (checked against its SHA-256).
+
+    Weights are read with safetensors, never unpickled. A frozen pretrained note encoder is rebuilt
+    from its own hash-checked files, so its weights may be absent from the package.
+
+    Args:
+        path: the package folder; None: the bundled default package (`DEFAULT_PACKAGE`).
+        device: where to put the network (a torch device or its name).
+
+    Returns:
+        The network in eval mode on `device`, and the `model.json` dict.
+
+    Raises:
+        PackageError: no `model.json` or invalid JSON; an architecture not in `ARCHITECTURES`; no
+            `weights.safetensors`; weights whose SHA-256 differs from the recorded one; or a network
+            that cannot be built or loaded from the package (invalid ``network`` config, missing or
+            unexpected weight names, shape mismatches, a note encoder's files unavailable).
+    """
     path = Path(path) if path is not None else DEFAULT_PACKAGE
     meta = read_meta(path)
     arch = meta.get("architecture")

@@ -265,10 +265,33 @@ def write_report(
     Page 1: header (patient, age, sex, study date, accession, series, model), the impression line,
     the findings table (one row per lesion, `findings_rows`) and the key image through the largest
     lesion, then the scores; then the images (three planes, a key image per further lesion), the
-    note's key sentences, the quality checks and the registration check. `case` is the loaded Case,
-    `tensors` its CaseTensors (``mr_in_ct`` on the CT's grid), `pred` the Prediction
-    (``labels_ct`` (z, y, x) class indices on the CT's grid), `scores`/`qc` the dicts of
-    scores.json/qc.json.
+    note's key sentences, the quality checks and the registration check. A report renders results;
+    it computes no score or measurement itself. Nothing is written at `path` unless the whole PDF is.
+
+    Args:
+        path: the PDF to write (parent folders are created; an existing file is replaced).
+        case: the loaded `io.case.Case`; `case.ct` must be present (its header gives age, sex,
+            accession and series; its geometry places the images), `case.mr` and `case.note` are optional.
+        tensors: the case's `preprocess.prepare.CaseTensors`; only ``mr_in_ct`` is read (the primary MR
+            resampled onto the CT's grid, or None without an MR: no registration figure).
+        pred: the `infer.predictor.Prediction`; only ``labels_ct`` is read: (z, y, x) class indices
+            into `class_names` on the CT's own grid.
+        scores: the scores.json dict: reads ``model`` (name, version), ``inputs.study_date``,
+            ``probabilities`` and ``uncertainty`` (per score, in [0, 1]), ``threshold``, ``predicted``
+            (per score bool, or None when the case is out of the model's domain), ``domain``,
+            ``measurements.volumes_ml`` (mL per class) and ``measurements.lesions`` (each with
+            ``centroid_lps`` in LPS mm and ``number``; the first one gets the key image on page 1).
+        qc: the qc.json dict: reads ``registration`` (``mode``, ``qc``), ``verdict``, ``inputs``
+            (``ct`` and ``mr`` entries with their ``warnings``) and ``mr_used_by_model``.
+        class_names: the model's classes, background first (index 0).
+
+    Returns:
+        `path`.
+
+    Raises:
+        KeyError: `scores` or `qc` lacks one of the keys above.
+        AttributeError: `case.ct` is None.
+        OSError: the PDF cannot be written at `path` (the temporary file is removed).
     """
     styles = getSampleStyleSheet()
     small = ParagraphStyle("small", parent=styles["Normal"], fontSize=8, leading=10)
