@@ -16,6 +16,28 @@ class StrictModel(BaseModel):
 
 
 class RegistrationConfig(StrictModel):
+    """How the MR is registered onto the CT (preprocess/registration.py) and how that is checked.
+
+    Distances are millimetres, angles degrees. Fields without a comment below:
+
+    Attributes:
+        mode: "auto" estimates the transform; "skip" uses the identity (the images are taken as
+            already aligned); "file" reads a 4×4 CT → MR matrix (LPS mm) from `transform_file`.
+        transform_file: the transform for mode "file" (required there: `register` raises ValueError).
+        affine: after the rigid fit, refine a full affine transform.
+        shrink_factors: pyramid levels' shrink factors relative to the working grid, coarse to fine;
+            `smoothing_mm` (Gaussian sigma, mm) and `sampling` (fraction in (0, 1] of the fixed mask's
+            voxels the metric samples) give one value per level, in the same order.
+        iterations: optimiser iterations of the fine pyramid stage (the coarse refinement of each
+            rotation candidate runs 80).
+        histogram_bins: Mattes mutual-information histogram bins (Mattes et al., IEEE TMI 2003).
+        sampling_strategy: the metric's sampling of the fixed image ("random" or "regular").
+        rotation_search_deg: half-range of the exhaustive coarse rotation search (0: off).
+        consistency_check: also register CT onto MR and compare the round trip (QC).
+        max_consistency_mm: largest accepted mean round-trip distance over 200 CT head points, mm.
+        seed: seed of the metric's sampling and of the QC's point draws.
+    """
+
     mode: Literal["auto", "skip", "file"] = "auto"
     transform_file: str | None = None
     affine: bool = False
@@ -84,6 +106,17 @@ def upgrade_registration(stored: dict[str, object]) -> dict[str, object]:
 
 
 class PreprocessConfig(StrictModel):
+    """How a case becomes model inputs (`preprocess.prepare.prepare_case`); stored in a model package.
+
+    Attributes:
+        target_spacing_mm: the model grid's spacing in mm, one value or (x, y, z), positive.
+        target_size: the model grid's size in voxels (x, y, z); the array is (z, y, x). Without sliding
+            windows every axis must be divisible by 2 ** (len(NetConfig.channels) - 1) (8 by default).
+        ct_windows: (low, high) HU windows, one CT channel each, clipped and scaled to [0, 1].
+        mr_percentiles: (low, high) percentiles whose spread scales the MR's robust z-score.
+        registration: MR → CT registration settings.
+    """
+
     # one value (isotropic) or x, y, z; matching the CT's own spacing and size makes the model grid the
     # CT grid, so nothing is interpolated on the way back
     target_spacing_mm: float | list[float] = 2.5
@@ -94,6 +127,14 @@ class PreprocessConfig(StrictModel):
 
 
 class InferConfig(StrictModel):
+    """Inference settings, passed to `infer.predictor.Predictor` (see its arguments).
+
+    Attributes:
+        device: "auto", "cpu", "cuda", "cuda:N" or "mps".
+        tta: test-time augmentation with the x-flipped volume.
+        mc_samples: Monte-Carlo dropout passes of the score head (0: none), for the uncertainty.
+    """
+
     device: str = "auto"
     tta: bool = True
     mc_samples: int = 8
@@ -117,6 +158,13 @@ class InferConfig(StrictModel):
 
 
 class OutputConfig(StrictModel):
+    """Optional outputs of a run per patient.
+
+    Attributes:
+        dicom_seg: also write the label map as a DICOM SEG (only for a CT read from DICOM).
+        report: write the PDF report.
+    """
+
     dicom_seg: bool = True
     report: bool = True
     # probabilities.nii.gz: the class probabilities on the CT grid before the argmax and the clean-up
@@ -125,6 +173,12 @@ class OutputConfig(StrictModel):
 
 
 class PipelineConfig(StrictModel):
+    """A pipeline file (`pipelines/*.yaml`): which preprocessing, inference and outputs a run uses.
+
+    Attributes:
+        name: the pipeline's name, recorded with the whole config in run.json.
+    """
+
     name: str = "default"
     # the reverse-registration consistency check is QC, not a model input: on by default at run time
     # whatever the package's training preprocessing said

@@ -2,11 +2,12 @@
 
 AUROC and AUPRC (average precision) are scikit-learn's; accuracy, sensitivity (recall of
 positives), specificity, PPV, NPV and F1 are taken at a probability threshold (p ≥ t is positive);
-Brier = mean (p − y)² (Brier, Mon Weather Rev 1950); ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b| over 10 equal-width bins.
-ECE is biased upwards on small cohorts (a perfectly calibrated model's ECE on 100 cases with the
-shipped model's probabilities has median ≈ 0.10), so it comes with the distribution it would have if
-the probabilities were exactly calibrated (outcomes drawn as Bernoulli(p)) and the share of those
-draws at least as large as the observed value: a p-value for "miscalibrated beyond chance".
+Brier = mean (p − y)² (Brier, Mon Weather Rev 1950); ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b|
+over 10 equal-width bins (`ece`). ECE is biased upwards on small cohorts (a perfectly calibrated
+model's ECE on 100 cases with the shipped model's probabilities has median ≈ 0.10), so it comes with
+the distribution it would have if the probabilities were exactly calibrated (outcomes drawn as
+Bernoulli(p)) and the share of those draws at least as large as the observed value: a p-value for
+"miscalibrated beyond chance".
 A metric that is undefined on a sample (e.g. AUROC with one class) is NaN there and bootstrap
 resamples where it is undefined are dropped (their count is reported).
 """

@@ -27,7 +27,20 @@ NOTE_SUFFIXES = (".txt", ".md")
 
 @dataclasses.dataclass
 class Case:
-    """Everything read from one patient folder."""
+    """Everything read from one patient folder.
+
+    Attributes:
+        patient_id: the folder's name unless given to `load_case`.
+        folder: the patient folder.
+        ct: the chosen CT (axial first, then the most voxels), or None when there is none.
+        mr: every MR volume, the primary (axial first, then the most voxels) first.
+        note: the clinical note's text ("" without one); `note_path` its file.
+        labels: a reference label map (`labels/<patient_id>/`), integer classes on the CT's grid, or None.
+        errors: unreadable files, one InputError each (never raised by `load_case`).
+        skipped: (file, reason) for files that were recognised and left out (e.g. localizers).
+        choices: lines saying which series were chosen among several, and why.
+        candidates: every volume read, CT and MR.
+    """
 
     patient_id: str
     folder: Path
@@ -43,9 +56,12 @@ class Case:
 
     @property
     def primary_mr(self) -> Volume | None:
+        """The MR the model uses (the first of `mr`), or None without an MR."""
         return self.mr[0] if self.mr else None
 
     def verdict(self) -> str:
+        """One line on usability: "unusable: no CT volume", "usable, with unreadable files",
+        "usable, with warnings" (a warning on the CT or an MR) or "ok", first match wins."""
         if self.ct is None:
             return "unusable: no CT volume"
         if self.errors:
@@ -195,8 +211,23 @@ def load_case(
 ) -> Case:
     """Read one patient folder. Unreadable files are collected in `case.errors`, never raised.
 
-    `modality_map` maps a NIfTI file name (or stem) to a modality, for files whose name and
-    sidecar do not tell. A folder with no usable CT still returns a Case whose `verdict()` says so.
+    DICOM series and NIfTI files anywhere below `folder` are read as volumes (LPS geometry, arrays
+    (z, y, x)); value checks add warnings to each volume; the note is found by `read_note`.
+
+    Args:
+        folder: the patient folder.
+        modality_map: NIfTI file name (or stem), case-insensitive → "CT" or "MR", for files whose name
+            and sidecar do not tell.
+        labels_dir: a folder of reference label maps, `<labels_dir>/<patient_id>/segmentation.nii.gz`
+            or `segmentation.dcm` (`load_label_map`); None: no labels.
+        patient_id: the id to use; None: the folder's name.
+
+    Returns:
+        The Case. A folder with no usable CT still returns a Case whose `verdict()` says so.
+
+    Raises:
+        InputError: `folder` is not a folder; or the label map exists but cannot be read.
+        ValueError: a DICOM SEG label map whose geometry is not a valid `Volume` (e.g. zero spacing).
     """
     folder = Path(folder)
     if not folder.is_dir():

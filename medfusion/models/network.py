@@ -32,6 +32,27 @@ Fusion = Literal["spatial", "feature_concat", "feature_gated", "sequence", "film
 
 
 class NetConfig(StrictModel):
+    """The network's architecture, stored as ``network`` in `model.json` (unknown keys are errors).
+
+    Attributes:
+        fusion: how CT, MR and note are combined (see the module docstring).
+        channels: feature width per encoder level, shallowest first. Level 0 keeps the input's size and
+            each further level halves every spatial axis (stride-2 convolutions), so the decoder's skip
+            connections only fit when every spatial input size is divisible by 2 ** (len(channels) - 1),
+            8 for the default four levels; other sizes raise RuntimeError in `forward`.
+        subunits: convolutions per residual unit (1 halves the cost).
+        ct_channels: CT input channels (one per HU window of `PreprocessConfig.ct_windows`).
+        mr_channels: MR input channels.
+        n_classes: segmentation classes K, background included.
+        n_scores: diagnostic score outputs S.
+        text_dim: width of the note vector and of the fusion transformer's tokens; must be divisible by
+            `transformer_heads` with ``sequence`` fusion, and even for the GRU note encoder.
+        use_ct, use_mr, use_note: ablation switches; False replaces that input by zeros (CT), the
+            learned missing-MR placeholder (MR) or the empty note (note).
+        dropout: dropout probability in the score head, in [0, 1) (also what MC dropout samples).
+        transformer_layers, transformer_heads: depth and heads of the ``sequence`` fusion transformer.
+    """
+
     fusion: Fusion = "sequence"
     channels: list[int] = [8, 16, 32, 64]
     subunits: int = Field(default=2, ge=1)  # convolutions per residual unit (1 halves the cost)
@@ -84,6 +105,15 @@ def _unit(cin: int, cout: int, stride: int, subunits: int = 2) -> ResidualUnit:
 
 
 class Encoder(nn.Module):
+    """A stack of MONAI residual units (instance norm, PReLU), one per entry of `channels`: the first
+    at stride 1, each further one at stride 2.
+
+    Args:
+        cin: input channels.
+        channels: output channels per level.
+        subunits: convolutions per residual unit.
+    """
+
     def __init__(self, cin: int, channels: list[int], subunits: int = 2) -> None:
         super().__init__()
         self.levels = nn.ModuleList(
@@ -94,6 +124,11 @@ class Encoder(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Features per level of `x` (B, cin, z, y, x).
+
+        Returns:
+            len(channels) tensors; level i is (B, channels[i], ⌈z / 2^i⌉, ⌈y / 2^i⌉, ⌈x / 2^i⌉).
+        """
         feats = []
         for level in self.levels:
             x = level(x)
@@ -102,6 +137,18 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
+    """U-Net decoder: from the deepest level up, a ×2 transposed-convolution upsampling, concatenation
+    with the encoder's skip features and a residual unit; optionally FiLM conditioning on the note
+    (Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer", AAAI 2018).
+
+    Args:
+        channels: the encoder's channels per level, shallowest first.
+        text_dim: width of the note vector (used with `film`).
+        film: scale and shift every decoder level by linear maps of the note vector:
+            x · (1 + γ) + β.
+        subunits: convolutions per residual unit.
+    """
+
     def __init__(self, channels: list[int], text_dim: int, film: bool, subunits: int = 2) -> None:
         super().__init__()
         self.ups = nn.ModuleList(
@@ -123,6 +170,17 @@ class Decoder(nn.Module):
         )
 
     def forward(self, feats: list[torch.Tensor], text: torch.Tensor | None) -> torch.Tensor:
+        """Decode `Encoder.forward`'s features to (B, channels[0], z, y, x) at level 0's size.
+
+        Args:
+            feats: per level (B, channels[i], z_i, y_i, x_i), each level exactly half the size of the
+                one above along every axis.
+            text: (B, text_dim) note vector for FiLM; ignored (may be None) without FiLM.
+
+        Raises:
+            RuntimeError: a level is not exactly half the size of the one above (an input size not
+                divisible by 2 ** (len(channels) - 1)).
+        """
         x = feats[-1]
         for n, (up, conv) in enumerate(zip(self.ups, self.convs, strict=True)):
             skip = feats[-2 - n]
@@ -134,21 +192,27 @@ class Decoder(nn.Module):
 
 
 class GatedMerge(nn.Module):
+    """Voxel-wise gated sum of two modalities' features: g · a + (1 − g) · b, g = σ(conv1×1×1([a, b]))."""
+
     def __init__(self, c: int) -> None:
         super().__init__()
         self.gate = nn.Conv3d(2 * c, c, 1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`a`, `b`: (B, c, z, y, x) of the same shape → (B, c, z, y, x)."""
         g = torch.sigmoid(self.gate(torch.cat([a, b], 1)))
         return g * a + (1 - g) * b
 
 
 class ConcatMerge(nn.Module):
+    """Concatenation of two modalities' features through a voxel-wise MLP (1×1×1 conv, PReLU, 1×1×1 conv)."""
+
     def __init__(self, c: int) -> None:
         super().__init__()
         self.mlp = nn.Sequential(nn.Conv3d(2 * c, c, 1), nn.PReLU(), nn.Conv3d(c, c, 1))
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """`a`, `b`: (B, c, z, y, x) of the same shape → (B, c, z, y, x)."""
         return self.mlp(torch.cat([a, b], 1))
 
 
@@ -171,6 +235,18 @@ class SequenceFusion(nn.Module):
     def forward(
         self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse the bottleneck with the note.
+
+        Args:
+            x: bottleneck features (B, c, z, y, x), any spatial size (average-pooled to 5 × 5 × 5 =
+                125 image tokens).
+            tokens: note tokens (B, T, text_dim).
+            mask: (B, T) bool, True for real tokens (False: padding, ignored).
+
+        Returns:
+            `x` plus the transformer's update, trilinearly upsampled to `x`'s size (B, c, z, y, x);
+            and the mean of the image tokens' outputs (B, text_dim).
+        """
         b, c = x.shape[:2]
         pooled = F.adaptive_avg_pool3d(x, 5)
         img = self.img_in(pooled.flatten(2).transpose(1, 2)) + self.pos + self.kind[0]
@@ -195,6 +271,7 @@ class MedFusionNet(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device the network's parameters are on."""
         return self.seg_head.weight.device
 
     def __init__(self, cfg: NetConfig, vocab: Vocabulary, text: TextEncoder | None = None) -> None:
@@ -251,6 +328,22 @@ class MedFusionNet(nn.Module):
     def forward(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Segmentation and score logits for a batch (the training forward: no measurement term).
+
+        Args:
+            ct: (B, ct_channels, z, y, x) CT windows (preprocess.intensity.ct_windows, in [0, 1]).
+            mr: (B, mr_channels, z, y, x) MR robust z-scores; ignored where `has_mr` is false.
+            has_mr: (B,) bool or 0/1: whether each case has an MR.
+            notes: B clinical notes ("" for none).
+            Every spatial size must be divisible by 2 ** (len(cfg.channels) - 1) (8 by default).
+
+        Returns:
+            Segmentation logits (B, n_classes, z, y, x) and uncalibrated score logits (B, n_scores)
+            (`calibrated` turns them into probabilities).
+
+        Raises:
+            RuntimeError: a spatial size not divisible as above, or inputs of mismatched shapes.
+        """
         seg, head_in = self.encode(ct, mr, has_mr, notes)
         return seg, self.score_logits(head_in, self.note_logits(notes))
 

@@ -45,7 +45,30 @@ class CaseTensors:
 def prepare_case(
     case: Case, cfg: PreprocessConfig, registration: RegistrationResult | None = None
 ) -> CaseTensors:
-    """Register (unless given), resample and normalise one case."""
+    """Register (unless given), resample and normalise one case.
+
+    The model grid is `cfg.target_size` (x, y, z) voxels of `cfg.target_spacing_mm`, axis-aligned with
+    the CT and centred on it. The CT is resampled linearly (−1024 HU outside it) and split into
+    `cfg.ct_windows` channels in [0, 1]; the primary MR is registered onto the CT, resampled (0 outside)
+    and robust-z-scored where it exceeds 10 % of its 99th percentile (clipped to ±5, 0 elsewhere);
+    reference labels, if any, are resampled nearest-neighbour.
+
+    Args:
+        case: the loaded case; `case.ct` is required, the MR, note and labels are optional.
+        cfg: the preprocessing (the model package's, for inference).
+        registration: a registration already made for this CT/MR pair (e.g. when resuming); None:
+            register with `cfg.registration`.
+
+    Returns:
+        CaseTensors: `ct` float32 (len(cfg.ct_windows), z, y, x), `mr` float32 (1, z, y, x) (zeros
+        without an MR), `target` int64 (z, y, x) or None, on the model grid; the CT and the MR on the
+        CT's grid; the registration; seconds spent per step in `timings`.
+
+    Raises:
+        InputError: the case has no CT; a label map not on the CT's grid (1e-3 tolerance); or an
+            unreadable transform file (registration mode "file").
+        ValueError: a non-positive target spacing, or registration mode "file" without a file.
+    """
     if case.ct is None:
         raise InputError(case.folder, "no CT volume found; medfusion needs a CT (MR and note are optional)")
     t: dict[str, float] = {}
