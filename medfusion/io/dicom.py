@@ -623,11 +623,9 @@ def split_series(uid: str, files: list[DicomFile]) -> SeriesSplit:
     return SeriesSplit(result, skipped, notes, errors)
 
 
-def _slice_fault(f: DicomFile) -> str | None:
-    """Why one slice cannot join a volume (malformed geometry or pixel layout), or None."""
-    if f.problems:
-        return f.problems[0]
-    missing = [
+def _missing_geometry(f: DicomFile) -> str | None:
+    """ "missing ImagePositionPatient/…" for the geometry attributes a slice lacks, or None."""
+    absent = [
         k
         for k, v in (
             ("ImagePositionPatient", f.position),
@@ -636,8 +634,16 @@ def _slice_fault(f: DicomFile) -> str | None:
         )
         if v is None
     ]
+    return f"missing {'/'.join(absent)}" if absent else None
+
+
+def _slice_fault(f: DicomFile) -> str | None:
+    """Why one slice cannot join a volume (malformed geometry or pixel layout), or None."""
+    if f.problems:
+        return f.problems[0]
+    missing = _missing_geometry(f)
     if missing:
-        return f"missing {'/'.join(missing)}"
+        return missing
     if f.pixel_representation not in (0, 1):
         return f"PixelRepresentation {f.pixel_representation} is neither 0 nor 1"
     if f.bits_allocated not in (1, 8, 16, 32) or not 1 <= f.bits_stored <= f.bits_allocated:
@@ -809,17 +815,9 @@ def load_series(series: DicomSeries, workers: int = 4, min_slices: int = 2) -> V
     warnings: list[str] = list(series.notes)
     warnings.extend(_merged_file_warnings(files))
     for f in files:
-        missing = [
-            k
-            for k, v in (
-                ("ImagePositionPatient", f.position),
-                ("ImageOrientationPatient", f.orientation),
-                ("PixelSpacing", f.pixel_spacing),
-            )
-            if v is None
-        ]
+        missing = _missing_geometry(f)
         if missing:
-            raise InputError(f.path, f"missing {'/'.join(missing)}")
+            raise InputError(f.path, missing)
         if (f.rows, f.columns) != (first.rows, first.columns):
             raise InputError(
                 f.path,

@@ -131,6 +131,19 @@ def _annotate(ax: plt.Axes, view: int, shape: tuple[int, int], pixel_mm: float, 
     ax.text(x1, y - shape[0] * 0.02, f"{bar:g} mm", color="white", fontsize=5.5, ha="right", va="bottom")
 
 
+def _legend(fig: plt.Figure, labels: np.ndarray, class_names: list[str], *, fontsize: float) -> bool:
+    """The classes present in `labels`, in plain words, under the figure; False when none is."""
+    present = set(np.unique(labels).tolist())
+    handles = [
+        Patch(color=CLASS_COLOURS[k], label=n.replace("_", " "))
+        for k, n in enumerate(class_names)
+        if k > 0 and k in present
+    ]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=fontsize, frameon=False)
+    return bool(handles)
+
+
 def triplanar(ct: Volume, mr: Volume | None, labels: np.ndarray, class_names: list[str]) -> bytes:
     """CT, registered MR and the segmentation overlay in three planes through the lesions' centre,
     drawn in display orientation from the CT's geometry (`DisplayGrid`), with orientation letters,
@@ -178,14 +191,7 @@ def triplanar(ct: Volume, mr: Volume | None, labels: np.ndarray, class_names: li
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    present = set(np.unique(labels).tolist())
-    handles = [
-        Patch(color=CLASS_COLOURS[k], label=n.replace("_", " "))
-        for k, n in enumerate(class_names)
-        if k > 0 and k in present
-    ]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    _legend(fig, labels, class_names, fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _png(fig)
 
@@ -225,14 +231,7 @@ def key_image(
         axes[k].set_xticks([])
         axes[k].set_yticks([])
         axes[k].set_title(VIEWS[k], fontsize=8)
-    present = set(np.unique(labels).tolist())
-    handles = [
-        Patch(color=CLASS_COLOURS[k], label=n.replace("_", " "))
-        for k, n in enumerate(class_names)
-        if k > 0 and k in present
-    ]
-    if handles:
-        fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
+    handles = _legend(fig, labels, class_names, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
