@@ -115,6 +115,7 @@ class Predictor:
         self,
         package: str | Path | None = None,
         device: str = "auto",
+        *,
         tta: bool = True,
         mc_samples: int = 8,
         amp: bool = False,

@@ -416,13 +416,13 @@ def _predictor(opts: RunOptions) -> Any:  # Predictor (torch is imported lazily)
     return Predictor(
         opts.model,
         opts.device,
-        infer.tta,
-        infer.mc_samples,
-        infer.amp,
-        infer.sliding_window,
-        infer.lesions_need_core,
-        infer.window_overlap,
-        infer.sw_batch_size,
+        tta=infer.tta,
+        mc_samples=infer.mc_samples,
+        amp=infer.amp,
+        sliding_window=infer.sliding_window,
+        lesions_need_core=infer.lesions_need_core,
+        window_overlap=infer.window_overlap,
+        sw_batch_size=infer.sw_batch_size,
     )
 
 
