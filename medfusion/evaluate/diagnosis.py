@@ -79,8 +79,8 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float
 
     Returns:
         The six metrics, each in [0, 1]. A metric whose denominator is 0 is NaN (e.g. sensitivity
-        without positives, everything on empty input); F1 is NaN whenever TP = 0, where the count
-        form 2TP / (2TP + FP + FN) would give 0.
+        without positives, everything on empty input); F1 is 2TP / (2TP + FP + FN) (van Rijsbergen
+        1979), 0 when positives exist and none is found, NaN only when there is neither.
     """
     yhat = p >= t
     tp = float(np.sum(yhat & (y == 1)))
@@ -98,7 +98,7 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float
         "specificity": div(tn, tn + fp),
         "ppv": ppv,
         "npv": div(tn, tn + fn),
-        "f1": div(2 * sens * ppv, sens + ppv) if not np.isnan(sens + ppv) else float("nan"),
+        "f1": div(2 * tp, 2 * tp + fp + fn),  # the count form: 0 when nothing is found, NaN on no cases
     }
 
 
