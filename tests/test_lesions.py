@@ -23,13 +23,21 @@ def _two_touching() -> Volume:
     return Volume(lab, (1.0, 1.0, 2.0))
 
 
-def test_touching_lesions_are_one_everywhere() -> None:
-    """run/measure and the diagnosis's features count and measure the same lesions (#29)."""
+def test_touching_lesions_are_two_findings_and_one_region() -> None:
+    """Two cores whose oedema touches: two lesions in the findings (each voxel to its nearest core),
+    one region for the diagnosis's fitted measurement term; the largest core diameter agrees."""
     vol = _two_touching()
     m = measure(vol, NAMES)
     f = lesion_features(vol.array, tuple(vol.spacing[::-1]), NAMES)
-    assert m["lesion_count"] == 1 == int(f[FEATURES.index("lesion_count")])
-    assert m["largest_diameter_mm"] == pytest.approx(float(f[FEATURES.index("core_diameter_mm")]), abs=0.05)
+    assert m["lesion_count"] == 2 and int(f[FEATURES.index("lesion_count")]) == 1
+    # each core's own Feret diameter (10 × 10 and 8 × 10 voxels in plane, 4 slices of 2 mm), largest
+    # first, not the pair's 40 mm span
+    assert m["lesion_diameters_mm"] == [
+        pytest.approx(np.sqrt(9**2 + 9**2 + 6**2), abs=0.05),
+        pytest.approx(np.sqrt(7**2 + 9**2 + 6**2), abs=0.05),
+    ]
+    volumes = [les["volumes_ml"]["oedema"] for les in m["lesions"]]
+    assert sum(volumes) == pytest.approx(m["volumes_ml"]["oedema"], abs=1e-3) and min(volumes) > 0
 
 
 def test_separate_lesions_get_one_row_each_largest_first() -> None:
@@ -50,14 +58,16 @@ def test_separate_lesions_get_one_row_each_largest_first() -> None:
 def test_ct_density_and_mr_enhancement() -> None:
     lab = np.zeros((10, 30, 30), np.int16)
     lab[3:7, 10:20, 10:20] = 1
+    lab[5, 14:16, 14:16] = 3  # a calcification inside the core: not part of the core's density
     ct = np.full(lab.shape, 30.0, np.float32)
     ct[lab == 1] = 60.0
+    ct[lab == 3] = 600.0
     mr = np.full(lab.shape, 100.0, np.float32)
     mr[lab == 1] = 250.0
     vol = Volume(lab, (1.0, 1.0, 1.0))
     (lesion,) = find_lesions(vol, NAMES, ct=vol.with_array(ct, "CT"), mr=vol.with_array(mr, "MR"))
     assert lesion.ct_core_hu == pytest.approx(60.0)
-    assert lesion.mr_enhancement_ratio == pytest.approx(2.5)
+    assert lesion.mr_enhancement_ratio == pytest.approx(2.5, abs=0.05)
     with pytest.raises(ValueError, match="not on the label map's grid"):
         find_lesions(vol, NAMES, ct=Volume(np.zeros((2, 2, 2)), modality="CT"))
 

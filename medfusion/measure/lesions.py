@@ -1,8 +1,10 @@
 """The one lesion definition, and the findings measured on each lesion.
 
-A **lesion** is a 26-connected group of foreground voxels (any class > 0) that holds at least one
-tumour-core voxel; foreground groups without core (stray oedema or calcification) are not lesions,
-as post-processing removes them. Every part of medfusion that counts or measures lesions — the
+A **lesion region** is a 26-connected group of foreground voxels (any class > 0) that holds at
+least one tumour-core voxel; foreground groups without core (stray oedema or calcification) are not
+lesions, as post-processing removes them. A region with several separate cores (two tumours whose
+oedema touches) is reported as that many **lesions**, each voxel going to its nearest core
+(`split_by_core`); the diagnosis's measurement term reads regions (`label_lesions`), as it was fitted. Every part of medfusion that counts or measures lesions — the
 diagnosis's measurement term (`models/measures.py`), the run's measurements (`run/measure.py`), the
 report's findings table and the DICOM SR — labels them here.
 
@@ -60,6 +62,47 @@ def label_lesions(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarra
     comp, _ = ndimage.label(labels > 0, structure=CONNECTIVITY)
     ids = np.unique(comp[labels == core_k])
     return comp.astype(np.int32, copy=False), ids[ids > 0]
+
+
+def split_by_core(
+    labels: np.ndarray, class_names: list[str], spacing_zyx: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lesions as a radiologist counts them: `label_lesions`' regions, each split between its
+    separate cores (26-connected core + calcification holding core), every voxel of the region going
+    to the nearest core in millimetres. Two tumours whose oedema touches are two lesions here, one
+    region for `label_lesions` (the diagnosis's measurement term was fitted on regions).
+
+    Returns:
+        (components, lesion_ids) as `label_lesions`, int32, with split regions renumbered.
+    """
+    core_k, calc_k = class_roles(class_names)
+    comp, ids = label_lesions(labels, class_names)
+    if len(ids) == 0:
+        return comp, ids
+    solid = (labels == core_k) if calc_k is None else ((labels == core_k) | (labels == calc_k))
+    out = comp.copy()
+    next_id = int(comp.max()) + 1
+    boxes = ndimage.find_objects(comp)
+    kept = list(ids.tolist())
+    for k in ids.tolist():
+        box = boxes[k - 1]
+        assert box is not None
+        inside = comp[box] == k
+        parts, n = ndimage.label(inside & solid[box], structure=CONNECTIVITY)
+        with_core = [j for j in range(1, n + 1) if np.any((parts == j) & (labels[box] == core_k))]
+        if len(with_core) < 2:
+            continue
+        seeds = np.zeros(parts.shape, np.int32)
+        for rank, j in enumerate(with_core, start=1):
+            seeds[parts == j] = rank
+        _, nearest_idx = ndimage.distance_transform_edt(seeds == 0, sampling=spacing_zyx, return_indices=True)
+        nearest = seeds[tuple(nearest_idx)]
+        region = out[box]
+        for rank in range(2, len(with_core) + 1):
+            region[inside & (nearest == rank)] = next_id
+            kept.append(next_id)
+            next_id += 1
+    return out, np.array(sorted(kept), dtype=np.int64)
 
 
 def feret_diameter_mm(mask: np.ndarray, spacing_zyx: tuple[float, ...], max_points: int = 3000) -> float:
@@ -140,10 +183,10 @@ def find_lesions(
             raise ValueError(msg)
     arr = labels.array
     core_k, calc_k = class_roles(class_names)
-    comp, ids = label_lesions(arr, class_names)
+    spacing_zyx = tuple(float(s) for s in labels.spacing[::-1])
+    comp, ids = split_by_core(arr, class_names, spacing_zyx)
     if len(ids) == 0:
         return []
-    spacing_zyx = tuple(float(s) for s in labels.spacing[::-1])
     ml = labels.voxel_volume_ml
     solid = (arr == core_k) if calc_k is None else ((arr == core_k) | (arr == calc_k))
     solid_sizes = np.bincount(comp[solid], minlength=int(comp.max()) + 1)
@@ -163,6 +206,7 @@ def find_lesions(
         per_slice = core.sum(axis=(1, 2))
         z = int(np.argmax(per_slice))
         d1, d2 = bidimensional_mm(core[z], (spacing_zyx[1], spacing_zyx[2]))
+        d2 = max(d2, min(spacing_zyx[1:]))  # a lesion one voxel thick is one voxel wide, not 0 mm
         offset = np.array([s.start for s in box], dtype=np.float64)
         cz, cy, cx = ndimage.center_of_mass(inside) + offset
         centroid = labels.index_to_world(np.array([cx, cy, cz]))[0]
@@ -181,7 +225,8 @@ def find_lesions(
             region=_region(centroid, centre),
         )
         if ct is not None:
-            lesion.ct_core_hu = round(float(np.mean(ct.array[box][core])), 1)
+            tumour = inside & (sub == core_k)  # the core alone: calcification would raise its density
+            lesion.ct_core_hu = round(float(np.mean(ct.array[box][tumour if tumour.any() else core])), 1)
         if mr is not None:
             lesion.mr_enhancement_ratio = _enhancement(mr, comp, k, core, box, spacing_zyx)
         out.append(lesion)
