@@ -251,6 +251,11 @@ def impression(scores: dict[str, Any]) -> str:
     return f"{found} {call} Research use only; not for clinical decisions.".replace("  ", " ")
 
 
+def _short(text: str, limit: int = 40) -> str:
+    """`text` cut to `limit` characters with an ellipsis: one footer line never leaves the page."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def write_report(
     path: Path,
     case: Any,
@@ -399,7 +404,8 @@ def write_report(
             "Images through the lesions" if lesions else "Images (no lesion detected)", styles["Heading2"]
         )
     )
-    story.append(_img(figures.triplanar(case.ct, tensors.mr_in_ct, pred.labels_ct, class_names), 160))
+    mr_shown = tensors.mr_in_ct if qc.get("mr_used_by_model", True) else None  # never an unused MR
+    story.append(_img(figures.triplanar(case.ct, mr_shown, pred.labels_ct, class_names), 160))
     for lesion in lesions[1:MAX_FINDINGS]:
         story.append(
             _img(
@@ -457,7 +463,7 @@ def write_report(
         canvas.saveState()
         canvas.setFont("Helvetica", 7)
         canvas.drawString(
-            15 * mm, 10 * mm, f"{case.patient_id} · medfusion · research use only · page {doc.page}"
+            15 * mm, 10 * mm, f"{_short(case.patient_id)} · medfusion · research use only · page {doc.page}"
         )
         canvas.restoreState()
 
