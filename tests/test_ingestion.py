@@ -487,3 +487,20 @@ def test_notes_licences_and_encodings(tmp_path: Path) -> None:
     case = load_case(pat)
     assert case.ct is not None and case.note == ""
     assert any("note JSON is not valid" in e.problem for e in case.errors)
+
+
+def test_patients_sharing_a_patient_id_stay_apart_and_series_folders_stay_together(tmp_path: Path) -> None:
+    from medfusion.io.case import find_patient_folders
+
+    root = tmp_path / "cohort"
+    for name in ("A", "B", "C"):  # one made-up PatientID for everyone (a de-identified export)
+        _patient(root / name, "ANON", note=True)
+    assert [p.name for p in find_patient_folders([root])] == ["A", "B", "C"]
+    pat = tmp_path / "PAT"
+    _patient(pat, "X1", note=False)
+    mr = _series(pat / "MR", _head(), modality="MR")
+    for k, ds in enumerate(mr):
+        ds.PatientID = "X2"  # another patient's MR: one folder still, the registration QC's to catch
+        ds.save_as(pat / "MR" / f"IM{k:04d}_{ds.SOPInstanceUID[-6:]}", enforce_file_format=True)
+    assert find_patient_folders([pat]) == [pat]
+    assert any("2 PatientIDs" in w for w in (load_case(pat).ct or Volume(np.zeros((1, 1, 1)))).warnings)

@@ -77,7 +77,7 @@ class Case:
 # sub-folder names of one patient's export: modality or series folders, CD/DVD PT*/ST*/SE* levels
 _SERIES_FOLDER = re.compile(
     r"^(ct|mr|mri|pet|t1\w*|t2\w*|flair\w*|dwi|adc|swi|pd\w*|dicom|dcm|nifti|nii|images?|series\w*|"
-    r"scans?|anat|pt\d+|st\d+|se\d+|s\d+|\d+)$",
+    r"scans?|anat|st\d+|se\d+|s\d+|\d+)$",
     re.IGNORECASE,
 )
 _NOT_NOTES = ("readme", "licen", "copying", "changes", "changelog", "protocol", "notice", "authors")
@@ -135,15 +135,17 @@ def _first_patient_id(d: Path, budget: int = 200) -> tuple[bool, str | None]:
 def is_patient_folder(folder: Path) -> bool:
     """A folder of one patient, as opposed to a folder of patients. In this order:
 
-    1. its sub-folders' DICOM images carry two or more PatientIDs → a folder of patients;
-    2. it holds an image file directly (NIfTI by name, DICOM by content; a DICOMDIR is an index,
+    1. every sub-folder with images is named like a series or modality folder (``CT``, ``MR``,
+       ``T1…``, ``DICOM``, CD levels ``ST0…``/``SE0…``, numbers) → one patient (a PatientID that
+       differs between them is the registration QC's to catch);
+    2. its sub-folders' DICOM images carry two or more PatientIDs → a folder of patients;
+    3. it holds an image file directly (NIfTI by name, DICOM by content; a DICOMDIR is an index,
        not an image) → one patient;
-    3. it holds a clinical note directly and no sub-folder with images holds a note of its own →
+    4. it holds a clinical note directly and no sub-folder with images holds a note of its own →
        one patient (the synthetic layout: ``note.txt``, ``CT/``, ``MR/``);
-    4. every sub-folder with images is named like a series or modality folder (``CT``, ``MR``,
-       ``T1…``, ``DICOM``, CD levels ``PT0…``/``ST0…``/``SE0…``, numbers) → one patient;
-    5. two or more sub-folders with images, all DICOM of one PatientID → one patient;
-    6. otherwise a folder of patients (each sub-folder with images is one).
+    5. two or more sub-folders with images hold notes of their own → a folder of patients;
+    6. two or more sub-folders with images, all DICOM of one PatientID → one patient;
+    7. otherwise a folder of patients (each sub-folder with images is one).
 
     A stray README, licence, script, note or atlas in a cohort's root therefore does not make the
     root one patient, and a note-less patient exported as ``CT/`` + ``MR/`` stays one patient.
@@ -151,6 +153,8 @@ def is_patient_folder(folder: Path) -> bool:
     subdirs = _visible(folder, want_dir=True)
     found = {d: _first_patient_id(d) for d in subdirs}
     with_images = [d for d, (has, _) in found.items() if has]
+    if with_images and all(_SERIES_FOLDER.match(d.name) for d in with_images):
+        return True  # CT/, MR/, SE000001/…: one patient's series, whatever their PatientIDs say
     ids = {pid for _, pid in found.values() if pid}
     if len(ids) >= 2:
         return False
@@ -159,12 +163,13 @@ def is_patient_folder(folder: Path) -> bool:
         return True
     if not with_images:
         return False
+    noted = [d for d in with_images if any(is_note_file(p) for p in d.rglob("*") if p.is_file())]
     if any(is_note_file(p) for p in files) and not any(
         is_note_file(p) for d in with_images for p in _visible(d, want_dir=False)
     ):
         return True
-    if all(_SERIES_FOLDER.match(d.name) for d in with_images):
-        return True
+    if len(noted) >= 2:
+        return False  # sub-folders with notes of their own are patients, even under one PatientID
     return len(with_images) >= 2 and len(ids) == 1 and all(found[d][1] for d in with_images)
 
 
