@@ -173,6 +173,19 @@ def test_unknown_only_ids_are_refused(cohort: Path, tmp_path: Path) -> None:
     assert "--only: no patient folder named SYN99999999" in res.output and "Traceback" not in res.output
 
 
+def test_an_output_folder_over_the_inputs_is_refused_and_nothing_is_deleted(
+    cohort: Path, tmp_path: Path
+) -> None:
+    patients = tmp_path / "patients"
+    shutil.copytree(cohort / "patients", patients)
+    before = sorted(str(p.relative_to(patients)) for p in patients.rglob("*"))
+    for out in (patients, next(patients.iterdir()) / "out"):
+        res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu"])
+        assert res.exit_code == 2, res.output
+        assert "overlaps the input folder" in res.output and "Traceback" not in res.output
+    assert sorted(str(p.relative_to(patients)) for p in patients.rglob("*")) == before
+
+
 def test_an_output_folder_of_another_run_needs_resume_or_overwrite(cohort: Path, tmp_path: Path) -> None:
     out = tmp_path / "o"
     (out / "OLD0001").mkdir(parents=True)

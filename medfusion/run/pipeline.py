@@ -368,7 +368,12 @@ def patient_row(folder: Path) -> dict[str, Any]:
 
 
 def _publish(tmp: Path, final: Path) -> None:
+    """Rename a finished patient folder into place; an earlier output there is replaced, anything
+    else (a folder medfusion did not write, e.g. the patient's own inputs) is never deleted."""
     if final.exists():
+        if not any((final / name).exists() for name in ("scores.json", "error.json", "qc.json")):
+            msg = f"{final} exists and is not a medfusion output; refusing to replace it"
+            raise OSError(msg)
         shutil.rmtree(final)
     tmp.rename(final)
 
@@ -445,6 +450,15 @@ def run_cohort(folders: list[Path], opts: RunOptions, progress: Any = None) -> d
             raise ValueError(msg)
         wanted = set(opts.only)
         folders = [f for f in folders if f.name in wanted]
+    out = opts.out.resolve()
+    for f in folders:
+        src = f.resolve()
+        if out == src or out == src.parent or src in out.parents:  # OUT/<id> would be an input
+            msg = (
+                f"--out {opts.out} overlaps the input folder {f}: outputs would be written over the "
+                "patient's own files; choose an output folder outside the inputs"
+            )
+            raise ValueError(msg)
     previous = output_patients(opts.out)
     if previous and not (opts.resume or opts.overwrite):
         msg = (
