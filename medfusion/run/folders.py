@@ -1,0 +1,97 @@
+"""The output folder's layout: one folder per patient, published whole, read back into summary rows.
+
+`OUT/<patient_id>/` either holds a whole result (scores.json is written last) or an error.json, or
+does not exist: a patient is assembled in `OUT/.tmp-<patient_id>/` and renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from medfusion.io.atomic import write_json
+
+
+def record_failure(out: Path, pid: str, stage: str, reason: str, trace: str = "") -> dict[str, Any]:
+    """Write `OUT/<pid>/error.json` (replacing whatever was there) and return the patient's row."""
+    tmp = out / f".tmp-{pid}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_json(
+        tmp / "error.json",
+        {
+            "patient_id": pid,
+            "stage": stage,
+            "error": reason.splitlines()[0] if reason else "",
+            "traceback": trace,
+        },
+    )
+    publish(tmp, out / pid)
+    return patient_row(out / pid)
+
+
+def patient_row(folder: Path) -> dict[str, Any]:
+    """A patient's summary.csv row, read back from its output folder (scores.json, qc.json or
+    error.json), so that a resumed patient's row is the same as a freshly run one's."""
+    pid = folder.name
+    err = folder / "error.json"
+    if err.exists() and not (folder / "scores.json").exists():
+        e = json.loads(err.read_text())
+        return {
+            "patient_id": pid,
+            "status": "failed",
+            "qc_verdict": "",
+            "error": e.get("error", ""),
+            "stage": e.get("stage", ""),
+        }
+    sc = json.loads((folder / "scores.json").read_text())
+    qc_path = folder / "qc.json"
+    qc = json.loads(qc_path.read_text()) if qc_path.exists() else {}
+    meas = sc.get("measurements", {})
+    row: dict[str, Any] = {
+        "patient_id": pid,
+        "status": "ok",
+        "qc_verdict": sc.get("qc_verdict", ""),
+        "device": sc.get("inference", {}).get("device", ""),
+    }
+    row.update({f"p_{k}": round(v, 4) for k, v in sc.get("probabilities", {}).items()})
+    row["in_domain"] = sc.get("domain", {}).get("in_domain", "")
+    row.update({f"pred_{k}": int(v) for k, v in (sc.get("predicted") or {}).items()})
+    row.update({f"u_{k}": round(v, 4) for k, v in sc.get("uncertainty", {}).items()})
+    row.update({f"vol_{k}_ml": v for k, v in meas.get("volumes_ml", {}).items()})
+    row["lesion_count"] = meas.get("lesion_count")
+    row["largest_diameter_mm"] = meas.get("largest_diameter_mm")
+    row["outputs_failed"] = ";".join(qc.get("outputs", {}).get("failed", {}))
+    row.update({f"t_{k}": round(v, 2) for k, v in sc.get("timings_s", {}).items()})
+    return row
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Rename a finished patient folder into place; an earlier output there is replaced, anything
+    else (a folder medfusion did not write, e.g. the patient's own inputs) is never deleted."""
+    if final.exists():
+        if not any((final / name).exists() for name in ("scores.json", "error.json", "qc.json")):
+            msg = f"{final} exists and is not a medfusion output; refusing to replace it"
+            raise OSError(msg)
+        shutil.rmtree(final)
+    tmp.rename(final)
+
+
+def is_done(out: Path, pid: str) -> bool:
+    """True when `OUT/<pid>/` holds a complete result (scores.json is written last)."""
+    return (out / pid / "scores.json").exists()
+
+
+def output_patients(out: Path) -> list[str]:
+    """The patient ids with outputs in `out` (a folder holding scores.json or error.json)."""
+    if not out.is_dir():
+        return []
+    return sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_dir()
+        and not p.name.startswith(".")
+        and ((p / "scores.json").exists() or (p / "error.json").exists())
+    )
