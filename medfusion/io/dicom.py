@@ -101,10 +101,13 @@ class DicomFile:
 
     @property
     def is_image(self) -> bool:
+        """True for an image object with pixels (not an SR, SEG, RT, presentation state, …)."""
         return non_image_kind(self.sop_class) is None and self.rows > 0 and self.columns > 0
 
     @property
     def image_type(self) -> tuple[str, ...]:
+        """ImageType (0008,0008) values, upper-cased and stripped, e.g. ("ORIGINAL", "PRIMARY", "AXIAL");
+        () when absent or unreadable."""
         try:
             value = self.header.get("ImageType", ())
         except Exception:  # an unconvertible element reads as absent
@@ -115,6 +118,7 @@ class DicomFile:
 
     @property
     def is_localizer(self) -> bool:
+        """True when ImageType names a LOCALIZER (scout/topogram), which is never part of a volume."""
         return "LOCALIZER" in self.image_type
 
 
@@ -131,14 +135,17 @@ class DicomSeries:
 
     @property
     def first(self) -> DicomFile:
+        """The series' first file (its header stands for the series' shared attributes)."""
         return self.files[0]
 
     @property
     def modality(self) -> str:
+        """Modality (0008,0060) of the series, e.g. "CT", "MR"."""
         return self.first.modality
 
     @property
     def is_image(self) -> bool:
+        """True when the series holds image objects (see `DicomFile.is_image`)."""
         return self.first.is_image
 
 
@@ -154,6 +161,8 @@ class DicomScan:
 
 
 def non_image_kind(sop_class: str) -> str | None:
+    """What a non-image SOP Class UID is ("structured report", "segmentation", …), or None for an
+    image storage class."""
     if sop_class in NON_IMAGE_SOP:
         return NON_IMAGE_SOP[sop_class]
     if sop_class.startswith(_NON_IMAGE_PREFIXES):
@@ -189,6 +198,8 @@ def looks_like_dicom(path: Path) -> bool:
 
 
 def iter_candidate_files(folder: Path) -> Iterable[Path]:
+    """Every file under `folder` that may be DICOM, in sorted order: hidden files and folders and
+    known non-DICOM suffixes (NIfTI, JSON, notes, CSV, PNG/JPEG, PDF, Python) are left out."""
     for root, dirs, files in os.walk(folder):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
