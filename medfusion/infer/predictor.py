@@ -10,8 +10,10 @@ repeat bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,29 @@ def deterministic_torch(device: torch.device) -> None:
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
+@contextlib.contextmanager
+def mc_dropout_rng(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the generators dropout draws from on `device` (the CPU's, and CUDA's or MPS's for those
+    devices) with `seed`, and restore their states on exit (`torch.random.fork_rng`).
+
+    Only the generators that are forked are seeded: `torch.manual_seed` would reseed every CUDA
+    device while the fork restored the one in use only, leaving the others' random streams reset
+    for the rest of the process.
+    """
+    accel = device.type if device.type in ("cuda", "mps") else None
+    index = (
+        (device.index if device.index is not None else torch.cuda.current_device()) if accel == "cuda" else 0
+    )
+    with torch.random.fork_rng(devices=[index] if accel else [], device_type=accel or "cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if accel == "cuda":
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        elif accel == "mps":
+            torch.mps.manual_seed(seed)
+        yield
 
 
 class Predictor:
@@ -210,10 +235,8 @@ class Predictor:
         samples = [self.model.calibrated(score(h, off, meas)) for h in heads]
         if self.mc_samples > 0:
             self.model.score_head.train()  # dropout on, for Monte-Carlo sampling of the score head only
-            # the same case gives the same uncertainty: dropout masks from a generator seeded per case,
-            # on the device the masks are drawn on (CUDA has its own generator); the global state is kept
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                torch.manual_seed(self.seed)
+            # the same case gives the same uncertainty; every random state it touches is restored
+            with mc_dropout_rng(dev, self.seed):
                 for _ in range(self.mc_samples):
                     for h in heads:
                         samples.append(self.model.calibrated(score(h, off, meas)))

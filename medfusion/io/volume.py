@@ -1,120 +1,140 @@
-"""`Volume`: a 3D array that carries its own geometry (LPS), modality and report metadata.
+"""The types that carry geometry, in LPS millimetres: `Grid` (a sampling grid, no voxels), `Volume`
+(an array on a grid, with modality and report metadata) and `LabelMap` (a `Volume` of class indices,
+always resampled nearest-neighbour). `Volume.resample_to` is medfusion's one resampling entry point.
 
 Array layout follows SimpleITK: ``array[k, j, i]`` (slice, row, column), so ``array.shape`` is
 ``(nz, ny, nx)`` while ``spacing`` and ``origin`` are ``(x, y, z)``. ``direction`` is a 3×3 matrix
 whose *columns* are the LPS unit vectors of the i, j, k index axes. ``affine`` maps ``(i, j, k, 1)``
-to LPS millimetres.
+to LPS millimetres. A `Volume` may hold channels first, ``(C, nz, ny, nx)`` (class probabilities):
+its grid is that of the last three axes. Geometry stays LPS everywhere inside medfusion; NIfTI's
+RAS is converted in `io/nifti.py` only. After highdicom's `VolumeGeometry`/`Volume` and TorchIO's
+`ScalarImage`/`LabelMap`.
 
 Examples:
     >>> import numpy as np
     >>> v = Volume(np.zeros((4, 5, 6), np.float32), spacing=(1.0, 1.0, 2.0))
-    >>> v.shape, v.affine[2, 2]
+    >>> v.shape, float(v.affine[2, 2])
     ((4, 5, 6), 2.0)
+    >>> g = Grid((2, 3, 3), spacing=(2.0, 2.0, 2.0))
+    >>> v.resample_to(g).shape
+    (2, 3, 3)
+    >>> LabelMap(np.ones((4, 5, 6), np.uint8)).resample_to(g).array.dtype
+    dtype('uint8')
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import SimpleITK as sitk
 
 MAX_VOXELS = 1024**3  # a header that claims more voxels than this is refused before allocation
 
+
 # --- Types ---
 
 
-@dataclasses.dataclass
-class Volume:
-    """A 3D image and its geometry, in LPS millimetres.
+def _checked_geometry(
+    spacing: Any, origin: Any, direction: Any
+) -> tuple[tuple[float, float, float], tuple[float, float, float], np.ndarray]:
+    """Spacing, origin and direction as validated values (see `Grid`'s Raises)."""
+    sp = tuple(float(v) for v in np.asarray(spacing, dtype=np.float64).ravel())
+    org = tuple(float(v) for v in np.asarray(origin, dtype=np.float64).ravel())
+    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
+        msg = f"Volume spacing must be three positive finite values, got {sp}"
+        raise ValueError(msg)
+    if len(org) != 3 or not np.all(np.isfinite(org)):
+        msg = f"Volume origin must be three finite values, got {org}"
+        raise ValueError(msg)
+    if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+        msg = f"Volume direction must be orthonormal (columns are unit axes), got {d.tolist()}"
+        raise ValueError(msg)
+    return sp, org, d  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Grid:
+    """A 3D sampling grid in LPS millimetres, without voxels (highdicom's `VolumeGeometry`).
+
+    Attributes:
+        shape: voxels along (z, y, x) — array order, each ≥ 1.
+        spacing: voxel size along the i, j, k axes (x, y, z), mm, positive and finite.
+        origin: LPS position (mm) of voxel (0, 0, 0)'s centre.
+        direction: 3×3, columns the LPS unit vectors of the i, j, k axes; orthonormal.
 
     Raises:
-        ValueError: the array is not 3D, a spacing is not positive and finite, the origin is not
-            finite, or `direction` is not orthonormal (its columns must be unit axes at right angles).
+        ValueError: `shape` is not three positive integers, a spacing is not positive and finite, the
+            origin is not finite, or `direction` is not orthonormal (tolerance 1e-4).
+
+    Examples:
+        >>> Grid((10, 20, 30), spacing=(0.5, 0.5, 2.0)).size_xyz
+        (30, 20, 10)
     """
 
-    array: np.ndarray
+    shape: tuple[int, int, int]
     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
     origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
     direction: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3))
-    modality: str = "OT"
-    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
-    warnings: list[str] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.array.ndim != 3:
-            msg = f"Volume needs a 3D array, got shape {self.array.shape}"
+        shape = tuple(int(n) for n in self.shape)
+        if len(shape) != 3 or min(shape) < 1:
+            msg = f"Grid shape must be three positive voxel counts (z, y, x), got {self.shape}"
             raise ValueError(msg)
-        self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
-        self.origin = tuple(float(o) for o in self.origin)  # type: ignore[assignment]
-        self.direction = np.asarray(self.direction, dtype=np.float64).reshape(3, 3)
-        if not all(np.isfinite(s) and s > 0 for s in self.spacing):
-            msg = f"Volume spacing must be positive and finite, got {self.spacing}"
-            raise ValueError(msg)
-        if not np.all(np.isfinite(self.origin)):
-            msg = f"Volume origin must be finite, got {self.origin}"
-            raise ValueError(msg)
-        if not np.allclose(self.direction.T @ self.direction, np.eye(3), atol=1e-4):
-            msg = (
-                f"Volume direction must be orthonormal (columns are unit axes), got {self.direction.tolist()}"
-            )
-            raise ValueError(msg)
+        sp, org, d = _checked_geometry(self.spacing, self.origin, self.direction)
+        d.setflags(write=False)
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "spacing", sp)
+        object.__setattr__(self, "origin", org)
+        object.__setattr__(self, "direction", d)
 
     # --- Geometry ---
 
     @property
-    def shape(self) -> tuple[int, int, int]:
-        return tuple(int(n) for n in self.array.shape)  # type: ignore[return-value]
-
-    @property
     def size_xyz(self) -> tuple[int, int, int]:
+        """Voxel counts along i, j, k (x, y, z): `shape` reversed, as SimpleITK's `GetSize`."""
         nz, ny, nx = self.shape
         return (nx, ny, nz)
 
     @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """`spacing` in array order (z, y, x), mm: what array-based measurements take."""
+        return (self.spacing[2], self.spacing[1], self.spacing[0])
+
+    @property
     def affine(self) -> np.ndarray:
-        """4×4 matrix from voxel index (i, j, k) to LPS mm."""
+        """4×4 matrix from voxel index (i, j, k, 1) to LPS mm."""
         a = np.eye(4)
         a[:3, :3] = self.direction @ np.diag(self.spacing)
         a[:3, 3] = self.origin
         return a
 
     def index_to_world(self, ijk: np.ndarray) -> np.ndarray:
-        """Map an (N, 3) array of (i, j, k) indices to (N, 3) LPS points."""
+        """Map an (N, 3) array of (i, j, k) indices to (N, 3) LPS points (mm)."""
         ijk = np.atleast_2d(np.asarray(ijk, dtype=np.float64))
         return ijk @ (self.direction @ np.diag(self.spacing)).T + np.asarray(self.origin)
 
     def world_to_index(self, xyz: np.ndarray) -> np.ndarray:
-        """Map an (N, 3) array of LPS points to continuous (i, j, k) indices."""
+        """Map an (N, 3) array of LPS points (mm) to continuous (i, j, k) indices."""
         xyz = np.atleast_2d(np.asarray(xyz, dtype=np.float64))
         m = np.linalg.inv(self.direction @ np.diag(self.spacing))
         return (xyz - np.asarray(self.origin)) @ m.T
 
     @property
     def voxel_volume_ml(self) -> float:
+        """One voxel's volume in mL (mm³ / 1000)."""
         return float(np.prod(self.spacing)) / 1000.0
 
-    def same_grid(self, other: Volume, tol: float = 1e-4) -> bool:
+    def same_as(self, other: Grid, tol: float = 1e-4) -> bool:
+        """Whether `other` has this shape and, within `tol` (mm; unitless for direction), this geometry."""
         return (
             self.shape == other.shape
             and np.allclose(self.spacing, other.spacing, atol=tol)
             and np.allclose(self.origin, other.origin, atol=tol)
             and np.allclose(self.direction, other.direction, atol=tol)
-        )
-
-    def with_array(self, array: np.ndarray, modality: str | None = None) -> Volume:
-        """A new Volume on the same grid holding `array`."""
-        if array.shape != self.array.shape:
-            msg = f"array shape {array.shape} differs from the grid {self.array.shape}"
-            raise ValueError(msg)
-        return Volume(
-            array,
-            self.spacing,
-            self.origin,
-            self.direction.copy(),
-            modality or self.modality,
-            dict(self.meta),
         )
 
     def orientation_code(self) -> str:
@@ -127,9 +147,238 @@ class Volume:
             code += letters[ax][0] if v[ax] > 0 else letters[ax][1]
         return code
 
+    def centred_grid(self, spacing_mm: float | list[float], size_xyz: list[int] | tuple[int, ...]) -> Grid:
+        """A grid of `size_xyz` (x, y, z) voxels of `spacing_mm` (one value or x, y, z; mm), with this
+        grid's direction and centred on this grid's centre.
+
+        Raises:
+            ValueError: a spacing that is not positive, or a size that is not three positive counts.
+        """
+        size = np.asarray(size_xyz, dtype=int)
+        spacing = np.broadcast_to(np.asarray(spacing_mm, dtype=float), (3,))
+        if np.any(spacing <= 0):
+            msg = f"target spacing must be positive, got {spacing_mm}"
+            raise ValueError(msg)
+        centre = self.index_to_world(((np.asarray(self.size_xyz, float) - 1) / 2.0)[None])[0]
+        half = self.direction @ (spacing * (size - 1) / 2.0)
+        return Grid(
+            (int(size[2]), int(size[1]), int(size[0])),
+            (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+            tuple(float(v) for v in centre - half),  # type: ignore[arg-type]
+            self.direction,
+        )
+
+    # --- SimpleITK ---
+
+    def resampler(self, interpolator: int, default: float, pixel_id: int) -> sitk.ResampleImageFilter:
+        """A SimpleITK resampler whose output is this grid (no reference image allocated)."""
+        f = sitk.ResampleImageFilter()
+        f.SetSize([int(n) for n in self.size_xyz])
+        f.SetOutputSpacing(self.spacing)
+        f.SetOutputOrigin(self.origin)
+        f.SetOutputDirection(tuple(float(v) for v in self.direction.ravel()))
+        f.SetInterpolator(interpolator)
+        f.SetDefaultPixelValue(float(default))
+        f.SetOutputPixelType(pixel_id)
+        return f
+
+    @classmethod
+    def of_sitk(cls, img: sitk.Image) -> Grid:
+        """The grid of a 3D SimpleITK image.
+
+        Raises:
+            ValueError: the image is not 3D, or its geometry is invalid (see the class).
+        """
+        if img.GetDimension() != 3:
+            msg = f"expected a 3D SimpleITK image, got {img.GetDimension()}D"
+            raise ValueError(msg)
+        return cls(
+            tuple(int(n) for n in reversed(img.GetSize())),  # type: ignore[arg-type]
+            img.GetSpacing(),
+            img.GetOrigin(),
+            np.array(img.GetDirection()).reshape(3, 3),
+        )
+
+
+def _itk_transform(matrix: np.ndarray | None) -> sitk.Transform:
+    """A 4×4 LPS matrix (ITK convention: maps an output-grid point to the input image's point) as a
+    SimpleITK affine transform; None: identity."""
+    tx = sitk.AffineTransform(3)
+    if matrix is not None:
+        m = np.asarray(matrix, float)
+        tx.SetMatrix(m[:3, :3].ravel().tolist())
+        tx.SetTranslation(m[:3, 3].tolist())
+    return tx
+
+
+@dataclasses.dataclass
+class Volume:
+    """An image on a `Grid`: a 3D array (z, y, x), or channels first (C, z, y, x), in LPS millimetres.
+
+    Construct it from an array and geometry, `Volume(array, spacing, origin, direction, modality)`,
+    or on a grid, `Volume.on(grid, array)`; its geometry is `grid`. Images resample linearly
+    (`resample_to`); a `LabelMap` resamples nearest-neighbour.
+
+    Attributes:
+        array: the voxels, (z, y, x) or (C, z, y, x).
+        spacing, origin, direction: the grid's geometry (see `Grid`).
+        modality: DICOM-style modality ("CT", "MR", "SEG", "OT", …).
+        meta: report metadata (series UID and description, source file, format, …).
+        warnings: what the loader corrected or doubts, one line each.
+
+    Raises:
+        ValueError: the array is not 3D or 4D, a spacing is not positive and finite, the origin is
+            not finite, or `direction` is not orthonormal (its columns must be unit axes at right
+            angles).
+    """
+
+    array: np.ndarray
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    origin: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    direction: np.ndarray = dataclasses.field(default_factory=lambda: np.eye(3))
+    modality: str = "OT"
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.array.ndim not in (3, 4):
+            msg = f"Volume needs a 3D array (z, y, x) or channels first (C, z, y, x), got shape {self.array.shape}"
+            raise ValueError(msg)
+        self.spacing, self.origin, self.direction = _checked_geometry(
+            self.spacing, self.origin, self.direction
+        )
+
+    @classmethod
+    def on(
+        cls,
+        grid: Grid,
+        array: np.ndarray,
+        modality: str = "OT",
+        meta: dict[str, Any] | None = None,
+    ) -> Self:
+        """`array` ((z, y, x) or (C, z, y, x)) placed on `grid`, whose shape it must have.
+
+        Raises:
+            ValueError: the array's last three axes differ from `grid.shape`.
+        """
+        if tuple(array.shape[-3:]) != grid.shape:
+            msg = f"array shape {array.shape} differs from the grid {grid.shape}"
+            raise ValueError(msg)
+        return cls(array, grid.spacing, grid.origin, grid.direction.copy(), modality, dict(meta or {}))
+
+    # --- Geometry ---
+
+    @property
+    def grid(self) -> Grid:
+        """The sampling grid (no voxels)."""
+        return Grid(self.shape, self.spacing, self.origin, self.direction)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """Voxels along (z, y, x) (the last three axes when the volume has channels)."""
+        return tuple(int(n) for n in self.array.shape[-3:])  # type: ignore[return-value]
+
+    @property
+    def channels(self) -> int:
+        """Channels of a (C, z, y, x) volume; 1 for a plain 3D one."""
+        return int(self.array.shape[0]) if self.array.ndim == 4 else 1
+
+    @property
+    def size_xyz(self) -> tuple[int, int, int]:
+        """Voxel counts along i, j, k (x, y, z)."""
+        return self.grid.size_xyz
+
+    @property
+    def spacing_zyx(self) -> tuple[float, float, float]:
+        """`spacing` in array order (z, y, x), mm."""
+        return self.grid.spacing_zyx
+
+    @property
+    def affine(self) -> np.ndarray:
+        """4×4 matrix from voxel index (i, j, k, 1) to LPS mm."""
+        return self.grid.affine
+
+    def index_to_world(self, ijk: np.ndarray) -> np.ndarray:
+        """Map an (N, 3) array of (i, j, k) indices to (N, 3) LPS points (mm)."""
+        return self.grid.index_to_world(ijk)
+
+    def world_to_index(self, xyz: np.ndarray) -> np.ndarray:
+        """Map an (N, 3) array of LPS points (mm) to continuous (i, j, k) indices."""
+        return self.grid.world_to_index(xyz)
+
+    @property
+    def voxel_volume_ml(self) -> float:
+        """One voxel's volume in mL."""
+        return self.grid.voxel_volume_ml
+
+    def same_grid(self, other: Volume | Grid, tol: float = 1e-4) -> bool:
+        """Whether `other` (a volume or a grid) has this volume's grid, within `tol` mm."""
+        return self.grid.same_as(other if isinstance(other, Grid) else other.grid, tol)
+
+    def with_array(self, array: np.ndarray, modality: str | None = None) -> Self:
+        """A new volume of this type on the same grid holding `array` (same shape).
+
+        Raises:
+            ValueError: `array`'s shape differs from this volume's array.
+        """
+        if array.shape != self.array.shape:
+            msg = f"array shape {array.shape} differs from the grid {self.array.shape}"
+            raise ValueError(msg)
+        return type(self)(
+            array,
+            self.spacing,
+            self.origin,
+            self.direction.copy(),
+            modality or self.modality,
+            dict(self.meta),
+        )
+
+    def orientation_code(self) -> str:
+        """Three-letter LPS code of the i, j, k axes (e.g. 'LPS' for a plain axial series)."""
+        return self.grid.orientation_code()
+
+    # --- Resampling ---
+
+    def resample_to(
+        self, grid: Grid | Volume, transform: np.ndarray | None = None, *, default: float | None = None
+    ) -> Volume:
+        """This image sampled on `grid` (SimpleITK, linear, float32): the one resampling entry point.
+
+        Args:
+            grid: the output grid (a `Volume` stands for its grid).
+            transform: 4×4 LPS matrix in ITK's convention, mapping a point of `grid` to this image's
+                point (a registration's `matrix`); None: identity.
+            default: value outside this image; None: the image's minimum.
+
+        Returns:
+            A `Volume` (same modality and meta) on `grid`; channels are resampled one by one.
+            A `LabelMap` overrides this to resample nearest-neighbour.
+        """
+        target = grid if isinstance(grid, Grid) else grid.grid
+        fill = float(default) if default is not None else float(np.min(self.array))
+        f = target.resampler(sitk.sitkLinear, fill, sitk.sitkFloat32)
+        f.SetTransform(_itk_transform(transform))
+        return self._resampled(target, f, lambda img: sitk.Cast(img, sitk.sitkFloat32))
+
+    def _resampled(self, target: Grid, f: sitk.ResampleImageFilter, cast: Any) -> Volume:
+        """Run `f` over each channel (a plain 3D volume is one channel) and place the result on `target`."""
+        grid = self.grid
+        planes = self.array if self.array.ndim == 4 else self.array[None]
+        out = [sitk.GetArrayFromImage(f.Execute(cast(Volume.on(grid, p).to_sitk()))) for p in planes]
+        arr = np.stack(out) if self.array.ndim == 4 else out[0]
+        return type(self).on(target, arr, self.modality, self.meta)
+
     # --- SimpleITK ---
 
     def to_sitk(self) -> sitk.Image:
+        """The 3D image as SimpleITK's (array copied; geometry set).
+
+        Raises:
+            ValueError: the volume has channels (resample or write them one by one).
+        """
+        if self.array.ndim != 3:
+            msg = f"a {self.array.shape} volume with channels has no single SimpleITK image"
+            raise ValueError(msg)
         img = sitk.GetImageFromArray(np.ascontiguousarray(self.array))
         img.SetSpacing(self.spacing)
         img.SetOrigin(self.origin)
@@ -138,6 +387,11 @@ class Volume:
 
     @classmethod
     def from_sitk(cls, img: sitk.Image, modality: str = "OT", meta: dict[str, Any] | None = None) -> Volume:
+        """A volume from a 3D SimpleITK image (array copied).
+
+        Raises:
+            ValueError: the image is not 3D, or its geometry is invalid.
+        """
         if img.GetDimension() != 3:
             msg = f"expected a 3D SimpleITK image, got {img.GetDimension()}D"
             raise ValueError(msg)
@@ -151,6 +405,7 @@ class Volume:
         )
 
     def summary(self) -> dict[str, Any]:
+        """The JSON-ready description `qc.json` records per input volume."""
         return {
             "modality": self.modality,
             "size": list(self.size_xyz),
@@ -161,3 +416,49 @@ class Volume:
             "source": self.meta.get("source", ""),
             "warnings": list(self.warnings),
         }
+
+
+@dataclasses.dataclass
+class LabelMap(Volume):
+    """Class indices (z, y, x; an integer array) on a grid; always resampled nearest-neighbour, keeping
+    the pixel type (TorchIO's `LabelMap`), so no caller can interpolate labels by mistake.
+
+    Examples:
+        >>> lab = LabelMap(np.array([[[0, 1], [2, 3]]], np.uint8))
+        >>> lab.resample_to(Grid((1, 2, 2), spacing=(1.0, 1.0, 1.0))).array.tolist()
+        [[[0, 1], [2, 3]]]
+    """
+
+    modality: str = "SEG"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.array.ndim != 3:
+            msg = f"LabelMap needs a 3D array of class indices, got shape {self.array.shape}"
+            raise ValueError(msg)
+
+    @classmethod
+    def of(cls, vol: Volume) -> LabelMap:
+        """`vol` read as a label map (same array, geometry, modality and meta); a LabelMap as is."""
+        if isinstance(vol, LabelMap):
+            return vol
+        return cls(
+            vol.array,
+            vol.spacing,
+            vol.origin,
+            vol.direction,
+            vol.modality,
+            dict(vol.meta),
+            list(vol.warnings),
+        )
+
+    def resample_to(
+        self, grid: Grid | Volume, transform: np.ndarray | None = None, *, default: float | None = None
+    ) -> LabelMap:
+        """These labels on `grid`, nearest-neighbour, same integer type; `default` (0 if None) outside.
+        `transform` as in `Volume.resample_to`."""
+        target = grid if isinstance(grid, Grid) else grid.grid
+        src = self.to_sitk()
+        f = target.resampler(sitk.sitkNearestNeighbor, float(default or 0), src.GetPixelID())
+        f.SetTransform(_itk_transform(transform))
+        return LabelMap.on(target, sitk.GetArrayFromImage(f.Execute(src)), self.modality, self.meta)
