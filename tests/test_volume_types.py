@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from scipy.spatial.transform import Rotation
 
 from medfusion.config import PreprocessConfig
 from medfusion.io.case import Case
@@ -15,7 +16,10 @@ from medfusion.io.volume import Grid, LabelMap, Volume
 from medfusion.preprocess.prepare import MR_FAILED_QC, MR_USED, prepare_case
 from medfusion.preprocess.registration import RegistrationResult
 from medfusion.preprocess.resample import model_grid
-from medfusion.synth.generate import rotation_matrix
+
+
+def rotation_matrix(degrees: np.ndarray) -> np.ndarray:
+    return Rotation.from_euler("xyz", degrees, degrees=True).as_matrix()
 
 
 def _oblique() -> np.ndarray:
