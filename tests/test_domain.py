@@ -27,6 +27,7 @@ from medfusion.models.domain import (
     fact_reasons,
     mr_facts,
     out_of_fold_distances,
+    summarise_facts,
 )
 from medfusion.models.package import read_meta
 from medfusion.train.loop import TrainConfig, train
@@ -65,6 +66,16 @@ def test_head_facts_see_the_skull_ring() -> None:
     no_skull = _head_ct()
     no_skull[no_skull > 500] = 40.0
     assert ct_facts(_vol(no_skull, "CT"))["shell_bone_fraction"] < 0.05
+
+
+def test_thick_slices_are_flagged_against_a_fit_on_2_and_3_mm_slices() -> None:
+    # the shipped guard's situation: fitted on 2 and 3 mm slices, a 5 mm CT passed its encoder distance
+    def facts(z_mm: float) -> dict:
+        return {"situation": "CT", "ct": ct_facts(_vol(_head_ct(), "CT", (2.0, 2.0, z_mm)))}
+
+    summary = summarise_facts([facts(2.0), facts(3.0)])
+    assert fact_reasons(facts(3.0), summary) == []
+    assert any("voxel size 5.00 mm along z" in r for r in fact_reasons(facts(5.0), summary))
 
 
 def test_density_threshold_flags_about_the_asked_share_of_held_out_cases() -> None:
