@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class StrictModel(BaseModel):
@@ -172,11 +172,39 @@ class OutputConfig(StrictModel):
     probabilities: bool = False
 
 
+class DecisionConfig(StrictModel):
+    """How a calibrated probability p in [0, 1] becomes a per-score decision in scores.json.
+
+    "positive" when p ≥ `threshold`, "negative" below, "indeterminate" when p lies in the band
+    `indeterminate_band` = [low, high) (low ≤ p < high), and "not assessed" out of the model's domain.
+    A band with low == high is empty (every in-domain case positive or negative).
+
+    Attributes:
+        threshold: the decision threshold, in (0, 1); scores.json "threshold" and "predicted".
+        indeterminate_band: (low, high) with 0 ≤ low ≤ threshold ≤ high ≤ 1.
+
+    Raises:
+        ValueError (pydantic ValidationError): a band that is not ordered around the threshold.
+    """
+
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    indeterminate_band: tuple[float, float] = (0.4, 0.6)
+
+    @model_validator(mode="after")
+    def _band_around_threshold(self) -> DecisionConfig:
+        low, high = self.indeterminate_band
+        if not 0.0 <= low <= self.threshold <= high <= 1.0:
+            msg = f"indeterminate_band {list(self.indeterminate_band)} must satisfy 0 ≤ low ≤ threshold ({self.threshold}) ≤ high ≤ 1"
+            raise ValueError(msg)
+        return self
+
+
 class PipelineConfig(StrictModel):
     """A pipeline file (`pipelines/*.yaml`): which preprocessing, inference and outputs a run uses.
 
     Attributes:
         name: the pipeline's name, recorded with the whole config in run.json.
+        decision: the threshold and the indeterminate band of the per-score decision.
     """
 
     name: str = "default"
@@ -191,6 +219,7 @@ class PipelineConfig(StrictModel):
     preprocess: PreprocessConfig | None = None  # None: the model package's own preprocessing
     infer: InferConfig = InferConfig()
     outputs: OutputConfig = OutputConfig()
+    decision: DecisionConfig = DecisionConfig()
 
 
 def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from medfusion.io.volume import Volume
+from medfusion.measure.features import FEATURES, lesion_features
 from medfusion.measure.lesions import bidimensional_mm, find_lesions, label_lesions
-from medfusion.models.measures import FEATURES, lesion_features
 from medfusion.run.measure import measure
 
 NAMES = ["background", "tumour_core", "oedema", "calcification"]
@@ -29,15 +29,15 @@ def test_touching_lesions_are_two_findings_and_one_region() -> None:
     vol = _two_touching()
     m = measure(vol, NAMES)
     f = lesion_features(vol.array, tuple(vol.spacing[::-1]), NAMES)
-    assert m["lesion_count"] == 2 and int(f[FEATURES.index("lesion_count")]) == 1
+    assert m.lesion_count == 2 and int(f[FEATURES.index("lesion_count")]) == 1
     # each core's own Feret diameter (10 × 10 and 8 × 10 voxels in plane, 4 slices of 2 mm), largest
     # first, not the pair's 40 mm span
-    assert m["lesion_diameters_mm"] == [
+    assert m.lesion_diameters_mm == [
         pytest.approx(np.sqrt(9**2 + 9**2 + 6**2), abs=0.05),
         pytest.approx(np.sqrt(7**2 + 9**2 + 6**2), abs=0.05),
     ]
-    volumes = [les["volumes_ml"]["oedema"] for les in m["lesions"]]
-    assert sum(volumes) == pytest.approx(m["volumes_ml"]["oedema"], abs=1e-3) and min(volumes) > 0
+    volumes = [les.volumes_ml["oedema"] for les in m.lesions]
+    assert sum(volumes) == pytest.approx(m.volumes_ml["oedema"], abs=1e-3) and min(volumes) > 0
 
 
 def test_separate_lesions_get_one_row_each_largest_first() -> None:
@@ -83,4 +83,4 @@ def test_bidimensional_diameters_of_a_rectangle() -> None:
 def test_no_lesion() -> None:
     vol = Volume(np.zeros((4, 5, 6), np.int16))
     m = measure(vol, NAMES)
-    assert m["lesion_count"] == 0 and m["largest_diameter_mm"] == 0.0 and m["lesions"] == []
+    assert m.lesion_count == 0 and m.largest_diameter_mm == 0.0 and m.lesions == []

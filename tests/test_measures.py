@@ -7,7 +7,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from medfusion.models.measures import FEATURES, grid_spacing_zyx, lesion_features
+from medfusion.measure.features import FEATURES, grid_spacing_zyx, lesion_features
 from medfusion.models.network import MedFusionNet, NetConfig
 from medfusion.text.encoders import Vocabulary
 from medfusion.train.diagnosis import fit_measure_model, stack_logits

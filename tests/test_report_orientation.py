@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medfusion.io.nifti import read_nifti, write_nifti
-from medfusion.io.volume import Volume
+from medfusion.io.volume import LabelMap, Volume
 from medfusion.report import figures
 
 
@@ -80,9 +80,17 @@ def test_radiological_convention_puts_patient_left_on_image_right() -> None:
 
 def test_figures_render_with_markers() -> None:
     vol, labels = _patient()
-    png = figures.triplanar(
-        vol, vol.with_array(vol.array + 1000.0, "MR"), labels, ["background", "tumour_core"]
-    )
+    lab = LabelMap.on(vol.grid, labels)
+    png = figures.triplanar(vol, vol.with_array(vol.array + 1000.0, "MR"), lab, ["background", "tumour_core"])
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    png = figures.registration_check(vol, vol.with_array(vol.array + 1000.0, "MR"), labels, used=False)
+    png = figures.registration_check(vol, vol.with_array(vol.array + 1000.0, "MR"), lab, used=False)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_figures_refuse_a_label_map_off_the_ct_grid() -> None:
+    vol, labels = _patient()
+    flipped = LabelMap(labels[:, :, ::-1].copy(), vol.spacing, vol.origin, np.diag([-1.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="not the CT's"):
+        figures.triplanar(vol, None, flipped, ["background", "tumour_core"])
+    with pytest.raises(ValueError, match="not the CT's"):
+        figures.key_image(vol, flipped, ["background", "tumour_core"])

@@ -8,57 +8,83 @@ import shutil
 import subprocess
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 from pypdf import PdfReader
 from reportlab.platypus import Paragraph
 
+from medfusion.io.volume import LabelMap
+from medfusion.measure.lesions import Lesion
 from medfusion.report import pdf
 from medfusion.run.measure import measure
+from medfusion.run.result import (
+    CaseResult,
+    Decision,
+    DomainRecord,
+    Measurements,
+    ModelRecord,
+    QCRecord,
+    Scores,
+)
 from tests.dicom_case import CLASS_NAMES, dicom_ct
 
 NOTE = "A 54-year-old woman presenting with headache for 3 weeks. No history of malignancy."
 
 
 def _report(
-    tmp_path: Path, n_lesions: int, *, in_domain: bool = True, patient_id: str = "DCM001"
-) -> tuple[str, dict, PdfReader]:
+    tmp_path: Path,
+    n_lesions: int,
+    *,
+    in_domain: bool = True,
+    patient_id: str = "DCM001",
+    p: float = 0.71,
+    decision: Decision = Decision.POSITIVE,
+) -> tuple[str, Measurements, PdfReader]:
     ct, labels = dicom_ct(tmp_path / "ct", n_lesions=n_lesions)
     meas = measure(labels, CLASS_NAMES, ct=ct)
-    scores: dict[str, Any] = {
-        "probabilities": {"malignant": 0.71},
-        "uncertainty": {"malignant": 0.05},
-        "threshold": 0.5,
-        "predicted": {"malignant": True} if in_domain else None,
-        "domain": {"in_domain": in_domain, "reasons": [] if in_domain else ["CT outside training range"]},
-        "model": {"name": "default", "version": "1.0"},
-        "inputs": {"study_date": ct.meta["study_date"]},
-        "measurements": meas,
-    }
-    qc = {
-        "registration": {"mode": "none"},
-        "verdict": "pass",
-        "inputs": {"ct": {}, "mr": []},
-        "mr_used_by_model": False,
-    }
+    scores = Scores(
+        patient_id=patient_id,
+        probabilities={"malignant": p},
+        uncertainty={"malignant": 0.05},
+        threshold=0.5,
+        indeterminate_band=(0.4, 0.6),
+        predicted={"malignant": p >= 0.5} if in_domain else None,
+        decision={"malignant": decision if in_domain else Decision.NOT_ASSESSED},
+        domain=DomainRecord(in_domain=in_domain, reasons=[] if in_domain else ["CT outside training range"]),
+        model=ModelRecord(name="default", version="1.0"),
+        inputs={"study_date": ct.meta["study_date"]},
+        measurements=meas,
+    )
+    qc = QCRecord(
+        patient_id=patient_id,
+        registration={"mode": "none"},
+        inputs={"ct": {}, "mr": []},
+        mr_used_by_model=False,
+    )
     case = SimpleNamespace(patient_id=patient_id, ct=ct, mr=[], note=NOTE)
     out = pdf.write_report(
         tmp_path / "report.pdf",
-        case,
-        SimpleNamespace(mr_in_ct=None),
-        SimpleNamespace(labels_ct=labels.array),
-        scores,
-        qc,
+        case,  # type: ignore[arg-type]
+        SimpleNamespace(mr_in_ct=None, mr_shown=None, has_mr=False),  # type: ignore[arg-type]
+        SimpleNamespace(labels=LabelMap.of(labels)),  # type: ignore[arg-type]
+        CaseResult(scores=scores, qc=qc),
         CLASS_NAMES,
     )
     reader = PdfReader(str(out))
     return " ".join(p.extract_text() for p in reader.pages), meas, reader
 
 
+def test_an_indeterminate_score_reads_as_such(tmp_path: Path) -> None:
+    text, _, _ = _report(tmp_path, 1, p=0.55, decision=Decision.INDETERMINATE)
+    flat = " ".join(text.split())
+    assert "malignant indeterminate (p = 0.55)" in flat
+    assert "INDETERMINATE" in flat and "POSITIVE" not in flat
+    assert "indeterminate from 0.40 up to 0.60" in flat
+
+
 def test_two_lesions_two_findings_rows_and_header_facts(tmp_path: Path) -> None:
     text, meas, reader = _report(tmp_path, 2)
-    rows, rest = pdf.findings_rows(meas["lesions"], CLASS_NAMES)
+    rows, rest = pdf.findings_rows(meas.lesions, CLASS_NAMES)
     assert len(rows) == 1 + 2 and rest == ""
     assert rows[1][1].startswith("left") and rows[2][1].startswith("right")
     for row in rows[1:]:
@@ -77,7 +103,7 @@ def test_two_lesions_two_findings_rows_and_header_facts(tmp_path: Path) -> None:
 
 def test_no_lesion_is_written_as_such(tmp_path: Path) -> None:
     text, meas, _ = _report(tmp_path, 0, in_domain=False)
-    assert meas["lesions"] == []
+    assert meas.lesions == []
     assert "No lesion detected" in text and "Images (no lesion detected)" in text
     assert "diameter 0.0" not in text and "Largest lesion diameter" not in text
     assert "not assessed" in text  # out of domain: the impression gives no call
@@ -92,8 +118,9 @@ def test_findings_beyond_the_limit_are_summarised() -> None:
         "axial_diameters_mm": [8.0, 5.0],
         "side": "left",
         "region": "superior anterior",
+        "centroid_lps": (0.0, 0.0, 0.0),
     }
-    lesions = [dict(lesion, number=k) for k in range(1, pdf.MAX_FINDINGS + 3)]
+    lesions = [Lesion(**dict(lesion, number=k)) for k in range(1, pdf.MAX_FINDINGS + 3)]
     rows, rest = pdf.findings_rows(lesions, CLASS_NAMES)
     assert len(rows) == 1 + pdf.MAX_FINDINGS
     assert rest.startswith("2 further lesion(s)") and "2.00 mL" in rest

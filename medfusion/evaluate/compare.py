@@ -15,7 +15,6 @@ labels CSV. The p-value is two-sided: twice the share of resamples on the far si
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import numpy as np
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import METRICS
 from medfusion.io.errors import InputError
+from medfusion.run.result import SCORES, CaseResult
 
 
 def _case_dice(run: Path) -> dict[tuple[str, str], float]:
@@ -38,11 +38,12 @@ def _case_dice(run: Path) -> dict[tuple[str, str], float]:
 
 
 def _probabilities(run: Path) -> dict[str, dict[str, float]]:
-    out = {}
-    for p in sorted(run.iterdir()):
-        if (p / "scores.json").exists():
-            out[p.name] = json.loads((p / "scores.json").read_text()).get("probabilities", {})
-    return out
+    """Each patient's calibrated probabilities, from its scores.json (`run.result.CaseResult`)."""
+    return {
+        p.name: CaseResult.load_scores(p).probabilities
+        for p in sorted(run.iterdir())
+        if (p / SCORES).exists()
+    }
 
 
 def _paired(rows: np.ndarray, diff: Any, n_boot: int, rng: np.random.Generator) -> dict[str, float | int]:

@@ -24,6 +24,8 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from medfusion.measure.lesions import CONNECTIVITY, components
+
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
 
@@ -95,14 +97,13 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, ref_any: np.ndarray | No
     lesion's edge given another class (e.g. an oedema rim where the reference has core) — boundary
     errors rather than false detections, which BraTS 2023's lesion-wise matching absorbs by dilating the
     reference before matching."""
-    s = np.ones((3, 3, 3))
-    rl, nr = ndimage.label(ref, structure=s)
-    pl, npd = ndimage.label(pred, structure=s)
+    rl, nr = components(ref)
+    pl, npd = components(pred)
     tp = len(set(np.unique(rl[pred & ref])) - {0})
     matched = set(np.unique(pl[pred & ref])) - {0}
     out = {"lesions_tp": tp, "lesions_fn": nr - tp, "lesions_fp": npd - len(matched)}
     if ref_any is not None:
-        near = ndimage.binary_dilation(ref_any, structure=s)
+        near = ndimage.binary_dilation(ref_any, structure=CONNECTIVITY)
         touching = set(np.unique(pl[pred & near])) - {0}
         out["lesions_fp_isolated"] = npd - len(matched | touching)
     return out

@@ -11,19 +11,22 @@ Dice of 0.
 from __future__ import annotations
 
 import numpy as np
-from scipy import ndimage
+
+from medfusion.measure.lesions import lesion_regions
 
 
 def drop_lesions_without_core(labels: np.ndarray, core: int = 1) -> tuple[np.ndarray, int]:
-    """`labels` with the core-less lesions removed, and how many voxels were removed."""
+    """`labels` (z, y, x class indices) with the foreground regions that hold no voxel of class `core`
+    set to background (`measure.lesions.lesion_regions`, the one lesion definition), and how many
+    voxels were removed. The input is not changed; it is returned as is when nothing is removed."""
     lesion = labels > 0
     if not lesion.any():
         return labels, 0
-    comp, n = ndimage.label(lesion, structure=np.ones((3, 3, 3), bool))
-    has_core = np.zeros(n + 1, bool)
-    has_core[np.unique(comp[labels == core])] = True
-    has_core[0] = True  # background stays as it is
-    drop = ~has_core[comp]
+    comp, with_core = lesion_regions(labels, core)
+    keep = np.zeros(int(comp.max()) + 1, bool)
+    keep[with_core] = True
+    keep[0] = True  # background stays as it is
+    drop = ~keep[comp]
     if not drop.any():
         return labels, 0
     out = labels.copy()
@@ -32,7 +35,8 @@ def drop_lesions_without_core(labels: np.ndarray, core: int = 1) -> tuple[np.nda
 
 
 def postprocess_labels(labels: np.ndarray, class_names: list[str], lesions_need_core: bool) -> np.ndarray:
-    """Apply the configured clean-up where the package's classes say what a tumour core is."""
+    """Apply the configured clean-up where the package's classes say what a tumour core is: with
+    `lesions_need_core` and a "tumour_core" class, `drop_lesions_without_core`; else `labels` as is."""
     if lesions_need_core and "tumour_core" in class_names:
         labels, _ = drop_lesions_without_core(labels, class_names.index("tumour_core"))
     return labels

@@ -21,46 +21,62 @@ import numpy as np
 import torch
 
 from medfusion.infer.postprocess import postprocess_labels
-from medfusion.infer.windowed import default_sw_batch_size, forward_case, package_roi
+from medfusion.infer.windowed import default_sw_batch_size, forward_case
+from medfusion.io.volume import LabelMap, Volume
+from medfusion.measure.features import FEATURES as MEASURE_FEATURES
+from medfusion.measure.features import lesion_features
 from medfusion.models.domain import DomainGuard, DomainVerdict, EncoderFeatures, assess, case_facts
-from medfusion.models.measures import FEATURES as MEASURE_FEATURES
-from medfusion.models.measures import lesion_features
 from medfusion.models.network import MedFusionNet, channels_last
-from medfusion.models.package import DEFAULT_PACKAGE, load_package, pick_device
-from medfusion.preprocess.prepare import CaseTensors
+from medfusion.models.package import DEFAULT_PACKAGE, PackageMeta, load_package, pick_device
+from medfusion.preprocess.prepare import ModelInputs
 
 
 @dataclasses.dataclass
 class Prediction:
-    """What `Predictor.predict` returns for one case. Arrays are (z, y, x) voxel order.
+    """What `Predictor.predict` returns for one case, in the CT's own geometry.
 
     Attributes:
-        probs_grid: float32 (K, z, y, x) softmax class probabilities on the model grid
-            (`CaseTensors.grid`), averaged over the test-time flips; each voxel sums to 1 over the
-            K classes of `Predictor.class_names`.
-        probs_ct: float32 (K, z', y', x') the same probabilities linearly resampled onto the CT's own
-            grid (`CaseTensors.ct_volume`; outside the model grid: background 1, other classes 0).
-        labels_ct: uint8 (z', y', x') argmax of `probs_ct` (class indices into `class_names`) after
-            `infer.postprocess.postprocess_labels` (core-less lesions dropped when configured).
+        labels: `LabelMap` (int16 (z', y', x') class indices into `Predictor.class_names`) on the CT's
+            grid: the argmax of `probabilities` after `infer.postprocess.postprocess_labels` (core-less
+            lesions dropped when configured). Carries the CT's meta, modality "SEG".
+        probabilities: `Volume` (K, z', y', x') float32 softmax class probabilities on the CT's grid,
+            averaged over the test-time flips and linearly resampled from the model grid (outside
+            it: background 1, other classes 0); each voxel sums to 1 over the K classes.
         scores: calibrated (temperature-scaled) probability in [0, 1] per score name.
         uncertainty: per score name, the standard deviation (Bessel-corrected) of the calibrated
             probability over the samples: one per test-time flip, plus `mc_samples` × flips with
             dropout on in the score head. NaN when there is only one sample (no flip, no MC dropout).
-        score_features: the label map's measurements the scores read (`models.measures.FEATURES`,
+        features: the label map's measurements the scores read (`measure.features.FEATURES`,
             measured on the model grid), when the network has `measures`; empty otherwise.
+        model_probabilities: the same probabilities on the model grid (`ModelInputs.grid`).
         domain_features: float64 (D,) pooled encoder features of the unflipped pass, for the domain
             check (models/domain.py).
     """
 
-    probs_grid: np.ndarray  # (K, z, y, x) on the model grid
-    probs_ct: np.ndarray  # (K, z, y, x) on the CT grid
-    labels_ct: np.ndarray  # (z, y, x) uint8 on the CT grid
-    scores: dict[str, float]  # calibrated probabilities
-    uncertainty: dict[str, float]  # std of the calibrated probability over MC-dropout and TTA samples
-    # the label map's measurements that the scores read (network.measures; empty otherwise)
-    score_features: dict[str, float] = dataclasses.field(default_factory=dict)
-    # (D,) pooled encoder features of the unflipped pass, for the domain check (models/domain.py)
+    labels: LabelMap
+    probabilities: Volume
+    scores: dict[str, float]
+    uncertainty: dict[str, float]
+    features: dict[str, float] = dataclasses.field(default_factory=dict)
+    model_probabilities: Volume | None = None
     domain_features: np.ndarray | None = None
+
+    # --- the names before 0.9, for callers not yet switched (benchmarks) ---
+
+    @property
+    def labels_ct(self) -> np.ndarray:
+        """`labels.array`."""
+        return self.labels.array
+
+    @property
+    def probs_ct(self) -> np.ndarray:
+        """`probabilities.array`."""
+        return self.probabilities.array
+
+    @property
+    def score_features(self) -> dict[str, float]:
+        """`features`."""
+        return self.features
 
 
 def deterministic_torch(device: torch.device) -> None:
@@ -105,7 +121,7 @@ def mc_dropout_rng(device: torch.device, seed: int) -> Iterator[None]:
 
 
 class Predictor:
-    """Loads a model package once; `predict` maps one CaseTensors to a Prediction.
+    """Loads a model package once; `predict` maps one `ModelInputs` to a `Prediction`.
 
     Making a predictor calls `deterministic_torch`, which changes process-wide torch and SimpleITK
     settings (deterministic algorithms, one SimpleITK thread).
@@ -154,6 +170,7 @@ class Predictor:
         deterministic_torch(self.device)
         self.package = Path(package) if package is not None else DEFAULT_PACKAGE
         self.model, self.meta = load_package(self.package, self.device)
+        self.package_meta = PackageMeta.of(self.meta, self.package / "model.json")
         self.guard = DomainGuard.load(self.package, self.meta)
         self.seed = seed
         self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -161,12 +178,12 @@ class Predictor:
         self.mc_samples = mc_samples
         self.amp = amp and self.device.type == "cuda"
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
-        self.roi = package_roi(self.meta) if sliding_window else None
+        self.roi = self.package_meta.window if sliding_window else None
         self.window_overlap = window_overlap
         self.sw_batch_size = sw_batch_size or default_sw_batch_size(self.device)
-        self.class_names: list[str] = list(self.meta["class_names"])
+        self.class_names: list[str] = list(self.package_meta.class_names)
         self.lesions_need_core = lesions_need_core
-        self.score_names: list[str] = list(self.meta["score_names"])
+        self.score_names: list[str] = list(self.package_meta.score_names)
 
     @property
     def net(self) -> MedFusionNet:
@@ -192,7 +209,7 @@ class Predictor:
         )
 
     @torch.inference_mode()
-    def predict(self, t: CaseTensors) -> Prediction:
+    def predict(self, t: ModelInputs) -> Prediction:
         """Segment and score one prepared case.
 
         Segmentation runs on the model grid (sliding windows of the training crop size unless
@@ -229,7 +246,7 @@ class Predictor:
         features: dict[str, float] = {}
         meas = None
         if self.model.cfg.measures:  # measurements of the label map on the model grid, as in training
-            f = lesion_features(pg.argmax(0), tuple(t.grid.spacing[::-1]), self.class_names)
+            f = lesion_features(pg.argmax(0), t.grid.spacing_zyx, self.class_names)
             features = {n: round(float(v), 4) for n, v in zip(MEASURE_FEATURES, f, strict=True)}
             meas = torch.from_numpy(f)[None].to(dev)
         samples = [self.model.calibrated(score(h, off, meas)) for h in heads]
@@ -245,15 +262,18 @@ class Predictor:
             self.model.calibrated(torch.stack([score(h, off, meas) for h in heads]).mean(0))[0].cpu().numpy()
         )
         spread = torch.cat(samples).std(0).cpu().numpy()
-        pct = t.to_ct_grid(pg)
-        labels = postprocess_labels(pct.argmax(0).astype(np.uint8), self.class_names, self.lesions_need_core)
+        on_ct = t.probabilities_on_ct(pg)
+        labels = postprocess_labels(
+            on_ct.array.argmax(0).astype(np.uint8), self.class_names, self.lesions_need_core
+        )
+        ct_grid, ct_meta = t.ct_volume.grid, t.ct_volume.meta
         return Prediction(
-            pg,
-            pct,
-            labels,
+            LabelMap.on(ct_grid, labels.astype(np.int16), "SEG", ct_meta),
+            on_ct,
             {n: float(point[i]) for i, n in enumerate(self.score_names)},
             {n: float(spread[i]) for i, n in enumerate(self.score_names)},
             features,
+            Volume.on(t.grid, pg, "PROB"),
             recorder.vector(),
         )
 
@@ -267,9 +287,9 @@ class Predictor:
         """The package's identity for run records: name, version, architecture, weights' SHA-256
         (values from `model.json`, None where absent) and whether a fitted domain guard was loaded."""
         return {
-            "name": self.meta.get("name"),
-            "version": self.meta.get("version"),
-            "architecture": self.meta.get("architecture"),
-            "weights_sha256": self.meta.get("weights_sha256"),
+            "name": self.package_meta.name,
+            "version": self.package_meta.version,
+            "architecture": self.package_meta.architecture,
+            "weights_sha256": self.package_meta.weights_sha256,
             "domain_guard": bool(self.guard),
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from monai.inferers import sliding_window_inference
 
 from medfusion.models.domain import EncoderFeatures
 from medfusion.models.network import MedFusionNet
+from medfusion.models.package import PackageMeta
 
 
 def lesion_window(probs: torch.Tensor, roi: list[int]) -> tuple[slice, ...]:
@@ -160,11 +162,7 @@ def default_sw_batch_size(device: torch.device) -> int:
     return 8 if device.type == "cuda" else 2
 
 
-def package_roi(meta: dict[str, object]) -> list[int] | None:
-    """The training crop size recorded in a package (None for packages that do not record one)."""
-    training = meta.get("training")
-    if isinstance(training, dict):
-        cfg = training.get("config")
-        if isinstance(cfg, dict) and isinstance(cfg.get("crop_size"), list):
-            return [int(v) for v in cfg["crop_size"]]
-    return None
+def package_roi(meta: PackageMeta | dict[str, Any]) -> list[int] | None:
+    """The sliding-window size (z, y, x voxels; the training crop) a package records, None for
+    packages that record none (`PackageMeta.window`; older model.json formats are migrated)."""
+    return (meta if isinstance(meta, PackageMeta) else PackageMeta.of(meta)).window

@@ -19,11 +19,13 @@ _NAME_MODALITY = (("flair", "MR"), ("t1", "MR"), ("t2", "MR"), ("mr", "MR"), ("c
 
 
 def is_nifti(path: Path) -> bool:
+    """Whether the file name ends in .nii or .nii.gz (any case); the content is not read."""
     name = path.name.lower()
     return name.endswith(".nii") or name.endswith(".nii.gz")
 
 
 def nifti_stem(path: Path) -> str:
+    """The file name without .nii or .nii.gz ("ct.nii.gz" → "ct"); `path` must be a NIfTI name."""
     name = path.name
     return name[:-7] if name.lower().endswith(".nii.gz") else name[:-4]
 
@@ -204,9 +206,16 @@ def _transform_warnings(img: Any) -> list[str]:
 
 
 def volume_to_nifti(volume: Volume, data_xyz: np.ndarray | None = None) -> nib.Nifti1Image:
-    """`volume` as NIfTI; `data_xyz` (x, y, z[, …]) replaces its array, e.g. 4-D data on its grid."""
+    """`volume` as NIfTI (LPS → RAS affine in qform and sform, code 1; 0 when the orientation was
+    unknown on input). The array is stored (x, y, z), or (x, y, z, C) for a volume with channels;
+    `data_xyz` replaces it (same grid)."""
     affine = _RAS_TO_LPS @ volume.affine
-    data = volume.array.transpose(2, 1, 0) if data_xyz is None else data_xyz
+    if data_xyz is not None:
+        data = data_xyz
+    else:
+        data = (
+            volume.array.transpose(3, 2, 1, 0) if volume.array.ndim == 4 else volume.array.transpose(2, 1, 0)
+        )
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     code = 0 if volume.meta.get("orientation_unknown") else 1
     img.header.set_qform(affine, code=code)
@@ -215,17 +224,22 @@ def volume_to_nifti(volume: Volume, data_xyz: np.ndarray | None = None) -> nib.N
     return img
 
 
-def write_probabilities(probs: np.ndarray, grid: Volume, path: str | Path, class_names: list[str]) -> Path:
-    """Write (K, z, y, x) class probabilities on `grid` as one 4-D NIfTI (x, y, z, K), atomically.
+def write_probabilities(probabilities: Volume, path: str | Path, class_names: list[str]) -> Path:
+    """Write (K, z, y, x) class probabilities (a `Volume` with channels) as one 4-D NIfTI (x, y, z, K),
+    atomically.
 
     Stored as uint8 with `scl_slope` 1/255 (readers that honour the header scaling, nibabel, ITK and
     most viewers, get probabilities back to ±0.002): a quarter of float32's size before compression.
-    The class order is written into the header's description."""
-    if probs.ndim != 4 or probs.shape[1:] != grid.shape:
-        msg = f"probabilities of shape {probs.shape} do not fit the grid {grid.shape}"
+    The class order is written into the header's description.
+
+    Raises:
+        ValueError: the volume has no channel axis, or not one channel per class.
+    """
+    if probabilities.array.ndim != 4 or probabilities.channels != len(class_names):
+        msg = f"probabilities of shape {probabilities.array.shape} do not hold one channel per class ({len(class_names)})"
         raise ValueError(msg)
-    q = np.rint(np.clip(probs, 0.0, 1.0) * 255.0).astype(np.uint8)
-    out = volume_to_nifti(grid, q.transpose(3, 2, 1, 0))
+    q = np.rint(np.clip(probabilities.array, 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = volume_to_nifti(probabilities, q.transpose(3, 2, 1, 0))
     out.header.set_slope_inter(1.0 / 255.0, 0.0)
     out.header["descrip"] = ("p: " + ",".join(class_names))[:79].encode()
     with atomic_path(path) as tmp:

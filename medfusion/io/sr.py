@@ -13,8 +13,9 @@ Content, as a PACS or viewer reads it:
   enhancement ratio (medfusion's code, no units) where measured; the finding site is the brain with
   its laterality (left/right; none on the midline);
 - one *Measurements* group (TID 1501) per diagnostic score: its calibrated probability (DCM
-  Probability, no units) and, when the case is in the model's domain, the call (SCT Positive /
-  Negative) as a qualitative evaluation; out of domain there is no call, as in scores.json.
+  Probability, no units) and, when the case is in the model's domain, the decision (SCT Positive /
+  Negative / Indeterminate) as a qualitative evaluation; out of domain there is no call, as in
+  scores.json.
 
 Concepts no public terminology names are coded in the private scheme ``99MEDFUSION`` (declared in
 the object's CodingSchemeIdentificationSequence), never as free text.
@@ -22,6 +23,7 @@ the object's CodingSchemeIdentificationSequence), never as free text.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from pydicom.sr.codedict import codes
 import medfusion
 from medfusion.io.atomic import atomic_path
 from medfusion.io.volume import Volume
-from medfusion.measure.lesions import class_roles
+from medfusion.measure.lesions import Lesion, class_roles
 
 SCHEME = "99MEDFUSION"
 _SCHEME_ITEM = hd.coding_schemes.CodingSchemeIdentificationItem(
@@ -46,6 +48,12 @@ _CLASS_VOLUME = {"oedema": OEDEMA_VOLUME, "calcification": CALCIFICATION_VOLUME}
 CT_HEAD = hd.sr.CodedConcept("24725-4", "LN", "CT Head")
 MILLILITRE = hd.sr.CodedConcept("ml", "UCUM", "milliliter")
 _LATERALITY = {"left": codes.SCT.Left, "right": codes.SCT.Right}
+# a score's decision (scores.json "decision") as its qualitative evaluation; "not assessed": none
+_CALLS = {
+    "positive": codes.SCT.Positive,
+    "negative": codes.SCT.Negative,
+    "indeterminate": codes.SCT.Indeterminate,
+}
 
 
 def score_concept(name: str) -> hd.sr.CodedConcept:
@@ -57,21 +65,27 @@ def write_dicom_sr(
     seg_path: str | Path,
     ct: Volume,
     class_names: list[str],
-    scores: dict[str, Any],
     path: str | Path,
     *,
+    lesions: Sequence[Lesion],
+    probabilities: Mapping[str, float],
+    decisions: Mapping[str, str],
     model_name: str,
     model_version: str,
 ) -> Path:
     """Write the TID 1500 measurement report of one run as a Comprehensive 3D SR.
 
     Args:
-        seg_path: the DICOM SEG written for `labels` (io/seg.py); its segments are class indices.
+        seg_path: the DICOM SEG written for the label map (io/seg.py); its segments are class indices.
         ct: the DICOM CT (``meta["files"]``: its source instances, which the SR lists as evidence).
         class_names: class names, index 0 background.
-        scores: the run's scores.json content: ``measurements["lesions"]`` (`Lesion.to_json`, largest
-            first), ``probabilities`` {score: p} and ``predicted`` ({score: bool}, null out of domain).
         path: where to write the SR (atomically).
+        lesions: the lesions' findings (`measure.lesions.Lesion`), largest core first.
+        probabilities: calibrated probability in [0, 1] per score name.
+        decisions: per score, "positive", "negative", "indeterminate" (SCT Positive / Negative /
+            Indeterminate as the score's qualitative evaluation) or "not assessed" (no call, as out of
+            the model's domain); a score without an entry gets no call.
+        model_name, model_version: the algorithm identification.
 
     Returns:
         `path`.
@@ -86,14 +100,13 @@ def write_dicom_sr(
     seg = pydicom.dcmread(str(seg_path))
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     algo = hd.sr.AlgorithmIdentification(name=model_name, version=model_version)
-    lesions = list(scores.get("measurements", {}).get("lesions", []))
     core_k, _ = class_roles(class_names)
     groups: list[Any] = []
     for lesion in lesions:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"lesion {lesion['number']}"
+                    uid=hd.UID(), identifier=f"lesion {lesion.number}"
                 ),
                 referenced_segment=hd.sr.ReferencedSegment.from_segmentation(seg, core_k),
                 finding_type=codes.SCT.Lesion,
@@ -102,11 +115,10 @@ def write_dicom_sr(
                 measurements=_lesion_measurements(lesion, class_names[core_k], algo),
             )
         )
-    predicted = scores.get("predicted")
-    for name, p in scores.get("probabilities", {}).items():
+    for name, p in probabilities.items():
         evaluations = []
-        if predicted is not None and name in predicted:
-            call = codes.SCT.Positive if predicted[name] else codes.SCT.Negative
+        call = _CALLS.get(str(decisions.get(name, "")))
+        if call is not None:
             evaluations.append(hd.sr.QualitativeEvaluation(score_concept(name), call))
         groups.append(
             hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -153,38 +165,38 @@ def write_dicom_sr(
     return Path(path)
 
 
-def _finding_site(lesion: dict[str, Any]) -> hd.sr.FindingSite:
-    side = _LATERALITY.get(str(lesion.get("side")))
+def _finding_site(lesion: Lesion) -> hd.sr.FindingSite:
+    side = _LATERALITY.get(lesion.side)
     return hd.sr.FindingSite(anatomic_location=codes.SCT.Brain, laterality=side)
 
 
 def _lesion_measurements(
-    lesion: dict[str, Any], core_name: str, algo: hd.sr.AlgorithmIdentification
+    lesion: Lesion, core_name: str, algo: hd.sr.AlgorithmIdentification
 ) -> list[hd.sr.Measurement]:
     def m(name: Any, value: float, unit: Any, derivation: Any = None) -> hd.sr.Measurement:
         return hd.sr.Measurement(
             name=name, value=float(value), unit=unit, derivation=derivation, algorithm_id=algo
         )
 
-    volumes = lesion.get("volumes_ml", {})
+    volumes = lesion.volumes_ml
     out = [m(codes.SCT.Volume, volumes.get(core_name, 0.0), MILLILITRE)]
-    out.append(m(TOTAL_VOLUME, lesion["total_ml"], MILLILITRE))
+    out.append(m(TOTAL_VOLUME, lesion.total_ml, MILLILITRE))
     out += [
         m(concept, volumes[name], MILLILITRE) for name, concept in _CLASS_VOLUME.items() if name in volumes
     ]
-    out.append(m(codes.SCT.Diameter, lesion["core_diameter_mm"], codes.UCUM.Millimeter, codes.SCT.Maximum))
-    long_mm, short_mm = lesion["axial_diameters_mm"]
+    out.append(m(codes.SCT.Diameter, lesion.core_diameter_mm, codes.UCUM.Millimeter, codes.SCT.Maximum))
+    long_mm, short_mm = lesion.axial_diameters_mm
     out.append(m(codes.SCT.LongAxis, long_mm, codes.UCUM.Millimeter))
     out.append(m(codes.SCT.ShortAxis, short_mm, codes.UCUM.Millimeter))
-    if lesion.get("ct_core_hu") is not None:
+    if lesion.ct_core_hu is not None:
         out.append(
             m(
                 codes.DCM.AttenuationCoefficient,
-                lesion["ct_core_hu"],
+                lesion.ct_core_hu,
                 codes.UCUM.HounsfieldUnit,
                 codes.SCT.Mean,
             )
         )
-    if lesion.get("mr_enhancement_ratio") is not None:
-        out.append(m(ENHANCEMENT_RATIO, lesion["mr_enhancement_ratio"], codes.UCUM.NoUnits))
+    if lesion.mr_enhancement_ratio is not None:
+        out.append(m(ENHANCEMENT_RATIO, lesion.mr_enhancement_ratio, codes.UCUM.NoUnits))
     return out

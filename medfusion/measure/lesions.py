@@ -5,7 +5,7 @@ least one tumour-core voxel; foreground groups without core (stray oedema or cal
 lesions, as post-processing removes them. A region with several separate cores (two tumours whose
 oedema touches) is reported as that many **lesions**, each voxel going to its nearest core
 (`split_by_core`); the diagnosis's measurement term reads regions (`label_lesions`), as it was fitted. Every part of medfusion that counts or measures lesions — the
-diagnosis's measurement term (`models/measures.py`), the run's measurements (`run/measure.py`), the
+diagnosis's measurement term (`measure/features.py`), the run's measurements (`run/measure.py`), the
 report's findings table and the DICOM SR — labels them here.
 
 Findings per lesion (`Lesion`), in the patient's own geometry:
@@ -51,17 +51,34 @@ def class_roles(class_names: list[str]) -> tuple[int, int | None]:
     return core, calc
 
 
+def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """26-connected components of a boolean (z, y, x) mask — the one connectivity medfusion counts
+    lesions with (post-processing, measurements, the diagnosis's features, evaluation's detection).
+
+    Returns:
+        (components, n): int32 array of the mask's shape (0 outside, 1..n a component) and n.
+    """
+    comp, n = ndimage.label(mask, structure=CONNECTIVITY)
+    return comp.astype(np.int32, copy=False), int(n)
+
+
+def lesion_regions(labels: np.ndarray, core: int) -> tuple[np.ndarray, np.ndarray]:
+    """`components` of the foreground (any class > 0) of an integer label map (z, y, x), and the
+    sorted numbers of those holding at least one voxel of class `core` (shape (n_lesions,))."""
+    comp, _ = components(labels > 0)
+    ids = np.unique(comp[labels == core])
+    return comp, ids[ids > 0]
+
+
 def label_lesions(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Connected foreground components of an integer label map (z, y, x) and which are lesions.
+    """Connected foreground components of an integer label map (z, y, x) and which are lesions
+    (`lesion_regions` with the core class `class_roles` names).
 
     Returns:
         (components, lesion_ids): int32 array of the map's shape (0 = background, k = component
         k), and the sorted component numbers that hold core (shape (n_lesions,)).
     """
-    core_k, _ = class_roles(class_names)
-    comp, _ = ndimage.label(labels > 0, structure=CONNECTIVITY)
-    ids = np.unique(comp[labels == core_k])
-    return comp.astype(np.int32, copy=False), ids[ids > 0]
+    return lesion_regions(labels, class_roles(class_names)[0])
 
 
 def split_by_core(
@@ -158,6 +175,7 @@ class Lesion:
     mr_enhancement_ratio: float | None = None
 
     def to_json(self) -> dict[str, Any]:
+        """The lesion as scores.json "measurements.lesions" holds it (tuples as lists)."""
         out = dataclasses.asdict(self)
         out["axial_diameters_mm"] = list(self.axial_diameters_mm)
         out["centroid_lps"] = list(self.centroid_lps)
@@ -183,7 +201,7 @@ def find_lesions(
             raise ValueError(msg)
     arr = labels.array
     core_k, calc_k = class_roles(class_names)
-    spacing_zyx = tuple(float(s) for s in labels.spacing[::-1])
+    spacing_zyx = labels.spacing_zyx
     comp, ids = split_by_core(arr, class_names, spacing_zyx)
     if len(ids) == 0:
         return []

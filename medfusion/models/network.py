@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from medfusion.config import StrictModel
-from medfusion.models.measures import FEATURES as MEASURE_FEATURES
+from medfusion.measure.features import FEATURES as MEASURE_FEATURES
 from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, TextEncoder, Vocabulary, minilm_encoder
 
 Fusion = Literal["spatial", "feature_concat", "feature_gated", "sequence", "film"]
@@ -77,7 +77,7 @@ class NetConfig(StrictModel):
     # score head's (the synthetic diagnosis is additive in log-odds; the note path can be pre-trained on
     # a notes-only corpus, see train.loop.DiagnosisConfig)
     note_head: bool = False
-    # a logistic term on measurements of the predicted label map (models/measures.py) joins the score
+    # a logistic term on measurements of the predicted label map (measure/features.py) joins the score
     # logit; its coefficients are fitted by the diagnosis stage and stored as buffers
     measures: bool = False
 

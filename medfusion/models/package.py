@@ -1,8 +1,10 @@
 """Model packages: a folder with `weights.safetensors` and `model.json`. Loading never unpickles.
 
 `model.json` holds the architecture name and its config, class and score names, the preprocessing
-parameters, the text vocabulary, the weights' SHA-256, version, training description and metrics;
-`ARCHITECTURES` maps the name to the class, so `model.json` alone rebuilds the network.
+parameters, the text vocabulary, the weights' SHA-256, version, the sliding-window size, training
+description and metrics; `ARCHITECTURES` maps the name to the class, so `model.json` alone rebuilds
+the network. It is read into a typed, versioned `PackageMeta` (format "medfusion-model-package/2");
+older formats are migrated on read (`upgrade_meta`), so a package made by any earlier version loads.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from medfusion.config import PreprocessConfig, upgrade_registration
@@ -24,9 +26,102 @@ ARCHITECTURES: dict[str, type[MedFusionNet]] = {MedFusionNet.architecture: MedFu
 DEFAULT_PACKAGE = Path(__file__).resolve().parent.parent / "weights" / "default"
 
 
+PACKAGE_FORMAT = "medfusion-model-package/2"
+
+
 class PackageError(ValueError):
     """A model package that cannot be used: missing or invalid `model.json`, unknown architecture,
     missing or altered weights, or weights that do not fit the network. The message names the package."""
+
+
+def upgrade_meta(meta: dict[str, Any]) -> dict[str, Any]:
+    """`model.json` content migrated to `PACKAGE_FORMAT` (a new dict; the input is not changed).
+
+    Format 1 → 2: the sliding-window size moves from ``training.config.crop_size`` (z, y, x voxels,
+    where the training recipe kept it) to the top-level ``window``; packages without one get None
+    (the whole grid in one pass).
+
+    Raises:
+        PackageError: a format this version does not know (a newer medfusion's package).
+    """
+    out = dict(meta)
+    fmt = out.get("format", "medfusion-model-package/1")
+    if fmt == "medfusion-model-package/1":
+        training = out.get("training")
+        cfg = training.get("config") if isinstance(training, dict) else None
+        crop = cfg.get("crop_size") if isinstance(cfg, dict) else None
+        out["window"] = [int(v) for v in crop] if isinstance(crop, list) else None
+        out["format"] = fmt = PACKAGE_FORMAT
+    if fmt != PACKAGE_FORMAT:
+        msg = f"model.json format {fmt!r} is not one this medfusion reads ({PACKAGE_FORMAT} or older)"
+        raise PackageError(msg)
+    return out
+
+
+class PackageMeta(BaseModel):
+    """`model.json`, typed (format `PACKAGE_FORMAT`); keys it does not name (``recalibration``,
+    ``domain``, …) are kept as they are.
+
+    Attributes:
+        format: "medfusion-model-package/2".
+        name, version: the package's identity.
+        architecture: a key of `ARCHITECTURES`.
+        network: the network's config (`models.network.NetConfig`).
+        class_names: segmentation classes, index = label value, background first.
+        score_names: the diagnostic scores, one per score-head output.
+        preprocess: the preprocessing the model was trained with (`config.PreprocessConfig`).
+        vocabulary, vocabulary_negation, vocabulary_numbers: the GRU note encoder's tokenizer.
+        weights_sha256: SHA-256 of `weights.safetensors` (None: not recorded).
+        window: sliding-window size (z, y, x voxels) the network was trained on; None: the whole grid.
+        training: the training run's record; metrics: evaluation results.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    format: str = PACKAGE_FORMAT
+    name: str
+    version: str
+    architecture: str
+    network: dict[str, Any]
+    class_names: list[str]
+    score_names: list[str]
+    preprocess: dict[str, Any]
+    vocabulary: list[str] = Field(default_factory=list)
+    vocabulary_negation: bool = True
+    vocabulary_numbers: bool = False
+    weights_sha256: str | None = None
+    window: list[int] | None = None
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+    @classmethod
+    def of(cls, meta: dict[str, Any], where: str | Path = "model.json") -> PackageMeta:
+        """`meta` (any known format) migrated and validated.
+
+        Raises:
+            PackageError: an unknown format, or content that does not fit (named with `where`).
+        """
+        try:
+            return cls.model_validate(upgrade_meta(meta))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3]
+            )
+            msg = f"{where}: not a valid model.json ({problems})"
+            raise PackageError(msg) from exc
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON-ready content of `model.json`."""
+        return self.model_dump(mode="json")
+
+
+def read_package_meta(path: str | Path) -> PackageMeta:
+    """The typed `model.json` of the package folder `path` (migrated to the current format).
+
+    Raises:
+        PackageError: no `model.json`, invalid JSON, an unknown format, or content that does not fit.
+    """
+    return PackageMeta.of(read_meta(path), Path(path) / "model.json")
 
 
 def save_package(
@@ -55,8 +150,8 @@ def save_package(
         version: package version string.
         class_names: segmentation classes, index = label value, background first.
         score_names: the diagnostic scores' names, one per score-head output.
-        training: the training run's record, stored as given ({} if None); inference reads its
-            ``config.crop_size`` (z, y, x voxels) as the sliding-window size.
+        training: the training run's record, stored as given ({} if None); its ``config.crop_size``
+            (z, y, x voxels) is recorded as the package's sliding-window size (``window``).
         metrics: evaluation results to record; {} if None.
 
     Returns:
@@ -74,8 +169,9 @@ def save_package(
     }
     with atomic_path(out / "weights.safetensors") as tmp:
         save_file(state, str(tmp))
+    crop = (training or {}).get("config", {}).get("crop_size")
     meta = {
-        "format": "medfusion-model-package/1",
+        "format": PACKAGE_FORMAT,
         "name": name,
         "version": version,
         "architecture": model.architecture,
@@ -87,6 +183,7 @@ def save_package(
         "vocabulary_negation": model.text.vocab.negation if isinstance(model.text, GRUTextEncoder) else True,
         "vocabulary_numbers": model.text.vocab.numbers if isinstance(model.text, GRUTextEncoder) else False,
         "weights_sha256": sha256_of(out / "weights.safetensors"),
+        "window": [int(v) for v in crop] if isinstance(crop, list) else None,
         "training": training or {},
         "metrics": metrics or {},
     }
@@ -105,10 +202,11 @@ def external_weights(model: MedFusionNet) -> set[str]:
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
-    """The parsed `model.json` of the package folder `path`, unvalidated (no weights are read).
+    """The parsed `model.json` of the package folder `path`, migrated to the current format
+    (`upgrade_meta`) but otherwise unvalidated (no weights are read); `read_package_meta` types it.
 
     Raises:
-        PackageError: `path` holds no `model.json`, or it is not valid JSON.
+        PackageError: `path` holds no `model.json`, it is not valid JSON, or its format is unknown.
     """
     path = Path(path)
     mj = path / "model.json"
@@ -120,7 +218,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         msg = f"{mj}: invalid JSON ({exc})"
         raise PackageError(msg) from exc
-    return meta
+    if not isinstance(meta, dict):
+        msg = f"{mj}: expected a JSON object"
+        raise PackageError(msg)
+    try:
+        return upgrade_meta(meta)
+    except PackageError as exc:
+        msg = f"{mj}: {exc}"
+        raise PackageError(msg) from exc
 
 
 def package_vocabulary(meta: dict[str, Any]) -> Vocabulary:

@@ -80,7 +80,7 @@ class ModelInputs:
         return self.probabilities_on_ct(probs).array
 
     def probabilities_on_ct(self, probs: np.ndarray) -> Volume:
-        """`to_ct_grid` as a (K, z', y', x') `Volume` on the CT's grid (the inverse mapping)."""
+        """`to_ct_grid` as a (K, z', y', x') `Volume` on the CT's grid (the inverse mapping; the CT's meta)."""
         out = np.empty((probs.shape[0], *self.ct_volume.shape), np.float32)
         for c in range(probs.shape[0]):
             out[c] = (
@@ -88,7 +88,7 @@ class ModelInputs:
                 .resample_to(self.ct_volume.grid, default=1.0 if c == 0 else 0.0)
                 .array
             )
-        return Volume.on(self.ct_volume.grid, out, "PROB")
+        return Volume.on(self.ct_volume.grid, out, "PROB", self.ct_volume.meta)
 
 
 CaseTensors = ModelInputs  # the name before 0.9; training code still imports it

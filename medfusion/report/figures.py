@@ -16,7 +16,7 @@ from matplotlib.patches import Patch  # noqa: E402
 from nibabel import orientations as nib_orientations  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from medfusion.io.volume import Volume  # noqa: E402
+from medfusion.io.volume import Grid, LabelMap, Volume  # noqa: E402
 from medfusion.report.colours import CLASS_COLOURS  # noqa: E402
 
 
@@ -28,6 +28,8 @@ def _png(fig: plt.Figure, dpi: int = 130) -> bytes:
 
 
 def score_bars(scores: dict[str, float], uncertainty: dict[str, float], threshold: float = 0.5) -> bytes:
+    """Horizontal bars of the calibrated probabilities (in [0, 1]) with ±1 s.d. error bars and the
+    decision threshold dashed; red at or above it, blue below. PNG bytes."""
     names = list(scores)
     fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.55 * len(names)))
     vals = [scores[n] for n in names]
@@ -59,7 +61,8 @@ class DisplayGrid:
     axes: np.ndarray  # (3, 3): LPS unit vector of each displayed axis (columns i, j, k)
 
     @classmethod
-    def of(cls, grid: Volume) -> DisplayGrid:
+    def of(cls, grid: Grid | Volume) -> DisplayGrid:
+        """How arrays on `grid` (or a volume's grid) are turned for display."""
         ornt = nib_orientations.io_orientation(grid.affine)
         shape_xyz = np.array(grid.size_xyz)
         spacing = tuple(float(grid.spacing[int(np.flatnonzero(ornt[:, 0] == w)[0])]) for w in range(3))
@@ -89,6 +92,15 @@ class DisplayGrid:
         ijk = [int(round(float(np.dot(rel, self.axes[:, a])) / self.spacing[a])) for a in range(3)]
         k, j, i = (int(np.clip(ijk[a], 0, shape[2 - a] - 1)) for a in (2, 1, 0))
         return k, j, i
+
+
+def _on_ct(labels: LabelMap, ct: Volume) -> np.ndarray:
+    """The label array, once its grid is checked to be the CT's (a label map on another grid would be
+    drawn mirrored or shifted over the CT)."""
+    if not labels.same_grid(ct, tol=1e-3):
+        msg = f"label map grid {labels.shape} at {labels.origin} is not the CT's {ct.shape} at {ct.origin}"
+        raise ValueError(msg)
+    return labels.array
 
 
 def _centre(labels: np.ndarray) -> tuple[int, int, int]:
@@ -144,12 +156,17 @@ def _legend(fig: plt.Figure, labels: np.ndarray, class_names: list[str], *, font
     return bool(handles)
 
 
-def triplanar(ct: Volume, mr: Volume | None, labels: np.ndarray, class_names: list[str]) -> bytes:
+def triplanar(ct: Volume, mr: Volume | None, labels: LabelMap, class_names: list[str]) -> bytes:
     """CT, registered MR and the segmentation overlay in three planes through the lesions' centre,
     drawn in display orientation from the CT's geometry (`DisplayGrid`), with orientation letters,
-    slice positions and scale bars. `mr` and `labels` (z, y, x) lie on the CT's grid."""
+    slice positions and scale bars. `mr` and `labels` lie on the CT's grid; PNG bytes.
+
+    Raises:
+        ValueError: `labels` is not on the CT's grid (1e-3 mm tolerance).
+    """
     grid = DisplayGrid.of(ct)
-    labels_d = grid.turn(labels)
+    on_ct = _on_ct(labels, ct)
+    labels_d = grid.turn(on_ct)
     c = _centre(labels_d)
     aspects = _aspects(grid.spacing)
     rows = [
@@ -191,14 +208,14 @@ def triplanar(ct: Volume, mr: Volume | None, labels: np.ndarray, class_names: li
     for ax in axes.ravel():
         ax.set_xticks([])
         ax.set_yticks([])
-    _legend(fig, labels, class_names, fontsize=8)
+    _legend(fig, on_ct, class_names, fontsize=8)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return _png(fig)
 
 
 def key_image(
     ct: Volume,
-    labels: np.ndarray,
+    labels: LabelMap,
     class_names: list[str],
     *,
     centre_lps: tuple[float, float, float] | None = None,
@@ -206,9 +223,14 @@ def key_image(
 ) -> bytes:
     """One row of CT (brain window) with the segmentation overlaid in three planes through
     `centre_lps` (a lesion's centroid, LPS mm; the lesions' centre when None), in display
-    orientation with letters, slice positions and scale bars. `labels` (z, y, x) lies on the CT's grid."""
+    orientation with letters, slice positions and scale bars. `labels` lies on the CT's grid; PNG bytes.
+
+    Raises:
+        ValueError: `labels` is not on the CT's grid (1e-3 mm tolerance).
+    """
     grid = DisplayGrid.of(ct)
-    labels_d = grid.turn(labels)
+    on_ct = _on_ct(labels, ct)
+    labels_d = grid.turn(on_ct)
     c = _centre(labels_d) if centre_lps is None else grid.index_of(centre_lps, labels_d.shape)
     ct_d = grid.turn(ct.array.astype(np.float32))
     aspects = _aspects(grid.spacing)
@@ -231,7 +253,7 @@ def key_image(
         axes[k].set_xticks([])
         axes[k].set_yticks([])
         axes[k].set_title(VIEWS[k], fontsize=8)
-    handles = _legend(fig, labels, class_names, fontsize=7)
+    handles = _legend(fig, on_ct, class_names, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
@@ -239,15 +261,19 @@ def key_image(
 
 
 def registration_check(
-    ct: Volume, mr: Volume | None, labels: np.ndarray | None = None, *, used: bool = True
+    ct: Volume, mr: Volume | None, labels: LabelMap | None = None, *, used: bool = True
 ) -> bytes:
-    """CT bone/skin edges drawn over the registered MR, three planes through the lesions' centre
-    (the volume centre when there is no lesion), in display orientation. `used` False (the QC
-    failed and the model did not use the MR) is written across the figure."""
+    """CT bone/skin edges drawn over the registered MR (on the CT's grid), three planes through the
+    lesions' centre (the volume centre when there is no lesion), in display orientation; PNG bytes.
+    `used` False (the QC failed and the model did not use the MR) is written across the figure.
+
+    Raises:
+        ValueError: `labels` is not on the CT's grid (1e-3 mm tolerance).
+    """
     fig, axes = plt.subplots(1, 3, figsize=(7.2, 2.6))
     grid = DisplayGrid.of(ct)
     shape = grid.turn(np.zeros(ct.shape, np.uint8)).shape
-    c = _centre(grid.turn(labels)) if labels is not None else tuple(s // 2 for s in shape)
+    c = _centre(grid.turn(_on_ct(labels, ct))) if labels is not None else tuple(s // 2 for s in shape)
     aspects = _aspects(grid.spacing)
     ct_d = grid.turn(np.clip(ct.array.astype(np.float32), -200, 800))
     edges = np.hypot(*np.gradient(ct_d, axis=(1, 2)))

@@ -6,7 +6,7 @@ import datetime as dt
 import io
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
@@ -24,8 +24,15 @@ from reportlab.platypus import (
 )
 
 from medfusion.io.atomic import atomic_path
+from medfusion.measure.lesions import Lesion
 from medfusion.preprocess.registration import qc_summary
 from medfusion.report import figures
+from medfusion.run.result import CaseResult, Decision, DomainRecord, Scores
+
+if TYPE_CHECKING:
+    from medfusion.infer.predictor import Prediction
+    from medfusion.io.case import Case
+    from medfusion.preprocess.prepare import ModelInputs
 
 DISCLAIMER = "RESEARCH USE ONLY. Not a medical device; not for diagnosis or treatment decisions. The default model is trained on synthetic phantoms."
 # the facts the model reads from a note: cancer history, the course and its pace, the complaint
@@ -89,16 +96,16 @@ def table(rows: list[list[str]], widths: list[float], *, header: bool = True) ->
     return t
 
 
-def not_assessed_text(domain: dict[str, Any]) -> str:
+def not_assessed_text(domain: DomainRecord) -> str:
     """The banner of an out-of-domain case: "Not assessed: input outside the model's training domain —
     <reasons>"."""
-    reasons = "; ".join(domain.get("reasons") or ["no reason recorded"])
+    reasons = "; ".join(domain.reasons or ["no reason recorded"])
     return f"Not assessed: input outside the model's training domain — {reasons}"
 
 
-def not_assessed_banner(scores: dict[str, Any], styles: Any) -> list[Any]:
-    """The first page's banner when `scores["predicted"]` is null (out of domain); nothing otherwise."""
-    if scores.get("predicted") is not None:
+def not_assessed_banner(scores: Scores, styles: Any) -> list[Any]:
+    """The first page's banner when `scores.predicted` is None (out of domain); nothing otherwise."""
+    if scores.in_domain:
         return []
     style = ParagraphStyle(
         "banner",
@@ -109,20 +116,20 @@ def not_assessed_banner(scores: dict[str, Any], styles: Any) -> list[Any]:
         backColor=colors.HexColor("#fdedec"),
         borderPadding=4,
     )
-    return [Spacer(1, 3 * mm), Paragraph(not_assessed_text(scores.get("domain") or {}), style)]
+    return [Spacer(1, 3 * mm), Paragraph(not_assessed_text(scores.domain), style)]
 
 
-def verdict_inputs_line(domain: dict[str, Any]) -> str:
+def verdict_inputs_line(domain: DomainRecord) -> str:
     """Which inputs the scores above were computed from, and whether their calibration was measured
     for exactly those inputs (models/domain.py)."""
-    sit = domain.get("situation")
+    sit = domain.situation
     if not sit:
         return "Inputs: not recorded."
     missing = [m for m in ("MR", "note") if f"+{m}" not in sit]
     lacking = f" (no {' and no '.join(missing)})" if missing else ""
-    if not domain.get("guard_fitted"):
+    if not domain.guard_fitted:
         return f"Inputs: {sit}{lacking}; this model package has no fitted domain guard."
-    how = "measured" if domain.get("calibrated_for_situation") else "NOT measured"
+    how = "measured" if domain.calibrated_for_situation else "NOT measured"
     return f"Inputs: {sit}{lacking}; calibration {how} for these inputs."
 
 
@@ -184,25 +191,25 @@ def _volume(ml: float | None) -> str:
     return "—" if ml is None else (f"{ml:.2f}" if ml < 10 else f"{ml:.1f}")
 
 
-def findings_rows(lesions: list[dict[str, Any]], class_names: list[str]) -> tuple[list[list[str]], str]:
+def findings_rows(lesions: list[Lesion], class_names: list[str]) -> tuple[list[list[str]], str]:
     """The findings table (a header row, then one row per lesion, largest first, up to
-    MAX_FINDINGS) from `scores["measurements"]["lesions"]`, and a line summarising the lesions
+    MAX_FINDINGS) from `scores.measurements.lesions`, and a line summarising the lesions
     beyond those ("" when none are left out)."""
     parts = [n for n in class_names[1:]]
     head = ["#", "Location", *[f"{n.replace('_', ' ').capitalize()} (mL)" for n in parts]]
     head += ["Core diameter, axial long × short (mm)", "CT core (HU)", "MR enhancement"]
     rows = [head]
     for lesion in lesions[:MAX_FINDINGS]:
-        vols = lesion.get("volumes_ml", {})
-        d1, d2 = lesion.get("axial_diameters_mm", (0.0, 0.0))
-        hu = lesion.get("ct_core_hu")
-        ratio = lesion.get("mr_enhancement_ratio")
+        vols = lesion.volumes_ml
+        d1, d2 = lesion.axial_diameters_mm
+        hu = lesion.ct_core_hu
+        ratio = lesion.mr_enhancement_ratio
         rows.append(
             [
-                str(lesion.get("number", "")),
-                f"{lesion.get('side', '')}, {lesion.get('region', '')}",
+                str(lesion.number),
+                f"{lesion.side}, {lesion.region}",
                 *[_volume(vols.get(n)) for n in parts],
-                f"{lesion.get('core_diameter_mm', 0.0):.1f}; {d1:.1f} × {d2:.1f}",
+                f"{lesion.core_diameter_mm:.1f}; {d1:.1f} × {d2:.1f}",
                 "—" if hu is None else f"{hu:.0f}",
                 "—" if ratio is None else f"× {ratio:.2f}",
             ]
@@ -210,8 +217,8 @@ def findings_rows(lesions: list[dict[str, Any]], class_names: list[str]) -> tupl
     rest = lesions[MAX_FINDINGS:]
     summary = ""
     if rest:
-        total = sum(float(les.get("total_ml", 0.0)) for les in rest)
-        largest = max(float(les.get("core_diameter_mm", 0.0)) for les in rest)
+        total = sum(les.total_ml for les in rest)
+        largest = max(les.core_diameter_mm for les in rest)
         summary = (
             f"{len(rest)} further lesion(s) not listed: {total:.2f} mL in all, the largest "
             f"{largest:.1f} mm across."
@@ -224,31 +231,57 @@ def findings_widths(n_parts: int) -> list[float]:
     return [6, 30, *[75 / max(n_parts, 1)] * n_parts, 28, 15, 26]
 
 
-def impression(scores: dict[str, Any]) -> str:
-    """One plain-words line from the findings and the scores, ending with the research-use
-    statement. Out of the model's domain it says the case was not assessed."""
-    lesions = scores.get("measurements", {}).get("lesions", [])
+WORDS = {
+    Decision.POSITIVE: "likely",
+    Decision.NEGATIVE: "unlikely",
+    Decision.INDETERMINATE: "indeterminate",
+    Decision.NOT_ASSESSED: "not assessed",
+}
+CALLS = {
+    Decision.POSITIVE: "POSITIVE",
+    Decision.NEGATIVE: "negative",
+    Decision.INDETERMINATE: "INDETERMINATE",
+    Decision.NOT_ASSESSED: "not assessed",
+}
+
+
+def impression(scores: Scores) -> str:
+    """One plain-words line from the findings and the per-score decisions ("likely", "unlikely",
+    "indeterminate"), ending with the research-use statement. Out of the model's domain it says the
+    case was not assessed."""
+    lesions = scores.measurements.lesions
     if not lesions:
         found = "No lesion detected."
     else:
         first = lesions[0]
-        where = f"{first.get('side', '')} {first.get('region', '')}".strip()
+        where = f"{first.side} {first.region}".strip()
         found = (
             f"{len(lesions)} lesion{'s' if len(lesions) > 1 else ''} detected; the largest "
-            f"({where}) measures {first.get('core_diameter_mm', 0.0):.0f} mm with "
-            f"{first.get('total_ml', 0.0):.1f} mL in all."
+            f"({where}) measures {first.core_diameter_mm:.0f} mm with "
+            f"{first.total_ml:.1f} mL in all."
         )
-    predicted = scores.get("predicted")
-    if predicted is None:
+    if not scores.in_domain:
         call = "Diagnostic scores not assessed (input outside the model's training domain)."
     else:
         calls = [
-            f"{name.replace('_', ' ')} {'likely' if positive else 'unlikely'} "
-            f"(p = {scores['probabilities'][name]:.2f})"
-            for name, positive in predicted.items()
+            f"{name.replace('_', ' ')} {WORDS[decision]} (p = {scores.probabilities[name]:.2f})"
+            for name, decision in scores.decision.items()
         ]
         call = "Model: " + "; ".join(calls) + "." if calls else ""
     return f"{found} {call} Research use only; not for clinical decisions.".replace("  ", " ")
+
+
+def decision_line(scores: Scores) -> str:
+    """The scores' decisions at the threshold, with the indeterminate band when one was used."""
+    calls = ", ".join(
+        f"{k}: {CALLS[d]} (p = {scores.probabilities[k]:.2f} ± {scores.uncertainty.get(k, float('nan')):.2f})"
+        for k, d in scores.decision.items()
+    )
+    band = scores.indeterminate_band
+    where = f"threshold {scores.threshold}"
+    if band is not None and band[0] < band[1]:
+        where += f" (indeterminate from {band[0]:.2f} up to {band[1]:.2f})"
+    return f"Predicted at {where}: {calls}"
 
 
 def _short(text: str, limit: int = 40) -> str:
@@ -258,58 +291,56 @@ def _short(text: str, limit: int = 40) -> str:
 
 def write_report(
     path: Path,
-    case: Any,
-    tensors: Any,
-    pred: Any,
-    scores: dict[str, Any],
-    qc: dict[str, Any],
+    case: Case,
+    inputs: ModelInputs,
+    pred: Prediction,
+    result: CaseResult,
     class_names: list[str],
 ) -> Path:
     """Write the patient's PDF report to `path` (atomically) and return it.
 
     Page 1: header (patient, age, sex, study date, accession, series, model), the impression line,
     the findings table (one row per lesion, `findings_rows`) and the key image through the largest
-    lesion, then the scores; then the images (three planes, a key image per further lesion), the
-    note's key sentences, the quality checks and the registration check. A report renders results;
-    it computes no score or measurement itself. Nothing is written at `path` unless the whole PDF is.
+    lesion, then the scores and their decisions; then the images (three planes, a key image per
+    further lesion), the note's key sentences, the quality checks and the registration check. A
+    report renders results; it computes no score or measurement itself. Nothing is written at `path`
+    unless the whole PDF is.
 
     Args:
         path: the PDF to write (parent folders are created; an existing file is replaced).
         case: the loaded `io.case.Case`; `case.ct` must be present (its header gives age, sex,
             accession and series; its geometry places the images), `case.mr` and `case.note` are optional.
-        tensors: the case's `preprocess.prepare.CaseTensors`; only ``mr_in_ct`` is read (the primary MR
-            resampled onto the CT's grid, or None without an MR: no registration figure).
-        pred: the `infer.predictor.Prediction`; only ``labels_ct`` is read: (z, y, x) class indices
-            into `class_names` on the CT's own grid.
-        scores: the scores.json dict: reads ``model`` (name, version), ``inputs.study_date``,
-            ``probabilities`` and ``uncertainty`` (per score, in [0, 1]), ``threshold``, ``predicted``
-            (per score bool, or None when the case is out of the model's domain), ``domain``,
-            ``measurements.volumes_ml`` (mL per class) and ``measurements.lesions`` (each with
-            ``centroid_lps`` in LPS mm and ``number``; the first one gets the key image on page 1).
-        qc: the qc.json dict: reads ``registration`` (``mode``, ``qc``), ``verdict``, ``inputs``
-            (``ct`` and ``mr`` entries with their ``warnings``) and ``mr_used_by_model``.
+        inputs: the case's `ModelInputs`; reads `mr_in_ct` (the primary MR on the CT's grid, None
+            without an MR: no registration figure) and `has_mr` (an MR the model left out is never
+            drawn with the findings, only in the registration check, marked "NOT USED").
+        pred: the `Prediction`; reads `labels` (a `LabelMap` on the CT's grid).
+        result: the patient's `CaseResult` (scores.json and qc.json).
         class_names: the model's classes, background first (index 0).
 
     Returns:
         `path`.
 
     Raises:
-        KeyError: `scores` or `qc` lacks one of the keys above.
-        AttributeError: `case.ct` is None.
+        ValueError: `case.ct` is None, or the label map is not on the CT's grid.
         OSError: the PDF cannot be written at `path` (the temporary file is removed).
     """
+    if case.ct is None:
+        msg = f"{case.patient_id}: a report needs the CT"
+        raise ValueError(msg)
+    ct = case.ct
+    scores, qc = result.scores, result.qc
     styles = getSampleStyleSheet()
     small = ParagraphStyle("small", parent=styles["Normal"], fontSize=8, leading=10)
     warn = ParagraphStyle("warn", parent=styles["Normal"], fontSize=8, textColor=colors.HexColor("#b03a2e"))
     strong = ParagraphStyle(
         "strong", parent=styles["Normal"], fontName="Helvetica-Bold", fontSize=10, leading=13
     )
-    model = scores["model"]
-    meta = case.ct.meta
+    model = scores.model
+    meta = ct.meta
     age, sex = age_and_sex(meta, case.note or "")
     ct_series = meta.get("series_description") or "—"
     mr_series = "; ".join(m.meta.get("series_description") or "(no description)" for m in case.mr) or "none"
-    lesions = scores["measurements"].get("lesions", [])
+    lesions = scores.measurements.lesions
     story: list[Any] = [
         Paragraph("medfusion — multimodal imaging report", styles["Title"]),
         Paragraph(DISCLAIMER, warn),
@@ -320,7 +351,7 @@ def write_report(
                 ["Patient ID", case.patient_id, "Age / sex", f"{age} / {sex}"],
                 [
                     "Study date",
-                    readable_date(scores["inputs"].get("study_date") or ""),
+                    readable_date(scores.inputs.get("study_date") or ""),
                     "Accession",
                     meta.get("accession_number") or "—",
                 ],
@@ -329,7 +360,7 @@ def write_report(
                     "Clinical note",
                     "yes" if case.note else "none",
                     "Model",
-                    f"{model.get('name')} {model.get('version')}",
+                    f"{model.name} {model.version}",
                 ],
             ],
             [25, 60, 25, 70],
@@ -359,10 +390,10 @@ def write_report(
         story.append(
             _img(
                 figures.key_image(
-                    case.ct,
-                    pred.labels_ct,
+                    ct,
+                    pred.labels,
                     class_names,
-                    centre_lps=tuple(first["centroid_lps"]),
+                    centre_lps=first.centroid_lps,
                     title="Key image: lesion 1",
                 ),
                 165,
@@ -371,25 +402,19 @@ def write_report(
     else:
         story.append(Paragraph("No lesion detected.", styles["Normal"]))
     story.append(Paragraph("Diagnostic scores", styles["Heading2"]))
-    story.append(
-        _img(figures.score_bars(scores["probabilities"], scores["uncertainty"], scores["threshold"]), 110)
-    )
-    domain = scores.get("domain") or {}
-    if scores.get("predicted") is None:  # out of the model's domain: no verdict, the banner says why
-        probs = ", ".join(f"{k} {p:.2f}" for k, p in scores["probabilities"].items())
+    story.append(_img(figures.score_bars(scores.probabilities, scores.uncertainty, scores.threshold), 110))
+    domain = scores.domain
+    if not scores.in_domain:  # out of the model's domain: no verdict, the banner says why
+        probs = ", ".join(f"{k} {p:.2f}" for k, p in scores.probabilities.items())
         story.append(
             Paragraph(
-                f"Probabilities for research use only, not an answer: {probs}. Inputs: {domain.get('situation', '—')}.",
+                f"Probabilities for research use only, not an answer: {probs}. Inputs: {domain.situation or '—'}.",
                 small,
             )
         )
     else:
-        pred_txt = ", ".join(
-            f"{k}: {'POSITIVE' if v else 'negative'} (p = {scores['probabilities'][k]:.2f} ± {scores['uncertainty'][k]:.2f})"
-            for k, v in scores["predicted"].items()
-        )
-        story.append(Paragraph(f"Predicted at threshold {scores['threshold']}: {pred_txt}", small))
-    vols = scores["measurements"]["volumes_ml"]
+        story.append(Paragraph(decision_line(scores), small))
+    vols = scores.measurements.volumes_ml
     story.append(
         Paragraph(
             "Total segmented volume: "
@@ -404,17 +429,17 @@ def write_report(
             "Images through the lesions" if lesions else "Images (no lesion detected)", styles["Heading2"]
         )
     )
-    mr_shown = tensors.mr_in_ct if qc.get("mr_used_by_model", True) else None  # never an unused MR
-    story.append(_img(figures.triplanar(case.ct, mr_shown, pred.labels_ct, class_names), 160))
+    mr_shown = inputs.mr_shown  # never an MR the model left out
+    story.append(_img(figures.triplanar(ct, mr_shown, pred.labels, class_names), 160))
     for lesion in lesions[1:MAX_FINDINGS]:
         story.append(
             _img(
                 figures.key_image(
-                    case.ct,
-                    pred.labels_ct,
+                    ct,
+                    pred.labels,
                     class_names,
-                    centre_lps=tuple(lesion["centroid_lps"]),
-                    title=f"Key image: lesion {lesion['number']} ({lesion.get('side', '')}, {lesion.get('region', '')})",
+                    centre_lps=lesion.centroid_lps,
+                    title=f"Key image: lesion {lesion.number} ({lesion.side}, {lesion.region})",
                 ),
                 150,
             )
@@ -434,29 +459,29 @@ def write_report(
             )
         )
     story.append(Paragraph("Quality checks", styles["Heading2"]))
-    reg = qc["registration"]
+    reg = qc.registration
     reg_line = f"Registration: {reg.get('mode')}"
     if reg.get("qc"):
         q = reg["qc"]
         reg_line += ", " + qc_summary(q)
     story.append(Paragraph(_escape(reg_line), small))
-    story.append(Paragraph(f"Overall input verdict: {qc['verdict']}. {verdict_inputs_line(domain)}", small))
+    story.append(Paragraph(f"Overall input verdict: {qc.verdict}. {verdict_inputs_line(domain)}", small))
     input_warnings = [
         f"{v.get('modality', '')} {v.get('series_description', '')}: {w}"
-        for v in [qc["inputs"].get("ct") or {}, *qc["inputs"].get("mr", [])]
+        for v in [qc.inputs.get("ct") or {}, *qc.inputs.get("mr", [])]
         for w in v.get("warnings", [])
     ]
     for w in input_warnings:
         story.append(Paragraph(_escape(f"Input warning — {w}"), warn))
-    mr_used = bool(qc.get("mr_used_by_model", True))
+    mr_used = inputs.has_mr
     closing = Paragraph(
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by medfusion. {DISCLAIMER}", small
     )
-    if tensors.mr_in_ct is None:
+    if inputs.mr_in_ct is None:
         story.append(closing)
     else:
         # the last figure and the closing line travel together: no page holding only the closing line
-        check = figures.registration_check(case.ct, tensors.mr_in_ct, pred.labels_ct, used=mr_used)
+        check = figures.registration_check(ct, inputs.mr_in_ct, pred.labels, used=mr_used)
         story.append(KeepTogether([_img(check, 160), closing]))
 
     def _footer(canvas: Any, doc: Any) -> None:

@@ -3,12 +3,11 @@ the lesions (measure/lesions.py, the one lesion definition) with their findings.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
 from medfusion.io.volume import Volume
 from medfusion.measure.lesions import find_lesions
+from medfusion.run.result import Measurements
 
 
 def measure(
@@ -17,13 +16,14 @@ def measure(
     *,
     ct: Volume | None = None,
     mr: Volume | None = None,
-) -> dict[str, Any]:
+) -> Measurements:
     """Volumes per class (mL) and the lesions of `labels` (class indices on the CT's grid).
 
-    Returns a JSON-ready dict: ``volumes_ml`` {class: mL}, ``lesion_count``, ``largest_diameter_mm``
-    (the longest core diameter of all lesions, 0.0 when there is none), ``lesion_diameters_mm``
-    (longest core diameter per lesion, largest core first) and ``lesions`` (each lesion's findings,
-    `Lesion.to_json`). `ct` and `mr` on the same grid add the core's CT density and MR enhancement.
+    Returns scores.json's `Measurements`: ``volumes_ml`` {class: mL}, ``lesion_count``,
+    ``largest_diameter_mm`` (the longest core diameter of all lesions, 0.0 when there is none),
+    ``lesion_diameters_mm`` (longest core diameter per lesion, largest core first) and ``lesions``
+    (each lesion's findings, `measure.lesions.Lesion`). `ct` and `mr` on the same grid add the
+    core's CT density and MR enhancement.
     """
     arr = labels.array
     vml = labels.voxel_volume_ml
@@ -31,10 +31,10 @@ def measure(
     volumes = {name: round(float(counts[k]) * vml, 3) for k, name in enumerate(class_names) if k > 0}
     lesions = find_lesions(labels, class_names, ct=ct, mr=mr)
     diameters = [lesion.core_diameter_mm for lesion in lesions]
-    return {
-        "volumes_ml": volumes,
-        "lesion_count": len(lesions),
-        "largest_diameter_mm": max(diameters) if diameters else 0.0,
-        "lesion_diameters_mm": diameters,
-        "lesions": [lesion.to_json() for lesion in lesions],
-    }
+    return Measurements(
+        volumes_ml=volumes,
+        lesion_count=len(lesions),
+        largest_diameter_mm=max(diameters) if diameters else 0.0,
+        lesion_diameters_mm=diameters,
+        lesions=lesions,
+    )

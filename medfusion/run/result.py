@@ -1,0 +1,268 @@
+"""The output contract of one patient: `CaseResult`, the schema of `scores.json` and `qc.json`, written
+and read by this one module.
+
+Every key users rely on (docs/data-format.md, DESIGN.md "Contracts") keeps its name and meaning:
+scores.json holds ``patient_id``, ``probabilities``, ``predicted`` (null out of domain),
+``threshold``, ``uncertainty``, ``domain``, ``measurements``, ``score_features`` (when the model reads
+them), ``model``, ``inference``, ``seed``, ``inputs``, ``qc_verdict`` and ``timings_s``; since 0.9 also
+``indeterminate_band`` (next to ``threshold``) and ``decision`` ({score: "positive" | "negative" |
+"indeterminate" | "not assessed"}). qc.json holds ``patient_id``, ``inputs``, ``registration``,
+``mr_used_by_model``, ``verdict`` and ``outputs``. Keys this version does not know are kept as they
+are (a newer medfusion's files still read), and files written before ``decision`` existed read with
+the decision their ``predicted`` implies (no band recorded).
+
+Examples:
+    >>> decide(0.55, threshold=0.5, band=(0.4, 0.6), in_domain=True)
+    <Decision.INDETERMINATE: 'indeterminate'>
+    >>> decide(0.95, threshold=0.5, band=(0.4, 0.6), in_domain=False).value
+    'not assessed'
+"""
+
+from __future__ import annotations
+
+import json
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medfusion.io.atomic import write_json
+from medfusion.measure.lesions import Lesion
+
+SCORES = "scores.json"
+QC = "qc.json"
+
+
+class Decision(StrEnum):
+    """The per-score decision of scores.json "decision"."""
+
+    POSITIVE = "positive"
+    NEGATIVE = "negative"
+    INDETERMINATE = "indeterminate"
+    NOT_ASSESSED = "not assessed"
+
+
+class Verdict(StrEnum):
+    """The input-QC verdict (qc.json "verdict", scores.json "qc_verdict")."""
+
+    PASS = "pass"
+    WARN = "warn"
+    FAIL = "fail"
+
+
+def decide(p: float, *, threshold: float, band: tuple[float, float] | None, in_domain: bool) -> Decision:
+    """The decision for a calibrated probability `p` in [0, 1].
+
+    "not assessed" out of the model's domain; "indeterminate" when ``band[0] <= p < band[1]``;
+    otherwise "positive" when ``p >= threshold``, else "negative". `band` None: no band.
+    """
+    if not in_domain:
+        return Decision.NOT_ASSESSED
+    if band is not None and band[0] <= p < band[1]:
+        return Decision.INDETERMINATE
+    return Decision.POSITIVE if p >= threshold else Decision.NEGATIVE
+
+
+class _Record(BaseModel):
+    """A JSON object of the contract: keys it does not name are kept as they are."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class DomainRecord(_Record):
+    """scores.json "domain": whether the case is within the model's training domain (models/domain.py).
+
+    Attributes:
+        in_domain: False → no decision is given ("predicted" null, every decision "not assessed").
+        distance: the case's distance to the training density (None without a fitted guard).
+        threshold: the distance above which a case is out of domain.
+        reasons: one line per rule the case broke.
+        situation: which inputs the scores were computed from ("CT+MR+note", …).
+        calibrated_for_situation: whether the package measured its calibration for those inputs.
+        guard_fitted: whether the package has a fitted domain guard.
+    """
+
+    in_domain: bool
+    distance: float | None = None
+    threshold: float | None = None
+    reasons: list[str] = Field(default_factory=list)
+    situation: str | None = None
+    calibrated_for_situation: bool | None = None
+    guard_fitted: bool | None = None
+
+
+class Measurements(_Record):
+    """scores.json "measurements" (run/measure.py): volumes in mL, diameters in mm.
+
+    Attributes:
+        volumes_ml: predicted volume per foreground class.
+        lesion_count: lesions (measure/lesions.py, one per tumour core).
+        largest_diameter_mm: the longest core diameter of all lesions, 0.0 when there is none.
+        lesion_diameters_mm: longest core diameter per lesion, largest core first.
+        lesions: each lesion's findings (`measure.lesions.Lesion`), largest core first.
+    """
+
+    volumes_ml: dict[str, float]
+    lesion_count: int
+    largest_diameter_mm: float
+    lesion_diameters_mm: list[float]
+    lesions: list[Lesion] = Field(default_factory=list)
+
+
+class ModelRecord(_Record):
+    """scores.json "model": the package's identity (name, version, architecture, weights' SHA-256)."""
+
+    name: str | None = None
+    version: str | None = None
+
+
+class Scores(_Record):
+    """The schema of scores.json (see the module docstring for the keys).
+
+    Attributes:
+        probabilities: calibrated probability in [0, 1] per score name (kept out of domain, for
+            research use).
+        predicted: per score, p ≥ threshold; None when the case is out of the model's domain.
+        threshold: the decision threshold.
+        indeterminate_band: [low, high): probabilities there are "indeterminate"; None in files
+            written before 0.9.
+        decision: per score, the `Decision`.
+        uncertainty: per score, the s.d. of the calibrated probability over TTA × MC-dropout samples.
+        qc_verdict: qc.json's verdict, repeated for tables.
+        timings_s: seconds per stage.
+    """
+
+    patient_id: str
+    probabilities: dict[str, float]
+    predicted: dict[str, bool] | None
+    threshold: float = 0.5
+    indeterminate_band: tuple[float, float] | None = None
+    decision: dict[str, Decision] = Field(default_factory=dict)
+    uncertainty: dict[str, float] = Field(default_factory=dict)
+    domain: DomainRecord
+    measurements: Measurements
+    score_features: dict[str, float] = Field(default_factory=dict)
+    model: ModelRecord = Field(default_factory=ModelRecord)
+    inference: dict[str, Any] = Field(default_factory=dict)
+    seed: dict[str, int | None] = Field(default_factory=dict)
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    qc_verdict: Verdict = Verdict.PASS
+    timings_s: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _decision_of_older_files(cls, data: Any) -> Any:
+        """Files written before 0.9 have no "decision": it is what their "predicted" said."""
+        if isinstance(data, dict) and "decision" not in data and "probabilities" in data:
+            predicted = data.get("predicted")
+            data = dict(data)
+            data["decision"] = {
+                name: Decision.NOT_ASSESSED
+                if predicted is None
+                else (Decision.POSITIVE if predicted.get(name) else Decision.NEGATIVE)
+                for name in data["probabilities"]
+            }
+        return data
+
+    @property
+    def in_domain(self) -> bool:
+        """Whether the model gave an answer (`predicted` is not None)."""
+        return self.predicted is not None
+
+
+class OutputsRecord(_Record):
+    """qc.json "outputs": which writers wrote, which failed (with a one-line reason), and notes."""
+
+    written: list[str] = Field(default_factory=list)
+    failed: dict[str, str] = Field(default_factory=dict)
+    notes: list[str] = Field(default_factory=list)
+
+
+class QCRecord(_Record):
+    """The schema of qc.json.
+
+    Attributes:
+        inputs: the input volumes' summaries, unreadable files, skipped objects and series choices.
+        registration: the registration record (`RegistrationResult.to_json`, with its QC), or
+            {"mode": "none", "reason": …} without an MR; plus the settings used.
+        mr_used_by_model: whether the MR reached the model (`ModelInputs.has_mr`).
+        verdict: "pass", "warn" (input warnings or unreadable files) or "fail" (registration QC failed).
+        outputs: the writers' record (absent until the outputs are written).
+    """
+
+    patient_id: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    registration: dict[str, Any] = Field(default_factory=dict)
+    mr_used_by_model: bool = True
+    verdict: Verdict = Verdict.PASS
+    outputs: OutputsRecord | None = None
+
+
+class CaseResult(BaseModel):
+    """One patient's results: scores.json (`scores`) and qc.json (`qc`).
+
+    Raises:
+        ValueError: `load` of a folder whose scores.json or qc.json is missing, not JSON, or does not
+            fit the contract (the message names the file and the first problems).
+    """
+
+    scores: Scores
+    qc: QCRecord
+
+    @staticmethod
+    def scores_json(scores: Scores) -> dict[str, Any]:
+        """scores.json's content: the keys in their documented order, "score_features" only when the
+        model reads them, keys a caller did not set left out (as earlier versions wrote them)."""
+        out = scores.model_dump(mode="python", exclude_unset=True)
+        if not out.get("score_features"):
+            out.pop("score_features", None)
+        return out
+
+    def write_qc(self, folder: Path) -> Path:
+        """Write qc.json into `folder` (atomically)."""
+        return write_json(folder / QC, self.qc.model_dump(mode="python", exclude_unset=True))
+
+    def write_scores(self, folder: Path) -> Path:
+        """Write scores.json into `folder` (atomically); written last, it marks a patient done."""
+        return write_json(folder / SCORES, self.scores_json(self.scores))
+
+    @classmethod
+    def load(cls, folder: str | Path) -> CaseResult:
+        """Read a patient's output folder (scores.json and qc.json; qc.json may be absent in runs
+        older than 0.3, giving an empty record)."""
+        folder = Path(folder)
+        scores = cls.load_scores(folder)
+        qc_path = folder / QC
+        if not qc_path.exists():
+            return cls(scores=scores, qc=QCRecord(patient_id=scores.patient_id))
+        return cls(scores=scores, qc=validated(QCRecord, _read(qc_path), qc_path))
+
+    @classmethod
+    def load_scores(cls, folder: str | Path) -> Scores:
+        """Only scores.json of a patient's output folder, validated (what calibrate and compare read)."""
+        path = Path(folder) / SCORES
+        scores: Scores = validated(Scores, _read(path), path)
+        return scores
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        msg = f"{path}: cannot read ({exc})"
+        raise ValueError(msg) from exc
+    if not isinstance(data, dict):
+        msg = f"{path}: expected a JSON object, got {type(data).__name__}"
+        raise ValueError(msg)
+    return data
+
+
+def validated(model: type[BaseModel], data: dict[str, Any], path: Path) -> Any:
+    """`model.model_validate(data)` with a one-line error naming `path`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+        msg = f"{path}: does not fit medfusion's output contract ({where})"
+        raise ValueError(msg) from exc
