@@ -1,0 +1,115 @@
+"""The output contract: scores.json/qc.json written and read by one type; per-score decisions with an
+indeterminate band; files of earlier versions (no "decision") and of later ones (unknown keys) read."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from medfusion.config import DecisionConfig, PipelineConfig
+from medfusion.run.result import CaseResult, Decision, QCRecord, Scores, Verdict, decide
+
+OLD_SCORES = {  # a 0.8 scores.json, abridged to the keys the contract names
+    "patient_id": "P1",
+    "probabilities": {"malignant": 0.55},
+    "predicted": {"malignant": True},
+    "threshold": 0.5,
+    "uncertainty": {"malignant": 0.02},
+    "domain": {"in_domain": True, "distance": 7.8, "threshold": 17.2, "reasons": []},
+    "measurements": {
+        "volumes_ml": {"tumour_core": 1.5},
+        "lesion_count": 1,
+        "largest_diameter_mm": 20.0,
+        "lesion_diameters_mm": [20.0],
+        "lesions": [
+            {
+                "number": 1,
+                "volumes_ml": {"tumour_core": 1.5},
+                "total_ml": 3.0,
+                "core_diameter_mm": 20.0,
+                "axial_diameters_mm": [18.0, 12.0],
+                "centroid_lps": [1.0, 2.0, 3.0],
+                "side": "left",
+                "region": "anterior superior",
+                "ct_core_hu": 40.0,
+                "mr_enhancement_ratio": None,
+            }
+        ],
+    },
+    "model": {"name": "m", "version": "1"},
+    "qc_verdict": "pass",
+    "timings_s": {"load": 0.1},
+}
+
+
+@pytest.mark.parametrize(
+    ("p", "in_domain", "expected"),
+    [
+        (0.39, True, Decision.NEGATIVE),
+        (0.40, True, Decision.INDETERMINATE),  # low is inside the band
+        (0.5999, True, Decision.INDETERMINATE),
+        (0.60, True, Decision.POSITIVE),  # high is outside
+        (0.99, False, Decision.NOT_ASSESSED),
+    ],
+)
+def test_decision_band_edges(p: float, in_domain: bool, expected: Decision) -> None:
+    assert decide(p, threshold=0.5, band=(0.4, 0.6), in_domain=in_domain) is expected
+    assert decide(0.45, threshold=0.5, band=(0.5, 0.5), in_domain=True) is Decision.NEGATIVE  # empty band
+
+
+def test_band_must_surround_the_threshold() -> None:
+    assert PipelineConfig().decision.indeterminate_band == (0.4, 0.6)
+    with pytest.raises(ValidationError, match="low ≤ threshold"):
+        DecisionConfig(threshold=0.5, indeterminate_band=(0.55, 0.7))
+
+
+def test_an_earlier_file_reads_with_the_decision_its_predicted_implies(tmp_path: Path) -> None:
+    (tmp_path / "scores.json").write_text(json.dumps(OLD_SCORES))
+    result = CaseResult.load(tmp_path)  # no qc.json: an empty record
+    s = result.scores
+    assert s.decision == {"malignant": Decision.POSITIVE} and s.indeterminate_band is None
+    assert s.measurements.lesions[0].axial_diameters_mm == (18.0, 12.0)
+    assert result.qc == QCRecord(patient_id="P1")
+    out = json.loads(json.dumps(CaseResult.scores_json(s)))  # as written to the file
+    assert {k: v for k, v in out.items() if k != "decision"} == OLD_SCORES
+    out_of_domain = dict(OLD_SCORES, predicted=None)
+    assert Scores.model_validate(out_of_domain).decision == {"malignant": Decision.NOT_ASSESSED}
+
+
+def test_written_and_read_by_the_same_code_keeping_unknown_keys(tmp_path: Path) -> None:
+    newer = dict(
+        OLD_SCORES, decision={"malignant": "indeterminate"}, indeterminate_band=[0.4, 0.6], later_key={"x": 1}
+    )
+    scores = Scores.model_validate(newer)
+    qc = QCRecord(patient_id="P1", verdict=Verdict.WARN, registration={"mode": "none"})
+    CaseResult(scores=scores, qc=qc).write_scores(tmp_path)
+    CaseResult(scores=scores, qc=qc).write_qc(tmp_path)
+    raw = json.loads((tmp_path / "scores.json").read_text())
+    assert raw["decision"] == {"malignant": "indeterminate"} and raw["later_key"] == {"x": 1}
+    assert list(raw)[:6] == [
+        "patient_id",
+        "probabilities",
+        "predicted",
+        "threshold",
+        "indeterminate_band",
+        "decision",
+    ]
+    back = CaseResult.load(tmp_path)
+    assert back.scores == scores and back.qc.verdict is Verdict.WARN
+    assert json.loads((tmp_path / "qc.json").read_text()) == {
+        "patient_id": "P1",
+        "registration": {"mode": "none"},
+        "verdict": "warn",
+    }
+
+
+def test_a_broken_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    (tmp_path / "scores.json").write_text(json.dumps({"patient_id": "P1", "probabilities": {"m": "high"}}))
+    with pytest.raises(ValueError, match=r"scores.json: does not fit medfusion's output contract") as err:
+        CaseResult.load_scores(tmp_path)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="cannot read"):
+        CaseResult.load(tmp_path / "missing")
