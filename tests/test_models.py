@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from medfusion.config import PreprocessConfig
+from medfusion.device import pick_device
 from medfusion.models.network import MedFusionNet, NetConfig
-from medfusion.models.package import PackageError, load_package, pick_device, save_package
+from medfusion.models.package import PackageError, load_package, save_package
 from medfusion.text.encoders import GRUTextEncoder, Vocabulary
 from medfusion.text.negation import mark_negations, tokenize
 

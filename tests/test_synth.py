@@ -146,3 +146,43 @@ def test_oracle_gap_on_500_patients() -> None:
     assert 0.25 < np.mean(y) < 0.65
     assert auc["all"] - auc["image"] >= 0.08
     assert auc["all"] - auc["note"] >= 0.08
+
+
+def test_rotation_matrix_is_scipys_extrinsic_xyz_and_the_explicit_product() -> None:
+    """`rotation_matrix` (scipy's Rotation) gives the matrices the generator's hand-written Rz·Ry·Rx
+    gave, to rounding (≤ 1e-15), for the angles it draws; a swapped axis order would not."""
+    from medfusion.synth.generate import MAX_ROTATION_DEG, rotation_matrix
+
+    def explicit(angles_deg: np.ndarray) -> np.ndarray:
+        ax, ay, az = np.radians(angles_deg)
+        rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+        ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+        rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+        return rz @ ry @ rx
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        angles = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)
+        r = rotation_matrix(angles)
+        assert np.abs(r - explicit(angles)).max() < 1e-15
+        assert np.allclose(r @ r.T, np.eye(3), atol=1e-15) and np.isclose(np.linalg.det(r), 1.0)
+    angles = np.array([10.0, -5.0, 12.0])
+    assert not np.allclose(rotation_matrix(angles), explicit(angles[::-1]), atol=1e-3)
+
+
+def test_generator_and_training_share_one_list_of_classes_and_scores(cohort: Path) -> None:
+    """The label codes the generator writes, the names in its cohort.json and labels.csv, and the
+    training defaults all come from medfusion.labels."""
+    from medfusion.labels import CLASS_NAMES, SCORE_NAMES, Label
+    from medfusion.synth.phantom import Tissue, labels_from_tissue
+    from medfusion.train.config import DataConfig, TrainConfig
+
+    meta = json.loads((cohort / "labels" / "cohort.json").read_text())
+    assert meta["class_names"] == list(CLASS_NAMES) and meta["score_names"] == list(SCORE_NAMES)
+    header = (cohort / "labels" / "labels.csv").read_text().splitlines()[0].split(",")
+    assert set(SCORE_NAMES) <= set(header)
+    codes = labels_from_tissue(np.array([Tissue.WHITE, Tissue.NECROSIS, Tissue.OEDEMA, Tissue.CALCIFICATION]))
+    assert [CLASS_NAMES[c] for c in codes] == ["background", "tumour_core", "oedema", "calcification"]
+    assert list(codes) == [Label.BACKGROUND, Label.TUMOUR_CORE, Label.OEDEMA, Label.CALCIFICATION]
+    cfg = TrainConfig(data=DataConfig(patients="p", labels="l"))
+    assert cfg.class_names == list(CLASS_NAMES) and cfg.score_names == list(SCORE_NAMES)

@@ -20,6 +20,9 @@ IMPLEMENTATION_UID = "1.2.826.0.1.3680043.10.1523.1"
 
 @dataclasses.dataclass
 class StudyInfo:
+    """The patient and study attributes a synthetic patient's DICOM series share (all synthetic: the
+    name is SYNTHETIC^<id>; dates are DICOM DA strings, YYYYMMDD)."""
+
     patient_id: str
     patient_name: str
     sex: str  # "F" / "M"
@@ -155,6 +158,9 @@ def write_series(
 
 
 def study_info(patient_id: str, sex: str, age: int, seed: int, rng: np.random.Generator) -> StudyInfo:
+    """A synthetic patient's study: a study date in 2025-2026 and a birth date `age` years before it
+    (both drawn from `rng`), an accession number, and UIDs derived from (`seed`, `patient_id`) so that
+    the same cohort seed gives the same UIDs. `sex` is "female" or "male" (DICOM "F" / "M")."""
     date = dt.date(2025, 1, 1) + dt.timedelta(days=int(rng.integers(0, 600)))
     birth = dt.date(date.year - age, int(rng.integers(1, 13)), int(rng.integers(1, 29)))
     return StudyInfo(

@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.spatial.transform import Rotation
 
 from medfusion.io.atomic import atomic_path, write_json, write_text
 from medfusion.io.nifti import write_nifti
 from medfusion.io.volume import Volume
+from medfusion.labels import CLASS_NAMES, SCORE_NAMES
 from medfusion.synth import mni, notes
 from medfusion.synth.export import study_info, write_series
-from medfusion.synth.phantom import CLASS_NAMES, HeadPhantom, labels_from_tissue
+from medfusion.synth.phantom import HeadPhantom, labels_from_tissue
 from medfusion.synth.render import grid_points, render_ct, render_mr, slabs
 
 # --- Parameters ---
@@ -31,6 +33,9 @@ from medfusion.synth.render import grid_points, render_ct, render_mr, slabs
 
 @dataclasses.dataclass(frozen=True)
 class GridPreset:
+    """The CT and MR grids of a synthetic cohort: sizes in voxels (x, y, z) and spacings in mm (x, y,
+    z). The MR has its own grid, orientation and misalignment; see `generate_patient`."""
+
     ct_size: tuple[int, int, int]  # x, y, z voxels
     ct_spacing: tuple[float, float, float]
     mr_size: tuple[int, int, int]
@@ -38,6 +43,7 @@ class GridPreset:
 
     @staticmethod
     def get(name: str) -> GridPreset:
+        """The preset `name`: "standard", "small" or "clinical". Raises ValueError for another name."""
         presets = {
             "standard": GridPreset((128, 128, 96), (1.6, 1.6, 2.0), (112, 112, 80), (1.9, 1.9, 2.5)),
             "small": GridPreset((96, 96, 64), (2.1, 2.1, 3.0), (80, 80, 56), (2.6, 2.6, 3.6)),
@@ -61,16 +67,23 @@ _ORIENTATIONS = {
 
 
 def rotation_matrix(angles_deg: np.ndarray) -> np.ndarray:
-    ax, ay, az = np.radians(angles_deg)
-    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
-    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
-    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
-    return rz @ ry @ rx
+    """The 3×3 rotation about the x, then the y, then the z axis (fixed axes: R = Rz · Ry · Rx) by
+    `angles_deg` = (x, y, z) degrees; scipy's `Rotation.from_euler("xyz", …)` (lower case: extrinsic).
+
+    Examples:
+        >>> np.round(rotation_matrix(np.array([0.0, 0.0, 90.0])), 6) + 0.0
+        array([[ 0., -1.,  0.],
+               [ 1.,  0.,  0.],
+               [ 0.,  0.,  1.]])
+    """
+    return Rotation.from_euler("xyz", np.asarray(angles_deg, dtype=float), degrees=True).as_matrix()
 
 
 def centred_grid(
     size: tuple[int, int, int], spacing: tuple[float, float, float], direction: np.ndarray, centre: np.ndarray
 ) -> Volume:
+    """An empty float32 volume of `size` voxels (x, y, z) and `spacing` mm whose centre lies at the LPS
+    point `centre` (mm), axes along the columns of the 3×3 `direction`."""
     half = direction @ (np.asarray(spacing) * (np.asarray(size) - 1) / 2.0)
     return Volume(np.zeros(size[::-1], np.float32), spacing, tuple(np.asarray(centre) - half), direction)
 
@@ -89,6 +102,8 @@ def _n_lesions(rng: np.random.Generator) -> int:
 
 
 def image_facts(head: HeadPhantom) -> notes.ImageFacts:
+    """What the diagnosis model reads from the image: the largest lesion's core diameter (mm), oedema
+    ratio and necrosis, and whether any lesion is calcified (all zero / False without a lesion)."""
     if not head.lesions:
         return notes.ImageFacts(False, 0.0, 0.0, False, False)
     big = max(head.lesions, key=lambda les: les.core.radius)
@@ -106,6 +121,10 @@ def draw_label(seed: int, index: int, prob: float) -> int:
 
 
 def patient_facts(seed: int, index: int) -> tuple[HeadPhantom, notes.NoteFacts, np.random.Generator]:
+    """Patient `index` of cohort `seed`: its head (0, 1 or 2 lesions with probabilities 0.2 / 0.6 /
+    0.2), its clinical facts (each of course and history stated in the note with probability 0.88),
+    and the random stream that goes on to render it — the same (seed, index) always gives the same
+    patient, whatever else the cohort holds."""
     rng = np.random.default_rng([seed, index])
     head = HeadPhantom.random(rng, _n_lesions(rng))
     nf = notes.sample_note_facts(rng)
@@ -400,7 +419,7 @@ def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     """labels.csv / oracle.csv / cohort.json; extending a cohort (`start` > 0) keeps earlier rows."""
     n = _write_table(
         out / "labels" / "labels.csv",
-        ["patient_id", *notes.SCORE_NAMES, "sex", "mr_format", "n_lesions"],
+        ["patient_id", *SCORE_NAMES, "sex", "mr_format", "n_lesions"],
         [[r["patient_id"], r["malignant"], r["sex"], r["mr_format"], r["n_lesions"]] for r in rows],
     )
     _write_table(
@@ -410,9 +429,12 @@ def _write_tables(out: Path, rows: list[dict[str, Any]]) -> None:
     )
     write_json(
         out / "labels" / "cohort.json",
-        {"n": n, "class_names": list(CLASS_NAMES), "score_names": list(notes.SCORE_NAMES)},
+        {"n": n, "class_names": list(CLASS_NAMES), "score_names": list(SCORE_NAMES)},
     )
 
 
 def read_truth(labels_dir: Path, patient_id: str) -> dict[str, Any]:
+    """A generated patient's ground truth, `labels_dir/<patient_id>/truth.json` (the MR misalignment as
+    a 4×4 LPS matrix mapping CT points to MR points, facts, oracle probabilities, voxels per class).
+    Raises FileNotFoundError when it is missing."""
     return json.loads((labels_dir / patient_id / "truth.json").read_text())

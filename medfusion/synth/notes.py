@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-SCORE_NAMES = ("malignant",)
-
 # --- Facts ---
 
 
 @dataclasses.dataclass
 class ImageFacts:
+    """The image side of the diagnosis model (see `logit`)."""
+
     has_lesion: bool
     diameter_mm: float  # largest core diameter, 0 when no lesion
     oedema_ratio: float  # oedema radius / core radius of the largest lesion
@@ -29,6 +29,9 @@ class ImageFacts:
 
 @dataclasses.dataclass
 class NoteFacts:
+    """The clinical side of the diagnosis model, and whether the note states the course and the history
+    (a fact the note does not state is unknown to every reader of it, the oracle included)."""
+
     age: int
     sex: str
     rapid_course: bool  # symptoms over weeks (True) or months (False)
@@ -38,6 +41,8 @@ class NoteFacts:
 
 
 def sample_note_facts(rng: np.random.Generator) -> NoteFacts:
+    """Clinical facts drawn from their priors: age ~ Normal(56, 15) clipped to 18-92 years, sex 1:1, a
+    rapid course with probability 0.45, a prior cancer with probability 0.3."""
     return NoteFacts(
         age=int(np.clip(rng.normal(56, 15), 18, 92)),
         sex=str(rng.choice(["female", "male"])),

@@ -17,8 +17,13 @@ import enum
 
 import numpy as np
 
+from medfusion.labels import Label
+
 
 class Tissue(enum.IntEnum):
+    """Tissue classes of a synthetic head (uint8 codes); each renders to its own CT HU and MR signal.
+    The lesion tissues map to label codes through `LABEL_OF_TISSUE`."""
+
     AIR = 0
     FAT = 1
     BONE_CORTEX = 2
@@ -41,8 +46,13 @@ class Tissue(enum.IntEnum):
     CALC_NORMAL = 18  # physiological calcification (pineal, choroid plexus, falx): not a lesion
 
 
-LABEL_OF_TISSUE = {Tissue.CORE: 1, Tissue.NECROSIS: 1, Tissue.OEDEMA: 2, Tissue.CALCIFICATION: 3}
-CLASS_NAMES = ("background", "tumour_core", "oedema", "calcification")
+# the label-map code of each lesion tissue; every other tissue is background
+LABEL_OF_TISSUE = {
+    Tissue.CORE: Label.TUMOUR_CORE,
+    Tissue.NECROSIS: Label.TUMOUR_CORE,
+    Tissue.OEDEMA: Label.OEDEMA,
+    Tissue.CALCIFICATION: Label.CALCIFICATION,
+}
 
 
 def _unit(rng: np.random.Generator, n: int) -> np.ndarray:
@@ -63,6 +73,8 @@ class Blob:
     def random(
         cls, rng: np.random.Generator, centre: np.ndarray, radius: float, irregularity: float = 0.18
     ) -> Blob:
+        """A blob at `centre` (LPS mm) of mean `radius` (mm) whose radius varies with direction by up to
+        ± `irregularity` (relative) along five random directions."""
         m = 5
         return cls(
             np.asarray(centre, float),
@@ -82,6 +94,9 @@ class Blob:
 
 @dataclasses.dataclass
 class Lesion:
+    """A tumour: an enhancing core (necrotic inside when `necrosis`), the oedema around it and any
+    calcifications within."""
+
     core: Blob
     oedema: Blob
     necrosis: bool
@@ -89,10 +104,12 @@ class Lesion:
 
     @property
     def diameter_mm(self) -> float:
+        """The core's nominal diameter, mm (twice its mean radius)."""
         return 2.0 * self.core.radius
 
     @property
     def oedema_ratio(self) -> float:
+        """Oedema radius over core radius (> 1)."""
         return self.oedema.radius / self.core.radius
 
 
@@ -112,6 +129,8 @@ class HeadPhantom:
 
     @classmethod
     def random(cls, rng: np.random.Generator, n_lesions: int) -> HeadPhantom:
+        """A random head (semi-axes 70 × 88 × 76 mm ± 8 %, scalp 4-6.5 mm, skull 6-9 mm) with
+        `n_lesions` lesions drawn inside the brain."""
         axes = np.array([70.0, 88.0, 76.0]) * rng.uniform(0.92, 1.08, 3)
         head = cls(
             axes=axes,
@@ -159,6 +178,7 @@ class HeadPhantom:
         return (1.0 - self._rel_radius(p)) * float(np.mean(self.axes))
 
     def head_mask(self, p: np.ndarray) -> np.ndarray:
+        """Whether each of the (N, 3) LPS points (mm) lies inside the scalp surface: bool (N,)."""
         return self._depth(p) >= 0
 
     def tissue(self, p: np.ndarray) -> np.ndarray:
@@ -219,6 +239,7 @@ def lesion_rim(lesions: list[Lesion], p: np.ndarray) -> np.ndarray:
 
 
 def labels_from_tissue(t: np.ndarray) -> np.ndarray:
+    """The label map (uint8 `medfusion.labels.Label` codes, same shape) of a tissue array."""
     out = np.zeros(t.shape, np.uint8)
     for tissue, label in LABEL_OF_TISSUE.items():
         out[t == tissue] = label

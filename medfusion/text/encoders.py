@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
+from medfusion.hashing import sha256_of  # also imported from here by models/ (until they import hashing)
 from medfusion.text.negation import mark_negations, tokenize
 
 PAD, UNK = 0, 1
 
 
 class Vocabulary:
-    """Word → id, fitted on notes. Ids 0 and 1 are padding and unknown."""
+    """Word → id, fitted on notes. Ids 0 and 1 are padding and unknown.
+
+    Args:
+        words: the known tokens (ids 2, 3, … in this order).
+        negation: tokens in a negation scope carry a ``neg_`` prefix (text/negation.py).
+        numbers: whole numbers become decade buckets (`number_bucket`).
+    """
 
     def __init__(self, words: list[str], negation: bool = True, numbers: bool = False) -> None:
         self.words = ["<pad>", "<unk>", *words]
@@ -32,6 +38,8 @@ class Vocabulary:
         self.numbers = numbers
 
     def tokens(self, note: str) -> list[str]:
+        """The note's tokens as this vocabulary sees them (lower-cased, numbers bucketed, negations
+        marked, as configured)."""
         toks = tokenize(note)
         if self.numbers:
             toks = [number_bucket(t) for t in toks]
@@ -46,15 +54,19 @@ class Vocabulary:
         negation: bool = True,
         numbers: bool = True,
     ) -> Vocabulary:
+        """The tokens of `notes` seen at least `min_count` times, at most the `max_size` most frequent,
+        sorted."""
         vocab = cls([], negation, numbers)
         counts = Counter(t for n in notes for t in vocab.tokens(n))
         words = [w for w, c in counts.most_common(max_size) if c >= min_count]
         return cls(sorted(words), negation, numbers)
 
     def encode(self, note: str, max_len: int = 128) -> list[int]:
+        """The note's token ids (unknown tokens → UNK), its first `max_len` tokens."""
         return [self.index.get(t, UNK) for t in self.tokens(note)][:max_len]
 
     def batch(self, notes: list[str], max_len: int = 128) -> torch.Tensor:
+        """Token ids of the notes, int64 (B, T) padded with PAD to the longest (T ≥ 1, ≤ `max_len`)."""
         ids = [self.encode(n, max_len) for n in notes]
         width = max(1, max(len(i) for i in ids))
         out = torch.zeros(len(ids), width, dtype=torch.long)
@@ -80,10 +92,16 @@ class TextEncoder(nn.Module):
     def forward(
         self, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
+        """Encode B notes ("" for a missing note): token vectors (B, T, dim), mask (B, T) and pooled
+        (B, dim)."""
         raise NotImplementedError
 
 
 class GRUTextEncoder(TextEncoder):
+    """A word embedding (`embed` wide) and a bidirectional GRU (`dim` // 2 per direction) over the
+    vocabulary's tokens, pooled as the mean of the masked mean and max; an empty note gets a learnt
+    vector of its own. Needs no external weights."""
+
     def __init__(self, vocab: Vocabulary, dim: int = 64, embed: int = 48) -> None:
         super().__init__()
         self.vocab = vocab
@@ -94,6 +112,7 @@ class GRUTextEncoder(TextEncoder):
         self.drop = nn.Dropout(0.1)
 
     def forward(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See `TextEncoder.forward`; each note encodes the same whatever the others in its batch."""
         ids = self.vocab.batch(notes).to(self.empty.device)
         mask = ids != PAD
         # packed, so that the backward direction starts at each note's last word, not at the batch's
@@ -111,14 +130,6 @@ class GRUTextEncoder(TextEncoder):
         has = mask.any(1, keepdim=True)
         pooled = torch.where(has, pooled, self.empty.expand_as(pooled))
         return h, mask, pooled
-
-
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class HFTextEncoder(TextEncoder):
@@ -204,6 +215,7 @@ class HFTextEncoder(TextEncoder):
         return out.to(dev), mask.to(dev)
 
     def forward(self, notes: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """See `TextEncoder.forward`: the transformer's hidden states projected to `dim`."""
         h, mask = self._hidden([n or "" for n in notes])
         tokens = self.proj(h)
         m = mask.unsqueeze(-1).float()

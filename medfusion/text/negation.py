@@ -28,11 +28,32 @@ MAX_SCOPE = 6
 
 
 def tokenize(text: str) -> list[str]:
+    """Lower-cased words, numbers and the punctuation marks that end a negation scope, in order.
+
+    Examples:
+        >>> tokenize("No prior surgery; 3 weeks.")
+        ['no', 'prior', 'surgery', ';', '3', 'weeks', '.']
+    """
     return _TOKEN.findall(text.lower())
 
 
 def mark_negations(tokens: list[str]) -> list[str]:
-    """Prefix tokens in a negation scope (up to MAX_SCOPE words after a trigger) with ``neg_``."""
+    """Prefix tokens in a negation scope with ``neg_`` (NegEx, Chapman et al. 2001, simplified).
+
+    A scope opens after a trigger (`PRE_TRIGGERS`, longest listed first, so "no history of" wins over
+    "no") and covers up to `MAX_SCOPE` tokens; a terminator (`TERMINATORS`: sentence punctuation,
+    "but", "however", …) closes it. Triggers and terminators themselves are kept unprefixed.
+
+    Args:
+        tokens: output of `tokenize`.
+
+    Returns:
+        A list of the same tokens (same length), some prefixed.
+
+    Examples:
+        >>> mark_negations(tokenize("No history of cancer but headache."))
+        ['no', 'history', 'of', 'neg_cancer', 'but', 'headache', '.']
+    """
     out: list[str] = []
     i = 0
     scope = 0
@@ -53,9 +74,3 @@ def mark_negations(tokens: list[str]) -> list[str]:
         scope = max(0, scope - 1)
         i += 1
     return out
-
-
-def negated_sentences(text: str) -> list[str]:
-    """Sentences of `text` that contain a negation trigger (for the report's 'key sentences')."""
-    sentences = re.split(r"(?<=[.!?])\s+", text.strip())
-    return [s for s in sentences if any(t.startswith("neg_") for t in mark_negations(tokenize(s)))]

@@ -32,22 +32,31 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from sklearn.metrics import log_loss
+from sklearn.metrics import brier_score_loss, log_loss
 
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
-from medfusion.evaluate.diagnosis import METRICS, ece, logistic_on_logit
+from medfusion.evaluate.diagnosis import ece, logistic_on_logit
+from medfusion.hashing import sha256_of
 from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
 from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
-from medfusion.text.encoders import sha256_of
-from medfusion.train.loop import fit_temperature
+from medfusion.train.temperature import fit_temperature
 
 MIN_PER_CLASS = 10  # positives and negatives each: fewer cannot place a temperature
 
 
 def calibration_summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
-    """Log loss, Brier and ECE of probabilities `p` for outcomes `y`."""
-    return {"nll": float(log_loss(y, p, labels=[0, 1])), "brier": METRICS["brier"](y, p), "ece": ece(y, p)}
+    """How well probabilities `p` fit outcomes `y` (both shape (n_cases,); y 0/1, p in [0, 1]).
+
+    Returns:
+        {"nll": log loss in nats (scikit-learn's `log_loss`), "brier": mean squared error of p
+        (`brier_score_loss`), "ece": 10-bin expected calibration error (`evaluate.diagnosis.ece`)}.
+    """
+    return {
+        "nll": float(log_loss(y, p, labels=[0, 1])),
+        "brier": float(brier_score_loss(y, p)),
+        "ece": ece(y, p),
+    }
 
 
 def _read_run(

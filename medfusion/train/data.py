@@ -1,17 +1,15 @@
-"""Training data: labels tables, a per-case preprocessing cache (registration runs once per case),
-and augmentation (MONAI transforms on the image side, sentence shuffling/dropping on the note)."""
+"""Training data: the labels table, the patient split, and a per-case preprocessing cache (each case is
+prepared once by `preprocess.prepare_case`, the entry point inference uses; the registration is reused
+while its settings hold). Augmentation and batches are in train/batches.py."""
 
 from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from monai import transforms as mt
 
 from medfusion.config import PreprocessConfig, RegistrationConfig, StrictModel, upgrade_registration
 from medfusion.io.atomic import atomic_path, write_json
@@ -22,17 +20,59 @@ from medfusion.preprocess.registration import RegistrationResult
 
 
 def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[str, int]]:
-    """`labels.csv`: `patient_id` plus one 0/1 column per score name."""
+    """The diagnosis labels of a cohort: `labels.csv` with a `patient_id` column and one 0/1 column per
+    score name (other columns are ignored).
+
+    Returns:
+        {patient_id: {score name: 0 or 1}}.
+
+    Raises:
+        InputError: the file cannot be read, lacks a column, or a cell is not 0 or 1 (one line naming
+            the file, the patient and the column).
+    """
     path = Path(path)
     out: dict[str, dict[str, int]] = {}
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        missing = [s for s in ["patient_id", *score_names] if s not in (reader.fieldnames or [])]
-        if missing:
-            raise InputError(path, f"missing column(s) {missing}")
-        for row in reader:
-            out[row["patient_id"]] = {s: int(float(row[s])) for s in score_names}
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [s for s in ["patient_id", *score_names] if s not in (reader.fieldnames or [])]
+            if missing:
+                raise InputError(path, f"missing column(s) {missing}")
+            for row in reader:
+                out[row["patient_id"]] = {s: _zero_one(path, row, s) for s in score_names}
+    except OSError as exc:
+        raise InputError(path, f"cannot read the labels table ({exc.strerror})") from exc
     return out
+
+
+def _zero_one(path: Path, row: dict[str, str], column: str) -> int:
+    """A labels-table cell as 0 or 1 ("1", "1.0", "0", …); anything else is refused."""
+    cell = (row.get(column) or "").strip()
+    try:
+        value = float(cell)
+    except ValueError:
+        value = float("nan")
+    if value not in (0.0, 1.0):
+        raise InputError(
+            path, f"patient {row.get('patient_id')!r}: column {column!r} holds {cell!r}, not 0 or 1"
+        )
+    return int(value)
+
+
+def split_patients(pids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """A seeded split of patient ids into training and validation (both sorted): round(n × val_fraction)
+    patients, at least one, go to validation. The same ids (in any order) and seed give the same split.
+
+    Examples:
+        >>> tr, va = split_patients([f"p{i}" for i in range(10)], 0.2, seed=0)
+        >>> len(tr), len(va), set(tr) & set(va)
+        (8, 2, set())
+    """
+    rng = np.random.default_rng(seed)
+    order = sorted(pids)
+    rng.shuffle(order)  # type: ignore[arg-type]
+    n_val = max(1, int(round(len(order) * val_fraction)))
+    return sorted(order[n_val:]), sorted(order[:n_val])
 
 
 def _same(
@@ -69,7 +109,9 @@ def _cache_one(
     meta_path = Path(cache_dir) / f"{pid}.json"
     key = cfg.model_dump(mode="json")
     old = json.loads(meta_path.read_text()) if meta_path.exists() else None
-    if old is not None and target.exists() and _same(old.get("preprocess"), key):
+    # a record from before "mr_reason" was stored may have kept an MR whose registration failed its QC
+    # (only inference left such an MR out then): it is prepared again, its registration reused
+    if old is not None and target.exists() and _same(old.get("preprocess"), key) and "mr_reason" in old:
         # records from before "preprocess" was stored are taken as they are; the note is cheap to
         # read and is read again, so that an edited note never trains from a stale copy
         note = read_note(Path(folder))[0]
@@ -123,6 +165,7 @@ def _cache_one(
         "patient_id": pid,
         "note": ct.note,
         "has_mr": ct.has_mr,
+        "mr_reason": ct.mr_reason,
         "registration_qc": ct.registration.qc if ct.registration else None,
         "registration": ct.registration.to_json() if ct.registration else None,
         "preprocess": key,
@@ -140,7 +183,21 @@ def build_cache(
     workers: int = 2,
     registration_from: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Preprocess every case once (in parallel through Dask's process scheduler) into `cache_dir`."""
+    """Preprocess every case once into `cache_dir` (`workers` > 1: in parallel through Dask's process
+    scheduler; else in this process), reusing what is cached (`_cache_one`).
+
+    Args:
+        folders: patient folders.
+        labels_dir: the labels folder (`<patient_id>/segmentation.nii.gz`).
+        cfg: the preprocessing (grid, intensities, registration).
+        cache_dir: created if missing.
+        workers: processes.
+        registration_from: a cache or `medfusion run` output folder whose registrations may be reused.
+
+    Returns:
+        One record per folder, in order: the cached case's record, or {"patient_id", "error"} for a case
+        that could not be prepared (unreadable input, no label map) — such cases are skipped, not fatal.
+    """
     import dask
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -162,102 +219,14 @@ def build_cache(
 
 
 def load_cached(cache_dir: Path, pid: str) -> dict[str, Any]:
+    """One cached case: its arrays — "ct" float16 (C_ct, z, y, x) in [0, 1], "mr" float16 (C_mr, z, y,
+    x) robust z-scores (0 where there is no MR), "target" uint8 (z, y, x) class codes, all on the model
+    grid — and its record ("note", "has_mr", "registration", "preprocess", "seconds", …).
+
+    Raises:
+        FileNotFoundError: the case is not in the cache.
+    """
     with np.load(cache_dir / f"{pid}.npz", allow_pickle=False) as z:
         arrays = {k: z[k] for k in ("ct", "mr", "target")}
     meta = json.loads((cache_dir / f"{pid}.json").read_text())
     return {**arrays, **meta}
-
-
-# --- Augmentation ---
-
-
-def image_augment(
-    crop: list[int],
-    flip: bool,
-    rotate_deg: float,
-    noise: float,
-    scale: float,
-    lesion_prob: float,
-    seed: int,
-    class_ratios: list[float] | None = None,
-) -> mt.Compose:
-    """Lesion-biased crop, flips, small rotations, intensity noise/scale (MONAI dictionary transforms).
-
-    With `class_ratios` (one weight per class, background first) crops are centred on a voxel of a class
-    drawn with those weights (classes absent from a case are skipped), so that a rare class such as a
-    few-millimetre calcification is seen in a fixed share of crops; otherwise a crop is centred on lesion
-    with probability `lesion_prob`.
-
-    Input: {"ct", "mr", "label"} as stored (channel first, any dtype); the crop comes first, so only the
-    crop is copied and made float32, then CT and MR become one "image". Output: {"image", "label"}.
-    """
-    keys = ["ct", "mr", "label"]
-    crop_t: Any
-    if class_ratios:
-        crop_t = mt.RandCropByLabelClassesd(
-            keys=keys,
-            label_key="label",
-            spatial_size=crop,
-            ratios=list(class_ratios),
-            num_classes=len(class_ratios),
-            num_samples=1,
-            allow_smaller=True,
-            warn=False,
-        )
-    else:
-        crop_t = mt.RandCropByPosNegLabeld(
-            keys=keys,
-            label_key="label",
-            spatial_size=crop,
-            pos=max(lesion_prob, 1e-3),
-            neg=max(1.0 - lesion_prob, 1e-3),
-            num_samples=1,
-            allow_smaller=True,
-        )
-    ts: list[Any] = [
-        crop_t,
-        mt.SpatialPadd(keys=keys, spatial_size=crop),
-        mt.CastToTyped(keys=keys, dtype=np.float32),
-        mt.ConcatItemsd(keys=["ct", "mr"], name="image", dim=0),
-        mt.DeleteItemsd(keys=["ct", "mr"]),
-    ]
-    if flip:
-        ts.append(mt.RandFlipd(keys=["image", "label"], prob=0.5, spatial_axis=2))
-    if rotate_deg > 0:
-        r = float(np.radians(rotate_deg))
-        ts.append(
-            mt.RandAffined(
-                keys=["image", "label"],
-                prob=0.5,
-                rotate_range=(r, r, r),
-                scale_range=(0.05, 0.05, 0.05),
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            )
-        )
-    if noise > 0:
-        ts.append(mt.RandGaussianNoised(keys=["image"], prob=0.5, std=noise))
-    if scale > 0:
-        ts.append(mt.RandScaleIntensityd(keys=["image"], prob=0.5, factors=scale))
-    comp = mt.Compose(ts)
-    comp.set_random_state(seed=seed)
-    return comp
-
-
-_SENT = re.compile(r"(?<=[.!?])\s+")
-
-
-def note_augment(note: str, rng: np.random.Generator, shuffle: bool, drop: float) -> str:
-    """Shuffle sentence order after the first and drop sentences at random (never the first)."""
-    sents = _SENT.split(note.strip()) if note.strip() else []
-    if len(sents) < 2:
-        return note
-    head, tail = sents[:1], sents[1:]
-    if shuffle:
-        rng.shuffle(tail)  # type: ignore[arg-type]
-    tail = [s for s in tail if rng.random() >= drop]
-    return " ".join(head + tail)
-
-
-def to_tensor(a: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))

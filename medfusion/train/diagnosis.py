@@ -19,44 +19,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import Field
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import brier_score_loss, roc_auc_score
 
-from medfusion.config import StrictModel
 from medfusion.infer.windowed import centred_window
 from medfusion.io.errors import InputError
 from medfusion.models.measures import FEATURES as MEASURE_FEATURES
 from medfusion.models.network import MedFusionNet
-from medfusion.train.data import note_augment, to_tensor
-
-
-class DiagnosisConfig(StrictModel):
-    # CSV with a `note` column and one 0/1 column per score name (`medfusion synth --notes-only`)
-    note_corpus: str | None = None
-    note_epochs: int = 0
-    note_batch: int = 64
-    note_lr: float = 2e-3
-    note_val_fraction: float = 0.1
-    # refit the score head on frozen image features for this many epochs (0: keep the jointly trained one)
-    head_epochs: int = 0
-    head_windows: int = 4  # windows per training case
-    head_jitter: int = 8  # voxels the window centre moves at random
-    head_lr: float = 1e-3
-    head_batch: int = 32
-    # combine the image-side logit and the note logit by a logistic regression on the validation split
-    # (two gains and a bias): three parameters fitted out of sample, where a refit of the whole head on
-    # training-case features overfits (they are features of cases the trunk has memorised)
-    stack: bool = False
-    stack_c: float = 1.0  # inverse L2 strength of that regression
-    # fit the measurement term (network.measures, models/measures.py): a logistic regression of the
-    # labels on the note logit and the measurements of the training cases' reference label maps; the
-    # stacking then weighs it beside the image-side and note logits on the validation split
-    measures: bool = False
-    measures_c: float = 1.0  # inverse L2 strength (standardised features)
-    # with `stack`, the temperature is fitted on out-of-fold stacked logits (the stacking refitted on
-    # the other folds of the validation split) instead of on the in-sample ones, which are
-    # over-confident by construction; 0: in-sample, as before 0.7.0
-    temperature_folds: int = Field(default=8, ge=0)
+from medfusion.train.batches import note_augment, to_tensor
+from medfusion.train.config import DiagnosisConfig
 
 
 def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str], np.ndarray]:
@@ -77,11 +47,33 @@ def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str
 
 
 def mean_auroc(y: np.ndarray, z: np.ndarray) -> float:
-    """AUROC averaged over scores (columns); NaN when a score has one class only."""
+    """AUROC (scikit-learn's `roc_auc_score`) averaged over scores.
+
+    Args:
+        y: (n_cases, n_scores) 0/1 outcomes.
+        z: (n_cases, n_scores) scores that rise with the outcome (logits or probabilities).
+
+    Returns:
+        The mean AUROC in [0, 1]; NaN when a score has one class only.
+    """
     try:
         return float(np.mean([roc_auc_score(y[:, s], z[:, s]) for s in range(y.shape[1])]))
     except ValueError:
         return float("nan")
+
+
+def mean_brier(y: np.ndarray, p: np.ndarray) -> float:
+    """Brier score (Brier 1950; scikit-learn's `brier_score_loss`: mean squared difference between the
+    probability and the 0/1 outcome) averaged over scores.
+
+    Args:
+        y: (n_cases, n_scores) 0/1 outcomes.
+        p: (n_cases, n_scores) probabilities in [0, 1].
+
+    Returns:
+        The mean Brier score in [0, 1] (0 is perfect; 0.25 is a constant 0.5).
+    """
+    return float(np.mean([brier_score_loss(y[:, s], p[:, s]) for s in range(y.shape[1])]))
 
 
 def pretrain_note_head(
@@ -89,13 +81,30 @@ def pretrain_note_head(
     notes: list[str],
     y: np.ndarray,
     cfg: DiagnosisConfig,
+    *,
     shuffle: bool,
     drop: float,
     seed: int,
     log: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """Train the note encoder and logit of `model.note_text` on the corpus alone (BCE); keeps the epoch
-    with the best held-out AUROC. Returns that AUROC and the corpus sizes."""
+    with the best held-out AUROC.
+
+    Args:
+        model: a network with `network.note_head`; its note encoder and note logit are trained in place.
+        notes: the corpus's notes.
+        y: (len(notes), n_scores) 0/1 labels.
+        cfg: epochs, batch, learning rate and the held-out share (`note_val_fraction`).
+        shuffle, drop: note augmentation (`train.batches.note_augment`).
+        seed: the split, the order and the augmentation's draws.
+        log: receives one record per epoch.
+
+    Returns:
+        {"n_train", "n_val": corpus sizes, "val_auroc": the best held-out AUROC (NaN with no epoch)}.
+
+    Raises:
+        ValueError: the network has no note head.
+    """
     if model.note_text is None:
         msg = "note pre-training needs network.note_head: true"
         raise ValueError(msg)
@@ -124,7 +133,7 @@ def pretrain_note_head(
         perm = rng.permutation(tr_idx)
         for i in range(0, len(perm), cfg.note_batch):
             idx = perm[i : i + cfg.note_batch]
-            batch = [note_augment(notes[j], rng, shuffle, drop) for j in idx]
+            batch = [note_augment(notes[j], rng, shuffle=shuffle, drop=drop) for j in idx]
             z = model.note_logits(batch)
             loss = bce(z.float(), yt[idx])
             opt.zero_grad(set_to_none=True)

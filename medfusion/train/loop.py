@@ -1,357 +1,81 @@
-"""The training loop: Dice+CE segmentation loss and BCE diagnosis loss, validation by patient,
-best-checkpoint selection, early stopping, resume, temperature calibration, DDP through torchrun."""
+"""The training loop: one run from a `TrainConfig` to a model package.
+
+`train` starts (or joins, under torchrun) the process group and runs a `Trainer`: the cohort is cached
+and split by patient (train/data.py), batches are made from crops (train/batches.py), each step adds the
+segmentation loss (train/losses.py) and the diagnosis BCE (and, with a teacher, a distillation term);
+every epoch is validated the way inference runs, checkpointed, and the best one kept (early stopping,
+resume, a graceful STOP file). At the end rank 0 runs the diagnosis stage (train/diagnosis.py), fits the
+temperature (train/temperature.py), writes the package and fits its domain guard (train/domain.py).
+Configs are in train/config.py, DDP helpers in train/distributed.py.
+"""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import random
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from monai.losses import DiceCELoss, DiceLoss
-from pydantic import Field, model_validator
+from monai.utils import set_determinism
 from safetensors.torch import load_file, save_file
 
-from medfusion.config import PreprocessConfig, StrictModel
+from medfusion.evaluate.segmentation import dice
 from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.atomic import atomic_path, write_json
-from medfusion.models.domain import DEFAULT_FLAG_RATE, MAX_SITUATION_ECE
 from medfusion.models.measures import grid_spacing_zyx, lesion_features
-from medfusion.models.network import MedFusionNet, NetConfig, channels_last
-from medfusion.models.package import load_package, package_vocabulary, pick_device, save_package
-from medfusion.synth.notes import SCORE_NAMES
-from medfusion.synth.phantom import CLASS_NAMES
+from medfusion.models.network import MedFusionNet, channels_last
+from medfusion.models.package import load_package, package_vocabulary, save_package
 from medfusion.text.encoders import Vocabulary
-from medfusion.train.data import (
-    build_cache,
+from medfusion.train import distributed
+from medfusion.train.batches import (
+    BatchStream,
+    batch_loader,
+    epoch_plan,
     image_augment,
-    load_cached,
-    note_augment,
-    read_labels_csv,
+    make_batch,
     to_tensor,
 )
+from medfusion.train.config import TrainConfig
+from medfusion.train.data import build_cache, load_cached, read_labels_csv, split_patients
 from medfusion.train.diagnosis import (
-    DiagnosisConfig,
     fit_measure_model,
     fit_score_head,
     mean_auroc,
+    mean_brier,
     pretrain_note_head,
     read_note_corpus,
     stack_logits,
     training_heads,
 )
+from medfusion.train.distributed import process_device, rank, world_size
+from medfusion.train.losses import segmentation_loss
+from medfusion.train.temperature import fit_temperature
+
+# `medfusion.cli` imports these from here
+__all__ = ["ARRAYS", "LATE_FUSION_KEYS", "TrainConfig", "Trainer", "process_device", "train"]
 
 # state keys fitted by the diagnosis stage (network.note_head, network.measures), absent from checkpoints
 # made without them
 LATE_FUSION_KEYS = ("note_text.", "note_logit.", "note_scale", "head_gain", "head_bias", "measure_")
 
-# --- Config ---
-
-
-class DataConfig(StrictModel):
-    patients: str
-    labels: str
-    cache: str = "runs/cache"
-    # another cache folder whose stored registrations may be reused (same registration settings)
-    registration_from: str | None = None
-    val_fraction: float = Field(0.2, gt=0, lt=1)
-    limit: int | None = None
-    # per-epoch model selection scores this many validation cases (None: all); the temperature is
-    # always fitted on the whole validation split
-    val_per_epoch: int | None = None
-
-
-class AugmentConfig(StrictModel):
-    flip: bool = True
-    rotate_deg: float = 8.0
-    noise: float = 0.03
-    intensity_scale: float = 0.1
-    sentence_shuffle: bool = True
-    sentence_drop: float = 0.1
-    modality_dropout: float = 0.1
-    lesion_crop_prob: float = 0.75
-    # crop-centre class weights (background first); None: lesion_crop_prob decides
-    class_crop_ratios: list[float] | None = None
-
-
-class DomainFitConfig(StrictModel):
-    """The domain guard fitted after training (models/domain.py, train/domain.py)."""
-
-    fit: bool = True
-    # share of held-out in-domain cases the feature-distance threshold flags
-    flag_rate: float = Field(default=DEFAULT_FLAG_RATE, gt=0, lt=1)
-    # an input situation's scores count as calibrated at or below this validation ECE (issue #25: 0.08)
-    max_ece: float = Field(default=MAX_SITUATION_ECE, gt=0)
-
-
-class TrainConfig(StrictModel):
-    name: str = "medfusion-default"
-    version: str = "0.1.0"
-    data: DataConfig
-    network: NetConfig = NetConfig()
-    preprocess: PreprocessConfig = PreprocessConfig()
-    augment: AugmentConfig = AugmentConfig()
-    diagnosis: DiagnosisConfig = DiagnosisConfig()
-    domain: DomainFitConfig = DomainFitConfig()
-    epochs: int = 30
-    steps_per_epoch: int | None = None
-    batch_size: int = 2
-    crop_size: list[int] = [48, 48, 48]
-    # validation windows overlap by this fraction: as inference does (`infer.window_overlap`), so the
-    # checkpoint selection, the stacking and the temperature see what `medfusion run` sees. The shipped
-    # model's recipes pin 0.25, the value their selections were made with (before session 9)
-    val_window_overlap: float = Field(default=0.5, ge=0.0, lt=1.0)
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    seg_weight: float = 1.0
-    dice_batch: bool = True  # Dice over the whole batch: rare classes are not lost in empty crops
-    # Dice's smoothing (numerator and denominator). MONAI's 1e-5 makes a class absent from the batch cost
-    # ≈ 1 as soon as any probability goes to it, so a rare class learns to be never predicted; 1.0 makes
-    # that cost ≈ the predicted voxel count instead
-    dice_smooth: float = Field(default=1e-5, gt=0)
-    # on --resume: give these classes' rows of the segmentation head a fresh initialisation. A rare
-    # class whose logit has collapsed (never predicted, probability ≈ 1e-6) cannot come back under Adam,
-    # whose steps are bounded by the learning rate whatever the gradient
-    reinit_classes: list[int] = []
-    # Dice only over the foreground classes the reference has (in the batch with `dice_batch`, else per
-    # crop); an absent class is then left to the cross-entropy. With plain Dice, a class missing from
-    # most crops (a calcification in 1 of 5) is pushed to probability 0 everywhere long before the
-    # network can tell where it is, and stays there
-    dice_present_only: bool = False
-    # fine-tuning: start from this model package's weights and word list (its network settings must be
-    # this config's), with a fresh optimiser and learning-rate schedule. Ignored when --resume finds a
-    # checkpoint in OUT
-    init_from: str | None = None
-    # train only the parameters whose names start with one of these prefixes (e.g. ["decoder.",
-    # "seg_head."]); the rest keep their starting values. None: train everything
-    trainable: list[str] | None = None
-    # knowledge distillation ("learning without forgetting", Li & Hoiem 2016): a frozen teacher package
-    # sees every training batch, and the squared difference between its score logits and the network's,
-    # times `distill_weight`, joins the loss. Lets a fine-tune change the segmentation while the
-    # diagnosis keeps what the teacher learned. The teacher must read the same inputs (preprocessing)
-    distill_from: str | None = None
-    distill_weight: float = Field(default=0.0, ge=0)
-    ce_class_weights: list[float] | None = None
-    score_weight: float = 0.5
-    patience: int = 8
-    # which epoch is packaged: the best by the validation selection score, or the last one (for runs whose
-    # selection score cannot see what they change, e.g. a score-head distillation judged on 24 patients)
-    selection: Literal["best", "last"] = "best"
-    seed: int = 0
-    workers: int = 2
-    threads: int = 2
-    # processes that make the training batches (crops, augmentation) ahead of the steps. 0: in the
-    # training process, between steps, as every shipped model was trained. On a GPU the steps are
-    # ≈ 10 ms and making a batch ≈ 100-150 ms (benchmarks/RESULTS.md, "GPU"), so the GPU waits without
-    # them. Deterministic for a given seed and count, but other random draws than 0 makes.
-    loader_workers: int = Field(default=0, ge=0)
-    channels_last: bool = True  # channels_last_3d tensors: faster 3-D convolutions on CPU and GPU
-    device: str = "auto"
-    # bf16 autocast for the training steps on a GPU (1.40-1.49x the fp32 step on an H200, peak memory
-    # x 0.6; benchmarks/RESULTS.md, "GPU"); ignored on the CPU
-    amp: bool = True
-    class_names: list[str] = list(CLASS_NAMES)
-    score_names: list[str] = list(SCORE_NAMES)
-
-    @model_validator(mode="after")
-    def _distillation_needs_a_teacher(self) -> TrainConfig:
-        if self.distill_weight > 0 and not self.distill_from:
-            msg = "distill_weight > 0 needs distill_from (the teacher package)"
-            raise ValueError(msg)
-        return self
-
-    @model_validator(mode="after")
-    def _measures_need_their_network(self) -> TrainConfig:
-        d, n = self.diagnosis, self.network
-        if d.measures and not (n.measures and n.note_head and d.stack):
-            msg = "diagnosis.measures needs network.measures: true, network.note_head: true and diagnosis.stack: true (the stacking fits the measurement term's gain)"
-            raise ValueError(msg)
-        return self
-
-
-# --- Helpers ---
-
-
-class PresentDiceCELoss(torch.nn.Module):
-    """Soft Dice over the foreground classes present in the reference, plus (weighted) cross-entropy."""
-
-    def __init__(self, batch: bool, smooth: float, weight: torch.Tensor | None) -> None:
-        super().__init__()
-        self.batch = batch
-        self.dice = DiceLoss(
-            to_onehot_y=True,
-            softmax=True,
-            include_background=False,
-            batch=batch,
-            smooth_nr=smooth,
-            smooth_dr=smooth,
-            reduction="none",
-        )
-        self.weight = weight
-
-    def forward(self, logits: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        k = logits.shape[1]
-        per_class = self.dice(logits, label).reshape(-1 if self.batch else logits.shape[0], k - 1)
-        ref = label[:, 0]
-        # (crops, classes): which foreground classes each crop's reference holds
-        present = torch.stack([(ref == c).flatten(1).any(1) for c in range(1, k)], 1)
-        if self.batch:
-            present = present.any(0, keepdim=True)
-        pres = present.to(per_class.dtype)
-        dice = (per_class * pres).sum() / pres.sum().clamp(min=1.0)
-        ce = F.cross_entropy(logits, ref.long(), weight=self.weight)
-        return dice + ce
-
-
-def segmentation_loss(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    weight = torch.tensor(cfg.ce_class_weights, device=device) if cfg.ce_class_weights else None
-    if cfg.dice_present_only:
-        return PresentDiceCELoss(cfg.dice_batch, cfg.dice_smooth, weight)
-    return DiceCELoss(
-        to_onehot_y=True,
-        softmax=True,
-        include_background=False,
-        batch=cfg.dice_batch,
-        smooth_nr=cfg.dice_smooth,
-        smooth_dr=cfg.dice_smooth,
-        weight=weight,
-    )
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def process_device(
-    requested: str, local_rank: int | None = None, local_world: int | None = None
-) -> torch.device:
-    """The device of one training process: with several processes on CUDA, GPU number LOCAL_RANK.
-    `local_rank` / `local_world` default to torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE (0 / 1 without it).
-
-    NCCL refuses two ranks on one GPU, so a node with fewer GPUs than processes is refused here with a
-    one-line reason rather than deep inside the first collective.
-    """
-    if local_rank is None:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if local_world is None:
-        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    dev = pick_device(requested)
-    if dev.type != "cuda" or local_world <= 1:
-        return dev
-    n = torch.cuda.device_count()
-    if local_world > n:
-        msg = (
-            f"{local_world} training processes per node but {n} CUDA device(s): "
-            f"use --nproc-per-node {n} or device: cpu (gloo)"
-        )
-        raise ValueError(msg)
-    return torch.device("cuda", local_rank)
-
-
-def split_patients(pids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
-    rng = np.random.default_rng(seed)
-    order = sorted(pids)
-    rng.shuffle(order)  # type: ignore[arg-type]
-    n_val = max(1, int(round(len(order) * val_fraction)))
-    return sorted(order[n_val:]), sorted(order[:n_val])
-
 
 def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
-    """Dice per foreground class; NaN when both are empty (left out of means, and counted)."""
+    """`evaluate.segmentation.dice` (2|P∩R| / (|P| + |R|)) per foreground class 1 … n_classes − 1 of two
+    label maps of the same shape, but NaN where both are empty (evaluate scores that 1, for a cohort
+    report), so that the selection score's mean leaves such a class out rather than rewarding it."""
     out = []
     for k in range(1, n_classes):
         a, b = pred == k, ref == k
-        den = a.sum() + b.sum()
-        out.append(float(2 * (a & b).sum() / den) if den else float("nan"))
+        out.append(dice(a, b) if a.any() or b.any() else float("nan"))
     return out
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """Per-score temperature minimising the validation negative log-likelihood (grid + refine)."""
-    temps = []
-    for s in range(logits.shape[1]):
-        z, y = logits[:, s], labels[:, s]
-        grid = np.exp(np.linspace(np.log(0.25), np.log(8.0), 200))
-
-        def nll(t: float, z: np.ndarray = z, y: np.ndarray = y) -> float:
-            p = 1 / (1 + np.exp(-z / t))
-            p = np.clip(p, 1e-7, 1 - 1e-7)
-            return float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
-
-        temps.append(float(min(grid, key=nll)))
-    return np.asarray(temps, np.float32)
-
-
-# --- Batches ---
-
-
-def _plain(x: Any) -> torch.Tensor:
-    """A MONAI MetaTensor as a plain tensor (same values; nothing to pickle but the data)."""
-    t = torch.as_tensor(x)
-    return t.as_tensor() if hasattr(t, "as_tensor") else t
-
-
-def make_batch(
-    recs: list[dict[str, Any]], aug: Any, rng: np.random.Generator, a: AugmentConfig
-) -> dict[str, Any]:
-    """One training batch on the CPU: augmented crops, modality dropout, note augmentation."""
-    cts, mrs, labels, has, notes, scores = [], [], [], [], [], []
-    for r in recs:
-        out = aug({"ct": r["ct"], "mr": r["mr"], "label": r["target"][None]})
-        out = out[0] if isinstance(out, list) else out
-        img = _plain(out["image"]).float()
-        nct = r["ct"].shape[0]
-        cts.append(img[:nct])
-        mrs.append(img[nct:])
-        labels.append(_plain(out["label"]).round().long())
-        present = bool(r["has_mr"]) and rng.random() >= a.modality_dropout
-        has.append(present)
-        note = note_augment(r["note"], rng, a.sentence_shuffle, a.sentence_drop)
-        notes.append("" if rng.random() < a.modality_dropout else note)
-        scores.append(to_tensor(r["scores"]))
-    return {
-        "ct": torch.stack(cts),
-        "mr": torch.stack(mrs),
-        "label": torch.stack(labels),
-        "has_mr": torch.tensor(has),
-        "notes": notes,
-        "scores": torch.stack(scores),
-    }
-
-
-class _BatchStream(torch.utils.data.IterableDataset):
-    """An epoch's batches, shared out among the loader's workers; each worker's random state (MONAI's
-    and the numpy generator) is seeded from (seed, worker)."""
-
-    def __init__(
-        self, recs: list[dict[str, Any]], plan: list[list[int]], aug: Any, seed: list[int], a: AugmentConfig
-    ) -> None:
-        self.recs, self.plan, self.aug, self.seed, self.a = recs, plan, aug, seed, a
-
-    def __iter__(self) -> Any:
-        info = torch.utils.data.get_worker_info()
-        wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = np.random.default_rng([*self.seed, wid])
-        self.aug.set_random_state(seed=int(rng.integers(2**31)))
-        for step in range(wid, len(self.plan), n):
-            yield make_batch([self.recs[i] for i in self.plan[step]], self.aug, rng, self.a)
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-z))
 
 
 # --- Loop ---
@@ -362,6 +86,16 @@ ARRAYS = ("logits", "heads", "note_logits", "measures", "calibration_logits")
 
 
 class Trainer:
+    """One training run of `cfg` into the folder `out` (one rank of it under torchrun).
+
+    `out` receives train.jsonl (one record per epoch and per diagnosis-stage step, rank 0 only),
+    vocabulary.json, best.safetensors, checkpoint/ (model, optimiser, state), diagnosis_inputs.npz,
+    summary.json, ddp_check.json (several ranks) and package/ (the model package). A file STOP in `out`
+    ends training after the current epoch, and the best checkpoint so far is packaged.
+
+    Raises (at construction): what `process_device` raises for `cfg.device`.
+    """
+
     def __init__(self, cfg: TrainConfig, out: Path) -> None:
         self.cfg = cfg
         self.out = out
@@ -373,12 +107,23 @@ class Trainer:
         self.spacing_zyx = grid_spacing_zyx(cfg.preprocess.target_spacing_mm)
 
     def log(self, rec: dict[str, Any]) -> None:
-        if _rank() != 0:
+        """Append `rec` as one JSON line to OUT/train.jsonl (rank 0 only)."""
+        if rank() != 0:
             return
         with open(self.out / "train.jsonl", "a") as f:
             f.write(json.dumps(rec) + "\n")
 
     def prepare(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Vocabulary]:
+        """Cache the cohort (rank 0; a case that cannot be prepared is skipped with a printed reason),
+        split the cached, labelled patients into training and validation, and load both.
+
+        Returns:
+            (training cases, validation cases, word list): each case as `load_cached` gives it plus
+            "scores", float32 (n_scores,) 0/1 in `score_names` order.
+
+        Raises:
+            InputError: labels.csv is missing, lacks a score column or holds a value other than 0/1.
+        """
         cfg = self.cfg
         patients = Path(cfg.data.patients)
         folders = sorted(p for p in patients.iterdir() if p.is_dir())
@@ -386,7 +131,7 @@ class Trainer:
             folders = folders[: cfg.data.limit]
         labels = read_labels_csv(Path(cfg.data.labels) / "labels.csv", cfg.score_names)
         cache = Path(cfg.data.cache)
-        if _rank() == 0:
+        if rank() == 0:
             recs = build_cache(
                 folders,
                 Path(cfg.data.labels),
@@ -398,8 +143,7 @@ class Trainer:
             failed = [r for r in recs if "error" in r]
             for r in failed:
                 print(f"skipped {r['patient_id']}: {r['error']}")
-        if _world() > 1:
-            dist.barrier()
+        distributed.barrier()
         pids = [f.name for f in folders if (cache / f"{f.name}.npz").exists() and f.name in labels]
         train_ids, val_ids = split_patients(pids, cfg.data.val_fraction, cfg.seed)
 
@@ -433,16 +177,31 @@ class Trainer:
             if fresh and d.note_corpus and d.note_epochs > 0 and self.cfg.network.note_head:
                 notes += read_note_corpus(d.note_corpus, self.cfg.score_names)[0]
             vocab = Vocabulary.fit(notes)
-        if _rank() == 0:
+        if rank() == 0:
             write_json(path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers})
         return vocab
 
-    def run(self, resume: bool = False, package_only: bool = False) -> dict[str, Any]:
+    def run(self, *, resume: bool = False, package_only: bool = False) -> dict[str, Any]:
         """Train, then package the best checkpoint with a temperature fitted on the validation split.
-        `package_only`: skip training and (re)package OUT/best.safetensors."""
+
+        Args:
+            resume: continue from OUT/checkpoint when there is one (else start afresh).
+            package_only: skip training and (re)package OUT/best.safetensors.
+
+        Returns:
+            On rank 0 the summary written to OUT/summary.json: {"validation": final validation metrics
+            ("dice" per foreground class, "auroc", "brier" after the temperature), "temperature": one per
+            score, "package": its folder}; on other ranks the last epoch's record or {}.
+
+        Raises:
+            FileNotFoundError: `package_only` without OUT/best.safetensors.
+            ValueError: `init_from`/`distill_from` packages that do not fit the config, unknown
+                `trainable` prefixes.
+            RuntimeError: a checkpoint that does not fit the network.
+        """
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        seed_everything(cfg.seed)
+        set_determinism(seed=cfg.seed)
         train, val, vocab = self.prepare()
         model = MedFusionNet(cfg.network, vocab).to(self.device)
         if cfg.channels_last:
@@ -450,14 +209,14 @@ class Trainer:
         trained = self._trainable(model)
         teacher = self._teacher() if cfg.distill_weight > 0 and not package_only else None
         ddp_model: torch.nn.Module = model
-        if _world() > 1:
+        if world_size() > 1:
             ddp_model = torch.nn.parallel.DistributedDataParallel(
                 model,
                 device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=True,
             )
         opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * _world()))
+        steps = cfg.steps_per_epoch or max(1, len(train) // (cfg.batch_size * world_size()))
         total_steps = cfg.epochs * steps
         warm = max(1, total_steps // 10)
 
@@ -476,7 +235,7 @@ class Trainer:
             self._init_from(model, cfg.init_from)
             # the starting weights are the first candidate: fine-tuning never ships a model that
             # validates worse than the one it started from
-            if _rank() == 0:
+            if rank() == 0:
                 metrics = self.validate(model, val[: cfg.data.val_per_epoch])
                 best = self._selection_score(metrics)
                 self._save_weights(model, self.out / "best.safetensors")
@@ -496,17 +255,8 @@ class Trainer:
             for group in opt.param_groups:
                 group.setdefault("initial_lr", cfg.lr)
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor, last_epoch=start_epoch * steps - 1)
-        aug = image_augment(
-            cfg.crop_size,
-            cfg.augment.flip,
-            cfg.augment.rotate_deg,
-            cfg.augment.noise,
-            cfg.augment.intensity_scale,
-            cfg.augment.lesion_crop_prob,
-            cfg.seed + _rank(),
-            cfg.augment.class_crop_ratios,
-        )
-        rng = np.random.default_rng(cfg.seed + 1000 * _rank())
+        aug = image_augment(cfg.crop_size, cfg.augment, cfg.seed + rank())
+        rng = np.random.default_rng(cfg.seed + 1000 * rank())
         use_amp = cfg.amp and self.device.type == "cuda"
         summary: dict[str, Any] = {}
         if package_only:
@@ -515,19 +265,14 @@ class Trainer:
                 raise FileNotFoundError(msg)
             start_epoch = cfg.epochs
         for epoch in range(start_epoch, cfg.epochs):
-            seed_everything(cfg.seed + epoch * 7919 + _rank())
+            set_determinism(seed=cfg.seed + epoch * 7919 + rank())
             model.train()
             t0 = time.perf_counter()
             losses: list[float] = []
             gaps: list[float] = []  # squared score-logit gap to the teacher
-            order = rng.permutation(len(train))
-            order = order[_rank() :: _world()]
-            plan = [
-                [int(order[(step * cfg.batch_size + b) % len(order)]) for b in range(cfg.batch_size)]
-                for step in range(steps)
-            ]
+            plan = epoch_plan(rng, len(train), steps, cfg.batch_size, rank(), world_size())
             if cfg.loader_workers > 0:
-                stream_seed = [cfg.seed, _rank(), epoch]
+                stream_seed = [cfg.seed, rank(), epoch]
                 batches: Any = self._loader(train, plan, aug, stream_seed)
             else:
                 batches = (make_batch([train[i] for i in idx], aug, rng, cfg.augment) for idx in plan)
@@ -551,7 +296,7 @@ class Trainer:
                 sched.step()
                 losses.append(float(loss.detach()))
                 self._progress(epoch, step, steps, float(np.mean(losses)))
-            metrics = self.validate(model, val[: cfg.data.val_per_epoch]) if _rank() == 0 else {}
+            metrics = self.validate(model, val[: cfg.data.val_per_epoch]) if rank() == 0 else {}
             rec = {
                 "epoch": epoch,
                 "loss": float(np.mean(losses)),
@@ -560,7 +305,7 @@ class Trainer:
                 **{k: v for k, v in metrics.items() if k not in ARRAYS},
             }
             self.log(rec)
-            if _rank() == 0:
+            if rank() == 0:
                 print(json.dumps(rec))
                 score = self._selection_score(metrics)
                 if cfg.selection == "last" or score > best:
@@ -570,22 +315,17 @@ class Trainer:
                     bad += 1
                 self._checkpoint(model, opt, sched, epoch, best, bad)
                 summary = rec
-            if _world() > 1:
-                flag = torch.tensor([bad], dtype=torch.long, device=self.device)  # NCCL: GPU tensors only
-                dist.broadcast(flag, 0)
-                bad = int(flag.item())
+            bad = distributed.broadcast_int(bad, self.device)
             if bad >= cfg.patience:
                 break
             if (self.out / "STOP").exists():  # a graceful stop: package the best checkpoint so far
                 break
-        if _world() > 1:
+        if world_size() > 1:
             # every rank must hold the same parameters after DDP; rank 0 records the check
-            total = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-            sums = [torch.zeros(1, dtype=torch.float64, device=total.device) for _ in range(_world())]
-            dist.all_gather(sums, total)
-            if _rank() == 0:
-                write_json(self.out / "ddp_check.json", {"parameter_sums": [float(x) for x in sums]})
-        if _rank() == 0:
+            sums = distributed.parameter_sums(model)
+            if rank() == 0:
+                write_json(self.out / "ddp_check.json", {"parameter_sums": sums})
+        if rank() == 0:
             self._load_weights(model, self.out / "best.safetensors")
             final = self.diagnosis_stage(model, train, val)
             # out of fold where the stacking made them (in-sample stacked logits are over-confident);
@@ -593,12 +333,14 @@ class Trainer:
             cal = final.get("calibration_logits")
             cal = final["logits"] if cal is None else np.where(np.isnan(cal), final["logits"], cal)
             y_val = np.stack([v["scores"] for v in val])
+            # `final`'s logits are the network's own (before any temperature: an `init_from` source's
+            # would otherwise divide them twice), so this is the package's temperature itself
             temps = fit_temperature(cal, y_val)
             model.temperature.copy_(torch.from_numpy(temps))
             # temperature changes neither the segmentation nor the ranking: only the Brier score moves
-            p_cal = 1 / (1 + np.exp(-final["logits"] / temps))
+            p_cal = _sigmoid(final["logits"] / temps)
             metrics_out = {k: v for k, v in final.items() if k not in (*ARRAYS, "stage")}
-            metrics_out["brier"] = float(np.mean((p_cal - y_val) ** 2))
+            metrics_out["brier"] = mean_brier(y_val, p_cal)
             save_package(
                 model.cpu(),
                 self.out / "package",
@@ -643,6 +385,8 @@ class Trainer:
 
     @staticmethod
     def _reinit_seg_rows(model: MedFusionNet, classes: list[int], seed: int) -> None:
+        """Give the segmentation head's rows of `classes` a fresh uniform initialisation (PyTorch's
+        default bound 1/√fan_in, seeded) and each class's bias the mean of the lower foreground classes'."""
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / np.sqrt(model.seg_head.in_channels)
         with torch.no_grad():
@@ -657,6 +401,7 @@ class Trainer:
 
     @staticmethod
     def _selection_score(metrics: dict[str, Any]) -> float:
+        """Mean Dice over foreground classes + mean AUROC (a NaN AUROC counts 0), in [0, 2]."""
         return float(np.nanmean(metrics["dice"])) + float(np.nan_to_num(metrics["auroc"]))
 
     def _source_package(self) -> tuple[MedFusionNet, dict[str, Any]]:
@@ -746,7 +491,14 @@ class Trainer:
             notes, y = read_note_corpus(d.note_corpus, cfg.score_names)
             a = cfg.augment
             stage["note"] = pretrain_note_head(
-                model, notes, y, d, a.sentence_shuffle, a.sentence_drop, cfg.seed, self._log_stage
+                model,
+                notes,
+                y,
+                d,
+                shuffle=a.sentence_shuffle,
+                drop=a.sentence_drop,
+                seed=cfg.seed,
+                log=self._log_stage,
             )
         final = self.validate(model, val)
         model.eval()  # validate() leaves the model training: no dropout in what is fitted below
@@ -799,7 +551,7 @@ class Trainer:
                 )
             final["logits"] = z.cpu().numpy()
             final.update(self._score_metrics(final["logits"], y_val))
-        if _rank() == 0 and stage:
+        if rank() == 0 and stage:
             # the stage's inputs, to study other ways of combining them without re-running inference
             with atomic_path(self.out / "diagnosis_inputs.npz") as tmp, open(tmp, "wb") as f:
                 np.savez(f, **inputs)
@@ -808,19 +560,19 @@ class Trainer:
 
     def _log_stage(self, rec: dict[str, Any]) -> None:
         self.log(rec)
-        if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
+        if rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
             print(json.dumps(rec))
 
     @staticmethod
     def _score_metrics(lg: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        p = 1 / (1 + np.exp(-lg))
-        return {"auroc": mean_auroc(y, lg), "brier": float(np.mean((p - y) ** 2))}
+        """Mean AUROC and Brier score of logits `lg` (n_cases, n_scores) for outcomes `y`."""
+        return {"auroc": mean_auroc(y, lg), "brier": mean_brier(y, _sigmoid(lg))}
 
     def _progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
         """One status line per epoch, rewritten each step: step, loss, elapsed and remaining time."""
         if step == 0 or not hasattr(self, "_epoch_started"):
             self._epoch_started = time.perf_counter()
-        if _rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
+        if rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
             elapsed = time.perf_counter() - self._epoch_started
             eta = elapsed / max(step, 1) * (steps - step - 1)  # timed from the end of the first step
             print(
@@ -833,6 +585,7 @@ class Trainer:
                 print()
 
     def _to_device(self, b: dict[str, Any]) -> dict[str, Any]:
+        """A `make_batch` batch on the training device, images in the configured memory layout."""
         dev = self.device
         nb = dev.type == "cuda"  # from pinned memory when a loader made the batch
         return {
@@ -849,23 +602,26 @@ class Trainer:
     ) -> torch.utils.data.DataLoader:
         """`loader_workers` processes making the epoch's batches in step order (worker w makes steps w,
         w + n, …; the loader takes from the workers in turn). Forked, so the cached arrays are shared."""
-        ctx = "fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None
-        return torch.utils.data.DataLoader(
-            _BatchStream(recs, plan, aug, seed, self.cfg.augment),
-            batch_size=None,
-            num_workers=self.cfg.loader_workers,
-            pin_memory=self.device.type == "cuda",
-            multiprocessing_context=ctx,
-            prefetch_factor=2,
-        )
+        stream = BatchStream(recs, plan, aug, seed, self.cfg.augment)
+        return batch_loader(stream, workers=self.cfg.loader_workers, pin_memory=self.device.type == "cuda")
 
     def _layout(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` in channels_last_3d order when the config asks for it."""
         return channels_last(x) if self.cfg.channels_last else x
 
     @torch.inference_mode()
     def validate(self, model: MedFusionNet, val: list[dict[str, Any]]) -> dict[str, Any]:
         """Validation the way inference runs: windows of the crop size, the score from the
-        lesion-centred window (infer/windowed.py), no test-time flips."""
+        lesion-centred window (infer/windowed.py), no test-time flips.
+
+        Returns:
+            "dice": mean Dice per foreground class (classes empty in both maps left out); "auroc",
+            "brier": of the model's current probabilities, sigmoid(logit / temperature); and arrays
+            (`ARRAYS`, n = len(val)): "logits" (n, n_scores) the network's score logits *before* the
+            temperature, "heads" (n, D) score-head inputs, "note_logits" (n, n_scores), and with
+            `network.measures` "measures" (n, F) the predicted label maps' lesion features.
+            Leaves the model in training mode.
+        """
         model.eval()
         dices, logits, ys, heads_out, notes = [], [], [], [], []
         measures: list[np.ndarray] = []
@@ -892,16 +648,17 @@ class Trainer:
                 feats = lesion_features(pred, self.spacing_zyx, self.cfg.class_names)
                 measures.append(feats)
                 meas = torch.from_numpy(feats)[None].to(self.device)
-            logits.append((model.score_logits(heads[0], note, meas) / model.temperature).cpu().numpy()[0])
+            logits.append(model.score_logits(heads[0], note, meas).float().cpu().numpy()[0])
             heads_out.append(heads[0].cpu().numpy()[0])
             notes.append(note.cpu().numpy()[0])
             ys.append(r["scores"])
         model.train()
         d = np.array(dices)
         lg, y = np.array(logits), np.array(ys)
+        temperature = model.temperature.detach().float().cpu().numpy()
         return {
             "dice": [float(x) for x in np.nanmean(d, 0)],
-            **self._score_metrics(lg, y),
+            **self._score_metrics(lg / temperature, y),
             "logits": lg,
             "heads": np.array(heads_out, np.float32),
             "note_logits": np.array(notes, np.float32),
@@ -909,12 +666,14 @@ class Trainer:
         }
 
     def _save_weights(self, model: MedFusionNet, path: Path) -> None:
+        """The model's whole state (parameters and buffers) as safetensors, written atomically."""
         with atomic_path(path) as tmp:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
 
     def _checkpoint(
         self, model: MedFusionNet, opt: torch.optim.Optimizer, sched: Any, epoch: int, best: float, bad: int
     ) -> None:
+        """OUT/checkpoint: weights, optimiser state and {epoch, best, bad} for --resume."""
         ckpt = self.out / "checkpoint"
         ckpt.mkdir(exist_ok=True)
         self._save_weights(model, ckpt / "model.safetensors")
@@ -926,21 +685,26 @@ class Trainer:
 def train(
     cfg: TrainConfig, out: str | Path, resume: bool = False, package_only: bool = False
 ) -> dict[str, Any]:
-    """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dev = process_device(cfg.device)
-        # NCCL for GPU tensors; gloo for CPU ones (also on a machine that has a GPU but was told cpu). The
-        # other ranks wait at the end while rank 0 runs the diagnosis stage and packages (minutes): a
-        # timeout well above that
-        backend = "nccl" if dev.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
+    """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package.
+
+    Args:
+        cfg: the run's settings.
+        out: the run's folder (created); see `Trainer` for what it receives.
+        resume: continue from OUT/checkpoint when there is one.
+        package_only: skip training and (re)package OUT/best.safetensors.
+
+    Returns:
+        `Trainer.run`'s summary.
+
+    Raises:
+        What `Trainer.run` raises; ValueError for more processes per node than GPUs.
+    """
+    distributed.start(cfg.device)
     try:
-        summary = Trainer(cfg, Path(out)).run(resume, package_only)
-        if _world() > 1:
-            # leave together: a gloo rank that exited while rank 0 was still packaging aborted once at
-            # exit ("terminate called without an active exception"; a known gloo shutdown race)
-            dist.barrier()
+        summary = Trainer(cfg, Path(out)).run(resume=resume, package_only=package_only)
+        # leave together: a gloo rank that exited while rank 0 was still packaging aborted once at
+        # exit ("terminate called without an active exception"; a known gloo shutdown race)
+        distributed.barrier()
         return summary
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.stop()
