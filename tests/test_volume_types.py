@@ -114,3 +114,16 @@ def test_prepare_decides_whether_the_mr_is_used(tmp_path: Path, passed: bool) ->
     probs = np.stack([np.full(t.grid.shape, 0.25, np.float32), np.full(t.grid.shape, 0.75, np.float32)])
     back = t.probabilities_on_ct(probs)
     assert back.same_grid(t.ct_volume) and back.array.shape == (2, 24, 24, 24)
+
+
+def test_label_map_metrics_refuse_a_reference_off_the_prediction_grid() -> None:
+    from medfusion.evaluate.segmentation import case_metrics, label_map_metrics
+
+    lab = np.zeros((10, 10, 10), np.int16)
+    lab[3:7, 3:7, 3:7] = 1
+    pred = LabelMap(lab, (1.0, 1.0, 2.0))
+    names = ["background", "tumour_core"]
+    assert label_map_metrics(pred, pred, names) == case_metrics(lab, lab, (1.0, 1.0, 2.0), names)
+    shifted = LabelMap(lab, (1.0, 1.0, 2.0), origin=(5.0, 0.0, 0.0))
+    with pytest.raises(ValueError, match="not the prediction's"):
+        label_map_metrics(pred, shifted, names)

@@ -24,6 +24,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
+from medfusion.io.volume import Volume
 from medfusion.measure.lesions import CONNECTIVITY, components
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
@@ -109,6 +110,21 @@ def lesion_detection(pred: np.ndarray, ref: np.ndarray, ref_any: np.ndarray | No
     return out
 
 
+def label_map_metrics(
+    pred: Volume, ref: Volume, class_names: list[str], *, tolerance_mm: float = 2.0
+) -> list[dict[str, Any]]:
+    """`case_metrics` of a predicted and a reference label map that carry their geometry.
+
+    Raises:
+        ValueError: the reference is not on the prediction's grid (1e-3 mm tolerance): resample it
+            first (`LabelMap.resample_to`), as `medfusion evaluate` does with a note.
+    """
+    if not pred.same_grid(ref, tol=1e-3):
+        msg = f"reference grid {ref.shape} at {ref.origin} is not the prediction's {pred.shape} at {pred.origin}"
+        raise ValueError(msg)
+    return case_metrics(pred.array, ref.array, pred.spacing, class_names, tolerance_mm)
+
+
 def case_metrics(
     pred_labels: np.ndarray,
     ref_labels: np.ndarray,
@@ -116,7 +132,14 @@ def case_metrics(
     class_names: list[str],
     tolerance_mm: float = 2.0,
 ) -> list[dict[str, Any]]:
-    """One row per foreground class. Arrays are (z, y, x); spacing is given as (x, y, z) like Volume."""
+    """One row per foreground class: Dice, IoU, surface metrics (mm), volumes (mL) and lesion detection.
+
+    Arrays are (z, y, x) integer class indices; spacing is (x, y, z) mm like `Volume.spacing`
+    (`label_map_metrics` takes the label maps with their geometry instead).
+
+    Raises:
+        ValueError: the two arrays differ in shape.
+    """
     if pred_labels.shape != ref_labels.shape:
         msg = f"prediction {pred_labels.shape} and reference {ref_labels.shape} differ in shape"
         raise ValueError(msg)
