@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medfusion.device import pick_device
 from medfusion.infer.postprocess import postprocess_labels
 from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.volume import LabelMap, Volume
@@ -27,7 +28,7 @@ from medfusion.measure.features import FEATURES as MEASURE_FEATURES
 from medfusion.measure.features import lesion_features
 from medfusion.models.domain import DomainGuard, DomainVerdict, EncoderFeatures, assess, case_facts
 from medfusion.models.network import MedFusionNet, channels_last
-from medfusion.models.package import DEFAULT_PACKAGE, PackageMeta, load_package, pick_device
+from medfusion.models.package import DEFAULT_PACKAGE, PackageMeta, load_package
 from medfusion.preprocess.prepare import ModelInputs
 
 

@@ -18,9 +18,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_file, save_file
 
 from medfusion.config import PreprocessConfig, upgrade_registration
+from medfusion.device import (
+    pick_device as pick_device,  # moved to medfusion/device.py; re-exported for cli.py
+)
+from medfusion.hashing import sha256_of
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.models.network import MedFusionNet, NetConfig
-from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, Vocabulary, sha256_of
+from medfusion.text.encoders import GRUTextEncoder, HFTextEncoder, Vocabulary
 
 ARCHITECTURES: dict[str, type[MedFusionNet]] = {MedFusionNet.architecture: MedFusionNet}
 DEFAULT_PACKAGE = Path(__file__).resolve().parent.parent / "weights" / "default"
@@ -299,26 +303,3 @@ def preprocess_config(meta: dict[str, Any]) -> PreprocessConfig:
         where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3])
         msg = f"model package {meta.get('name')} {meta.get('version')}: model.json 'preprocess' is not valid ({where or exc})"
         raise PackageError(msg) from exc
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """cuda, then mps, then cpu for 'auto'; otherwise what was asked (refused if unavailable)."""
-    if requested == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(requested)
-    except RuntimeError as exc:
-        msg = f"device {requested!r} is not a device name (auto, cpu, cuda, cuda:N, mps)"
-        raise ValueError(msg) from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        msg = f"device {requested!r} requested but CUDA is not available"
-        raise ValueError(msg)
-    n_gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
-    if dev.type == "cuda" and dev.index is not None and dev.index >= n_gpus:
-        msg = f"device {requested!r} requested but this machine has {n_gpus} CUDA device(s)"
-        raise ValueError(msg)
-    return dev
