@@ -382,7 +382,8 @@ def run(
 
     from medfusion.config import PipelineConfig, load_yaml_model
     from medfusion.io.case import find_patient_folders
-    from medfusion.run.pipeline import RunOptions, run_cohort
+    from medfusion.run.cohort import run_cohort
+    from medfusion.run.pipeline import RunOptions
 
     try:
         cfg = (
