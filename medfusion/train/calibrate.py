@@ -40,6 +40,7 @@ from medfusion.hashing import sha256_of
 from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
 from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.run.result import CaseResult
 from medfusion.train.temperature import fit_temperature
 
 MIN_PER_CLASS = 10  # positives and negatives each: fewer cannot place a temperature
@@ -62,7 +63,14 @@ def calibration_summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 def _read_run(
     pred: Path, labels: Path, sha: str | None, src: Path
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]], list[str]]:
-    """One run's probabilities per patient and its labels table (rows by patient id, column names)."""
+    """One run's probabilities per patient (each scores.json read as `run.result.Scores`) and its labels
+    table (rows by patient id, column names).
+
+    Raises:
+        InputError: no labels CSV, no patient outputs, or a scores.json written by other weights than
+            `sha` (the package's).
+        ValueError: a scores.json that does not fit the output contract (names the file).
+    """
     csv_path = labels_csv_path(labels)
     if not csv_path.exists():
         raise InputError(csv_path, "labels CSV not found")
@@ -74,15 +82,15 @@ def _read_run(
         raise InputError(pred, "no patient outputs (OUT/<id>/scores.json) found")
     probs: dict[str, dict[str, float]] = {}
     for folder in runs:
-        sc = json.loads((folder / "scores.json").read_text())
-        made_by = sc.get("model", {}).get("weights_sha256")
+        sc = CaseResult.load_scores(folder)
+        made_by = getattr(sc.model, "weights_sha256", None)
         if made_by != sha:
             raise InputError(
                 folder / "scores.json",
                 f"written by weights {str(made_by)[:12]}…, not by the package being re-calibrated "
                 f"({str(sha)[:12]}…, {src})",
             )
-        probs[folder.name] = sc.get("probabilities", {})
+        probs[folder.name] = sc.probabilities
     return probs, {r["patient_id"]: r for r in table}, fields
 
 
