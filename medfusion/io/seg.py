@@ -21,7 +21,7 @@ from pydicom.sr.codedict import codes
 import medfusion
 from medfusion.io.atomic import atomic_path
 from medfusion.io.errors import InputError
-from medfusion.io.volume import Volume
+from medfusion.io.volume import LabelMap, Volume
 from medfusion.report.colours import class_colour
 
 # SNOMED CT codes per class (category, type); unknown class names fall back to "Tissue".
@@ -63,7 +63,7 @@ class SegResult:
 
 
 def write_dicom_seg(
-    labels: Volume,
+    labels: LabelMap | Volume,
     ct: Volume,
     class_names: list[str],
     path: str | Path,
@@ -79,14 +79,18 @@ def write_dicom_seg(
     segment's algorithm identification.
 
     Returns the path and notes; a source that lacks a UID the SEG must reference is not written
-    (`path` None, the reason in `notes`). Raises ValueError for a label map off the CT's grid.
+    (`path` None, the reason in `notes`).
+
+    Raises:
+        ValueError: the CT was not read from DICOM, or the label map is not on the CT's grid (same
+            shape, and spacing, origin and direction within 1e-3).
     """
     files = ct.meta.get("files")
     if not files:
         msg = "the CT was not read from DICOM; a DICOM SEG needs the source series"
         raise ValueError(msg)
-    if labels.shape != ct.shape:
-        msg = f"label map {labels.shape} is not on the CT grid {ct.shape}"
+    if not labels.same_grid(ct, tol=1e-3):
+        msg = f"label map {labels.shape} at {labels.origin} is not on the CT grid {ct.shape} at {ct.origin}"
         raise ValueError(msg)
     sources = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
     for f, ds in zip(files, sources, strict=True):
@@ -178,8 +182,12 @@ def _frames_at_instances(
     )
 
 
-def read_dicom_seg(path: str | Path) -> Volume:
-    """A DICOM SEG as a label Volume (segment numbers as values, overlaps resolved to the highest)."""
+def read_dicom_seg(path: str | Path) -> LabelMap:
+    """A DICOM SEG as a `LabelMap` (int16 segment numbers as values, overlaps resolved to the highest).
+
+    Raises:
+        InputError: the file is not a readable DICOM SEG.
+    """
     path = Path(path)
     try:
         seg = hd.seg.segread(str(path))
@@ -191,7 +199,7 @@ def read_dicom_seg(path: str | Path) -> Volume:
         :3, [2, 1, 0]
     ]  # highdicom indexes (slice, row, column); Volume's i, j, k are column, row, slice
     spacing = np.linalg.norm(cols, axis=0)
-    return Volume(
+    return LabelMap(
         np.asarray(vol.array).astype(np.int16),
         tuple(spacing),
         tuple(aff[:3, 3]),
