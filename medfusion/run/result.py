@@ -1,7 +1,7 @@
 """The output contract of one patient: `CaseResult`, the schema of `scores.json` and `qc.json`, written
 and read by this one module.
 
-Every key users rely on (docs/data-format.md, DESIGN.md "Contracts") keeps its name and meaning:
+Every key users rely on (DESIGN.md "Contracts that users will rely on") keeps its name and meaning:
 scores.json holds ``patient_id``, ``probabilities``, ``predicted`` (null out of domain),
 ``threshold``, ``uncertainty``, ``domain``, ``measurements``, ``score_features`` (when the model reads
 them), ``model``, ``inference``, ``seed``, ``inputs``, ``qc_verdict`` and ``timings_s``; since 0.9 also
