@@ -42,7 +42,7 @@ def _checked_geometry(
     """Spacing, origin and direction as validated values (see `Grid`'s Raises)."""
     sp = tuple(float(v) for v in np.asarray(spacing, dtype=np.float64).ravel())
     org = tuple(float(v) for v in np.asarray(origin, dtype=np.float64).ravel())
-    d = np.asarray(direction, dtype=np.float64).reshape(3, 3)
+    d = np.array(direction, dtype=np.float64).reshape(3, 3)  # a copy: a Grid freezes its own
     if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
         msg = f"Volume spacing must be three positive finite values, got {sp}"
         raise ValueError(msg)
