@@ -113,3 +113,62 @@ def test_a_broken_file_is_one_line_naming_it(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="cannot read"):
         CaseResult.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(("in_domain", "qc_passed"), [(True, True), (False, False)])
+def test_the_pipeline_builds_the_contract_from_the_stages(
+    tmp_path: Path, in_domain: bool, qc_passed: bool
+) -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from medfusion.config import PreprocessConfig
+    from medfusion.io.case import Case
+    from medfusion.io.volume import Volume
+    from medfusion.preprocess.prepare import prepare_case
+    from medfusion.preprocess.registration import RegistrationResult
+    from medfusion.run.measure import measure
+    from medfusion.run.pipeline import RunOptions, case_result
+
+    ct = np.full((16, 16, 16), -1000, np.int16)
+    ct[3:13, 3:13, 3:13] = 30
+    case = Case(
+        "P1",
+        tmp_path,
+        ct=Volume(ct, (2.0, 2.0, 2.0), modality="CT", meta={"format": "dicom"}),
+        mr=[
+            Volume(
+                np.ones((16, 16, 16), np.float32), (2.0, 2.0, 2.0), modality="MR", meta={"format": "dicom"}
+            )
+        ],
+    )
+    reg = RegistrationResult(np.eye(4), -0.5, 1, 0.0, "given", {"passed": qc_passed, "reasons": []})
+    cfg = PreprocessConfig(target_spacing_mm=4.0, target_size=[8, 8, 8])
+    inputs = prepare_case(case, cfg, registration=reg)
+    labels = case.ct.with_array(np.zeros((16, 16, 16), np.int16), "SEG")  # type: ignore[union-attr]
+    pred = SimpleNamespace(scores={"malignant": 0.45}, uncertainty={"malignant": 0.01}, features={})
+    predictor = SimpleNamespace(
+        describe=lambda: {"name": "m", "version": "1"}, device="cpu", amp=False, sw_batch_size=2, seed=0
+    )
+    domain = {
+        "in_domain": in_domain,
+        "distance": 1.0,
+        "threshold": 2.0,
+        "reasons": [] if in_domain else ["far"],
+    }
+    result = case_result(
+        case,
+        inputs,
+        pred,  # type: ignore[arg-type]
+        domain,
+        measure(labels, ["background", "tumour_core"]),
+        RunOptions(out=tmp_path, pipeline=PipelineConfig()),
+        predictor,  # type: ignore[arg-type]
+        cfg,
+    )
+    s, qc = result.scores, result.qc
+    assert s.decision == {"malignant": Decision.INDETERMINATE if in_domain else Decision.NOT_ASSESSED}
+    assert (s.predicted == {"malignant": False}) if in_domain else s.predicted is None
+    assert qc.mr_used_by_model is qc_passed and qc.verdict is (Verdict.PASS if qc_passed else Verdict.FAIL)
+    assert s.qc_verdict is qc.verdict and s.indeterminate_band == (0.4, 0.6)
