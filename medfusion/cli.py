@@ -11,8 +11,54 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 from medfusion.io.errors import InputError
+
+
+class PlainHelpCommand(TyperCommand):
+    """A sub-command whose help names values by a metavar (FOLDER..., PATH, N, TEXT) instead of typer's
+    type markers (`<path>`, `<list[Path]>`, `{FOLDER}...`), which read as syntax in plain text."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        params: list[Any] = self.params  # typer's TyperOption/TyperArgument
+        for param in params:
+            if param.param_type_name == "option" and param.metavar is None and not param.is_flag:
+                param.metavar = _metavar(param.type_descriptor)
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        return pieces + [_argument_label(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        args, opts = [], []
+        params: list[Any] = self.get_params(ctx)
+        for param in params:
+            if param.param_type_name == "argument":
+                args.append(
+                    (_argument_label(param), (param.help or "") + ("  [required]" if param.required else ""))
+                )
+            elif (record := param.get_help_record(ctx)) is not None:
+                opts.append(record)
+        for title, rows in (("Arguments", args), ("Options", opts)):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+def _metavar(descriptor: Any) -> str:
+    annotation = descriptor.annotation
+    element = getattr(annotation, "__args__", (annotation,))[0] if descriptor.is_list else annotation
+    if descriptor.is_path or element is Path:
+        return "PATH"
+    return {int: "N", float: "NUMBER"}.get(element, "TEXT")
+
+
+def _argument_label(param: Any) -> str:
+    label = str(param.metavar or (param.name or "").upper()) + ("..." if param.nargs != 1 else "")
+    return label if param.required else f"[{label}]"
+
 
 app = typer.Typer(
     add_completion=False,
@@ -41,6 +87,27 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(2)
 
 
+def progress_bar(*, transient: bool = False) -> Any:  # rich.progress.Progress
+    """The progress bar of every long command: what, bar, done/total, elapsed, ETA (on stderr)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    return Progress(*columns, console=console, transient=transient)
+
+
 def _parse_map(items: list[str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for item in items or []:
@@ -54,7 +121,7 @@ def _parse_map(items: list[str] | None) -> dict[str, str]:
 # --- inspect ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def inspect(
     folders: Annotated[
         list[Path],
@@ -137,7 +204,7 @@ def inspect(
 # --- register ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def register(
     patient: Annotated[Path, typer.Argument(help="One patient folder (a CT and an MR).", metavar="PATIENT")],
     out: Annotated[Path, typer.Option("--out", help="Folder for transform.json, mr_in_ct.nii.gz, qc.json.")],
@@ -189,13 +256,13 @@ def register(
 # --- synth ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def synth(
     out: Annotated[
         Path | None,
         typer.Option(
             "--out",
-            help="Output folder: OUT/patients/<id>/ and OUT/labels/ (default: reports/synth-<seed>-<time>).",
+            help="Output folder: OUT/patients/ID/ and OUT/labels/ (default: reports/synth-SEED-TIME).",
         ),
     ] = None,
     n: Annotated[int, typer.Option("--n", min=1, help="Number of patients.")] = 40,
@@ -259,8 +326,9 @@ def synth(
 # --- train ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def train(
+    ctx: typer.Context,
     config: Annotated[Path, typer.Option("--config", help="Training YAML (pipelines/train_default.yaml).")],
     out: Annotated[Path, typer.Option("--out", help="Run folder: train.jsonl, checkpoints, package/.")],
     patients: Annotated[Path | None, typer.Option(help="Override data.patients.")] = None,
@@ -293,35 +361,33 @@ def train(
         cfg.data.patients = str(patients)
     if labels:
         cfg.data.labels = str(labels)
-    if epochs:
+    if epochs is not None:  # 0 too: no segmentation epochs
         cfg.epochs = epochs
     if nproc_per_node > 1 and "WORLD_SIZE" not in os.environ:
         try:  # refuse here, before any process starts, what each rank would refuse
             process_device(cfg.device, 0, nproc_per_node)
         except ValueError as exc:
             _fail(exc)
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc-per-node={nproc_per_node}",
-            "-m",
-            "medfusion.cli",
-            "train",
-            "--config",
-            str(config),
-            "--out",
-            str(out),
-        ]
-        for flag, val in (("--patients", patients), ("--labels", labels), ("--epochs", epochs)):
-            if val:
-                cmd += [flag, str(val)]
-        if resume:
-            cmd.append("--resume")
-        raise typer.Exit(subprocess.call(cmd))
+        raise typer.Exit(subprocess.call(torchrun_command(ctx, nproc_per_node)))
     summary = run_training(cfg, out, resume, package_only)
     if summary:
         stdout.print(f"package written to {summary.get('package')}")
+
+
+def torchrun_command(ctx: typer.Context, nproc_per_node: int) -> list[str]:
+    """The `torchrun` command that starts `nproc_per_node` copies of this `train` command (every
+    option the user gave, --package-only and --epochs 0 included; --debug kept)."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc-per-node={nproc_per_node}",
+        "-m",
+        "medfusion.cli",
+        *(["--debug"] if _state["debug"] else []),
+        "train",
+        *_command_args(ctx, drop=("nproc_per_node",)),
+    ]
 
 
 # --- run ---
@@ -329,8 +395,9 @@ def train(
 DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "default.yaml"
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def run(
+    ctx: typer.Context,
     patients: Annotated[
         list[Path],
         typer.Argument(help="Patient folder(s) or folder(s) of patient folders.", metavar="FOLDER"),
@@ -365,24 +432,89 @@ def run(
         list[str] | None, typer.Option(help="NAME=CT|MR for NIfTI files whose modality is not evident.")
     ] = None,
 ) -> None:
-    """Segment, score and report every patient; write OUT/<id>/…, OUT/summary.csv and OUT/run.json.
+    """Segment, score and report every patient; write OUT/ID/…, OUT/summary.csv and OUT/run.json.
 
     Ctrl-C (or SIGTERM) stops cleanly (exit 130/143) and prints how to resume."""
     import datetime as dt
+
+    from medfusion.run.interrupt import Interrupted, signal_name, stop_on_signals
+
+    out = out or Path("reports") / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}"
+    ctx.params["out"] = out  # the resume hint names the folder also when it was defaulted
+    stage = {"now": "before any patient was run; nothing was written"}
+    try:
+        with stop_on_signals():  # from here on, also during the imports: a stop is a clean stop
+            _run(ctx, stage, **ctx.params)  # the parameters above, `out` defaulted
+    except Interrupted as exc:  # (nothing heavy may be imported here: the stop may have cut an import)
+        console.print(
+            f"interrupted ({signal_name(exc.signum)}) {stage['now']}. "
+            f"Resume with: {_shell(_resume_command(ctx, out))}"
+        )
+        raise typer.Exit(exc.exit_code) from None
+
+
+def _shell(args: list[str]) -> str:
     import shlex
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
+    return shlex.join(args)
 
+
+def _command_args(
+    ctx: typer.Context, values: dict[str, Any] | None = None, drop: tuple[str, ...] = ()
+) -> list[str]:
+    """The command line that gives `ctx`'s command its current parameters (`values` replace some):
+    the arguments, then every option whose value is not its default, as the user would type them."""
+    given = {**ctx.params, **(values or {})}
+    positional: list[str] = []
+    options: list[str] = []
+    for param in ctx.command.params:
+        name = param.name or ""
+        if name in drop or name not in given:
+            continue
+        value = given[name]
+        if param.param_type_name == "argument":
+            positional += [str(v) for v in (value if isinstance(value, list | tuple) else [value])]
+            continue
+        if value == param.default or value is None or (value == [] and not param.default):
+            continue
+        flag = param.opts[0]
+        if getattr(param, "is_flag", False):
+            if value:
+                options.append(flag)
+            elif param.secondary_opts:
+                options.append(param.secondary_opts[0])
+            continue
+        for v in value if getattr(param, "multiple", False) else [value]:
+            options += [flag, str(v)]
+    return [*positional, *options]
+
+
+def _resume_command(ctx: typer.Context, out: Path) -> list[str]:
+    """`medfusion run …` with every option of this run, into the same OUT, with --resume."""
+    return ["medfusion", "run", *_command_args(ctx, {"out": out, "resume": True, "overwrite": False})]
+
+
+def _run(
+    ctx: typer.Context,
+    stage: dict[str, str],
+    *,
+    patients: list[Path],
+    out: Path,
+    pipeline: Path | None,
+    model: Path | None,
+    device: str | None,
+    workers: int,
+    cluster: str | None,
+    resume: bool,
+    overwrite: bool,
+    only: str | None,
+    retries: int,
+    modality: list[str] | None,
+) -> None:
+    """`run`'s work, inside its clean-stop block; `stage["now"]` says where a stop would leave OUT."""
     from medfusion.config import PipelineConfig, load_yaml_model
     from medfusion.io.case import find_patient_folders
-    from medfusion.run.cohort import run_cohort
+    from medfusion.run.cohort import plan_cohort, run_cohort
     from medfusion.run.pipeline import RunOptions
 
     try:
@@ -407,7 +539,6 @@ def run(
             pick_device(cfg.infer.device)
         except ValueError as exc:
             _fail(exc)
-    out = out or Path("reports") / f"run-{dt.datetime.now():%Y%m%d-%H%M%S}"
     opts = RunOptions(
         out=out,
         pipeline=cfg,
@@ -421,17 +552,12 @@ def run(
         overwrite=overwrite,
         retries=retries,
     )
-    listed = [f for f in folders if not opts.only or f.name in opts.only]
-    n = len([f for f in listed if not (resume and (out / f.name / "scores.json").exists())])
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=console,
-    ) as bar:
-        task = bar.add_task("patients", total=n)
+    try:  # every refusal before the progress bar shows
+        plan = plan_cohort(folders, opts)
+    except (ValueError, InputError) as exc:
+        _fail(exc)
+    with progress_bar() as bar:
+        task = bar.add_task("patients", total=len(plan.todo))
 
         def _tick(row: dict[str, Any]) -> None:
             stages = " ".join(f"{k[2:]} {v:.1f}s" for k, v in row.items() if k.startswith("t_"))
@@ -440,9 +566,10 @@ def run(
             bar.advance(task)
 
         try:
-            result = run_cohort(folders, opts, _tick)
+            result = run_cohort(folders, opts, _tick, plan=plan)
         except (ValueError, InputError) as exc:
             _fail(exc)
+    stage["now"] = f"after the run; summary.csv and run.json describe what is in {out}"
     if result["kept_from_earlier_runs"]:
         kept = result["kept_from_earlier_runs"]
         console.print(
@@ -450,30 +577,27 @@ def run(
             + ", ".join(kept[:10])
             + (" …" if len(kept) > 10 else "")
         )
+    mixed = result["from_another_model_or_config"]
+    if mixed:
+        console.print(
+            f"[yellow]warning:[/yellow] {len(mixed)} patient(s) in {out} were made by another model or "
+            "pipeline config than this run's: "
+            + "; ".join(f"{p} ({why})" for p, why in list(mixed.items())[:5])
+            + (" …" if len(mixed) > 5 else "")
+            + " (run.json: from_another_model_or_config)"
+        )
     if (out / "evaluation").exists():
         console.print(f"note: {out}/evaluation predates this run; run `medfusion evaluate` again")
     if result["interrupted"]:
-        again = ["medfusion", "run", *map(str, patients), "--out", str(out), "--resume"]
-        for flag, val in (
-            ("--pipeline", pipeline),
-            ("--model", model),
-            ("--device", device),
-            ("--only", only),
-        ):
-            if val:
-                again += [flag, str(val)]
-        if workers:
-            again += ["--workers", str(workers)]
-        if cluster:
-            again += ["--cluster", cluster]
         console.print(
             f"interrupted ({result['interrupted']}): {result['processed']} patient(s) done in this run, "
             f"{len(result['failures'])} failed; summary.csv and run.json describe what is in {out}. "
-            f"Resume with: {shlex.join(again)}"
+            f"Resume with: {_shell(_resume_command(ctx, out))}"
         )
         raise typer.Exit(int(result["exit_code"]))
     first = next(
-        (out / f.name / "report.pdf" for f in sorted(listed) if (out / f.name / "report.pdf").exists()), None
+        (out / f.name / "report.pdf" for f in sorted(plan.folders) if (out / f.name / "report.pdf").exists()),
+        None,
     )
     stdout.print(f"outputs in {out}/ (summary.csv, run.json)" + (f"; first report: {first}" if first else ""))
     if result["failures"]:
@@ -487,13 +611,13 @@ def run(
 # --- evaluate ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def evaluate(
     pred: Annotated[Path, typer.Option("--pred", help="Output folder of `medfusion run`.")],
     labels: Annotated[
         Path,
         typer.Option(
-            "--labels", help="Labels folder (labels/<id>/segmentation.nii.gz + labels.csv) or a labels CSV."
+            "--labels", help="Labels folder (labels/ID/segmentation.nii.gz + labels.csv) or a labels CSV."
         ),
     ],
     out: Annotated[
@@ -513,14 +637,16 @@ def evaluate(
     ] = None,
 ) -> None:
     """Segmentation and diagnosis metrics with bootstrap CIs, plots and evaluation.pdf."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from medfusion.evaluate.cohort import evaluate as run_eval
+    from medfusion.evaluate.cohort import pair_inputs
 
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:  # refusals before the progress bar shows and before anything is written
+        pairing = pair_inputs(pred, labels, subgroup)
+    except (ValueError, InputError) as exc:
+        _fail(exc)
     try:
-        with Progress(*columns, console=console, transient=True) as bar:
-            task = bar.add_task("patients", total=None)
+        with progress_bar(transient=True) as bar:
+            task = bar.add_task("patients", total=len(pairing.patients))
             summary = run_eval(
                 pred,
                 labels,
@@ -531,6 +657,7 @@ def evaluate(
                 threshold,
                 subgroup,
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
+                pairing=pairing,
             )
     except (ValueError, InputError) as exc:
         _fail(exc)
@@ -558,6 +685,7 @@ def evaluate(
     out_c = stdout
     out_c.print(t)
     undefined: list[str] = []
+    refused: list[str] = []
     if "diagnosis" in summary:
         from medfusion.evaluate.diagnosis import HEADLINE
 
@@ -573,6 +701,10 @@ def evaluate(
         )
         for k in HEADLINE:
             v = d[k]
+            if v.get("refused"):
+                refused.append(k)
+                out_c.print(f"{k}: not computed, {v['refused']}")
+                continue
             if v["value"] is None:
                 if n_pos in (0, n):  # a ranking or calibration metric needs cases of both classes
                     undefined.append(k)
@@ -588,17 +720,26 @@ def evaluate(
                 )
             out_c.print(line)
     out_c.print(f"written to {out or pred / 'evaluation'}")
-    if undefined:
+    if refused:
+        from medfusion.evaluate.diagnosis import MIN_CASES
+
         console.print(
-            f"[red]error:[/red] too few cases for {', '.join(undefined)} (n = {n}, {n_pos} positive)"
+            f"[red]error:[/red] too few cases for {', '.join(refused)}: each needs at least {MIN_CASES} "
+            f"cases, these predictions have labels for {n}"
         )
+    elif undefined:
+        console.print(
+            f"[red]error:[/red] too few cases for {', '.join(undefined)}: each needs cases of both classes "
+            f"(n = {n}, {n_pos} positive)"
+        )
+    if refused or undefined:
         raise typer.Exit(1)
 
 
 # --- compare ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def compare(
     pred: Annotated[Path, typer.Option("--pred", help="Output folder of `medfusion run` (model A).")],
     baseline: Annotated[
@@ -648,7 +789,7 @@ def compare(
 # --- calibrate ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def calibrate(
     pred: Annotated[
         list[Path],
@@ -702,7 +843,7 @@ def calibrate(
 # --- convert ---
 
 
-@app.command()
+@app.command(cls=PlainHelpCommand)
 def convert(
     patient: Annotated[
         Path, typer.Argument(help="One patient folder (DICOM and/or NIfTI).", metavar="PATIENT")
@@ -739,7 +880,7 @@ domain_app = typer.Typer(help="The model package's domain guard (what its traini
 app.add_typer(domain_app, name="domain")
 
 
-@domain_app.command("fit")
+@domain_app.command("fit", cls=PlainHelpCommand)
 def domain_fit(
     patients: Annotated[
         list[Path],
@@ -803,7 +944,21 @@ def main() -> None:
     args = sys.argv[1:]
     if "--debug" in args[1:]:
         args = ["--debug", *[a for a in args if a != "--debug"]]
-    app(args=args)
+    if next((a for a in args if not a.startswith("-")), None) != "run":
+        app(args=args)
+        return
+    from medfusion.run.interrupt import Interrupted, signal_name, stop_on_signals
+
+    try:  # `run` stops cleanly from its first moment; its own handler takes over once it starts
+        with stop_on_signals():
+            app(args=args)
+    except Interrupted as exc:
+        again = ["medfusion", *(a for a in args if a not in ("--overwrite", "--resume")), "--resume"]
+        console.print(
+            f"interrupted ({signal_name(exc.signum)}) before any patient was run; nothing was written. "
+            f"Resume with: {_shell(again)}"
+        )
+        sys.exit(exc.exit_code)
 
 
 if __name__ == "__main__":

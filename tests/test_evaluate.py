@@ -333,6 +333,49 @@ def test_evaluate_refuses_predictions_that_share_no_patient_with_the_labels(
     res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
     assert res.exit_code == 2, res.output
     assert "no overlap" in res.output and "ece" not in res.output
+    assert not (run / "evaluation").exists()  # a refusal writes nothing (was: a header-only CSV)
+    assert res.output.strip().splitlines() == [res.output.strip()]  # one line, no progress bar before it
+
+
+def test_evaluate_refuses_an_unknown_subgroup_before_writing(cohort: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"), "--subgroup", "shoe_size")
+    assert res.exit_code == 2, res.output
+    assert "no column 'shoe_size'" in res.output and not (run / "evaluation").exists()
+
+
+def test_evaluate_refuses_metrics_on_two_cases_instead_of_a_degenerate_ci(
+    cohort: Path, tmp_path: Path
+) -> None:
+    cohort = _with_positives(cohort, tmp_path)
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    shutil.rmtree(sorted(run.iterdir())[-1])  # 2 patients left: one malignant, one not
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+    assert res.exit_code == 1, res.output
+    assert "too few cases for auroc" in res.output and "needs at least 3" in res.output
+    assert "95% CI" not in res.output  # no interval from 3 distinct resamples (was 1.000 to 1.000)
+    summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
+    auroc = summary["diagnosis"]["auroc"]
+    assert auroc["value"] is None and auroc["ci_low"] is None and "needs at least 3" in auroc["refused"]
+
+
+def test_evaluation_names_the_run_and_model_it_evaluated(cohort: Path, tmp_path: Path) -> None:
+    from pypdf import PdfReader
+
+    cohort = _with_positives(cohort, tmp_path)
+    run = tmp_path / "run-2026-x"
+    _fake_run(cohort, run)
+    (run / "run.json").write_text(json.dumps({"model": {"name": "medfusion-default", "version": "9.9.9"}}))
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
+    assert summary["model"] == "medfusion-default 9.9.9" and summary["run"] == str(run.resolve())
+    text = " ".join(
+        page.extract_text() for page in PdfReader(str(run / "evaluation" / "evaluation.pdf")).pages
+    )
+    assert "9.9.9" in " ".join(text.split())
 
 
 def test_evaluate_says_n_and_refuses_metrics_it_cannot_compute(cohort: Path, tmp_path: Path) -> None:

@@ -55,7 +55,10 @@ def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
     assert len(good) == 3 and all(rows[p]["status"] == "ok" for p in good)
     run = json.loads((out / "run.json").read_text())
     assert run["failures"][0]["patient_id"] == "BROKEN01" and run["config"]["name"] == "default"
-    assert run["devices_used"] == ["cpu"]
+    assert run["devices_used"] == ["cpu"] and run["exit_code"] == 1  # as the command's
+    # run.json names the model as each patient's scores.json does, and more (the domain guard's hash)
+    described = json.loads((out / good[0] / "scores.json").read_text())["model"]
+    assert {k: run["model"][k] for k in described} == described and run["model"]["domain_sha256"]
     for pid in good:
         for name in ("segmentation.nii.gz", "segmentation.json", "scores.json", "qc.json", "report.pdf"):
             assert (out / pid / name).exists(), (pid, name)
@@ -135,6 +138,11 @@ def test_resume_does_no_work(run_out: tuple) -> None:
     run = json.loads((out / "run.json").read_text())
     assert run["processed"] == 0 and len(run["resumed"]) == 3
     assert before == {p: (out / p / "scores.json").stat().st_mtime_ns for p in before}
+    # the history of the folder: the first session's start, both sessions, exit codes as the commands'
+    first, again = run["sessions"]
+    assert run["started"] == first["started"] and run["finished"] == again["finished"]
+    assert (first["exit_code"], again["exit_code"], run["exit_code"]) == (1, 0, 0)
+    assert run["seconds_total"] >= first["seconds"] and again["resumed"] == 3
 
 
 @pytest.mark.slow
@@ -155,10 +163,14 @@ def test_dask_workers_give_the_same_scores(run_out: tuple, tmp_path: Path) -> No
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
-    for pid in good:
-        a = json.loads((out / pid / "scores.json").read_text())["probabilities"]
-        b = json.loads((tmp_path / "dask" / pid / "scores.json").read_text())["probabilities"]
-        assert a == pytest.approx(b, abs=1e-4)
+    for pid in good:  # the workers run torch on the serial run's thread count: the same numbers
+        a = json.loads((out / pid / "scores.json").read_text())
+        b = json.loads((tmp_path / "dask" / pid / "scores.json").read_text())
+        assert a["probabilities"] == b["probabilities"] and a["uncertainty"] == b["uncertainty"]
+        assert a["model"] == b["model"]
+    serial, dask = (json.loads((d / "run.json").read_text()) for d in (out, tmp_path / "dask"))
+    assert serial["model"] == dask["model"]
+    assert dask["sessions"][-1]["torch_threads"] == serial["sessions"][0]["torch_threads"]
 
 
 def test_lesions_without_a_tumour_core_are_dropped() -> None:
@@ -226,7 +238,7 @@ def test_dicom_seg_of_an_empty_map_is_written_quietly_and_reads_back_empty(
 
 
 def test_cohort_workers_spread_over_gpus() -> None:
-    from medfusion.run.pipeline import worker_device
+    from medfusion.run.cohort import worker_device
 
     assert [worker_device("auto", i, 2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
     assert worker_device("cuda", "3", 4) == "cuda:3"

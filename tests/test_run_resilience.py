@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import nibabel as nib
@@ -91,18 +92,23 @@ def _labels(ct: object) -> object:
     return ct.with_array(arr, "SEG")  # type: ignore[attr-defined]
 
 
+def _seg_of(ct: Any, path: Path) -> Any:
+    """A one-class DICOM SEG of a block in `ct` (io.volume.Volume), written to `path`."""
+    return write_dicom_seg(
+        _labels(ct),
+        ct,
+        ["background", "tumour_core"],
+        path,
+        model_name="m",
+        model_version="1",
+    )
+
+
 def test_seg_from_a_deidentified_ct_is_written_with_empty_type2_values(tmp_path: Path) -> None:
     folder = _field_case("15_deidentified_missing_type2.py", tmp_path / "fc15")
     ct = load_case(folder).ct
     assert ct is not None
-    res = write_dicom_seg(
-        _labels(ct),
-        ct,
-        ["background", "tumour_core"],
-        tmp_path / "seg.dcm",
-        model_name="m",
-        model_version="1",
-    )  # type: ignore[arg-type]
+    res = _seg_of(ct, tmp_path / "seg.dcm")
     assert res.path is not None and any("PatientBirthDate" in n and "AccessionNumber" in n for n in res.notes)
     ds = pydicom.dcmread(res.path)
     assert ds.PatientBirthDate == "" and ds.AccessionNumber == ""
@@ -117,14 +123,7 @@ def test_seg_is_skipped_with_a_note_when_the_source_has_empty_uids(cohort: Path,
     ds = pydicom.dcmread(ct.meta["files"][0])
     ds.SOPInstanceUID = ""
     ds.save_as(ct.meta["files"][0])
-    res = write_dicom_seg(
-        _labels(ct),
-        ct,
-        ["background", "tumour_core"],
-        tmp_path / "seg.dcm",
-        model_name="m",
-        model_version="1",
-    )  # type: ignore[arg-type]
+    res = _seg_of(ct, tmp_path / "seg.dcm")
     assert res.path is None and "SOPInstanceUID" in res.notes[0]
     assert not (tmp_path / "seg.dcm").exists()
 
@@ -347,35 +346,56 @@ def test_sigkill_twenty_times_then_resume_equals_an_uninterrupted_run(
     assert landed >= 10
 
 
+def _run_with_a_broken_writer(
+    patients: Path, out: Path, monkeypatch: pytest.MonkeyPatch, module: object, name: str, exc: Exception
+) -> tuple[str, dict]:
+    """Run the first patient with `module.name` raising `exc`; returns its id and qc.json."""
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise exc
+
+    monkeypatch.setattr(module, name, broken)
+    pid = sorted(p.name for p in patients.iterdir())[0]
+    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid])
+    assert res.exit_code == 0, res.output
+    return pid, json.loads((out / pid / "qc.json").read_text())
+
+
 def test_a_failing_writer_costs_only_its_own_output(
     two_patients: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import medfusion.report.pdf
 
-    patients, ref = two_patients
-    pid = sorted(p.name for p in patients.iterdir())[0]
-
-    def broken(*args: object, **kwargs: object) -> None:
-        msg = "font cache unavailable"
-        raise OSError(msg)
-
-    monkeypatch.setattr(medfusion.report.pdf, "write_report", broken)
+    patients, _ = two_patients
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid])
-    assert res.exit_code == 0, res.output
+    pid, qc = _run_with_a_broken_writer(
+        patients, out, monkeypatch, medfusion.report.pdf, "write_report", OSError("font cache unavailable")
+    )
     d = out / pid
     assert not (d / "error.json").exists() and not (d / "report.pdf").exists()
     for name in ("segmentation.nii.gz", "segmentation.dcm", "scores.json", "qc.json"):
         assert (d / name).exists(), name
-    qc = json.loads((d / "qc.json").read_text())
     assert qc["outputs"]["failed"] == {"report.pdf": "OSError: font cache unavailable"}
     assert "segmentation.dcm" in qc["outputs"]["written"]
     assert list(csv.DictReader(open(out / "summary.csv")))[0]["outputs_failed"] == "report.pdf"
-    # and a re-run into the same folder must say what it does with it
+    first = json.loads((out / "run.json").read_text())
+    assert first["exit_code"] == 0 and len(first["sessions"]) == 1
+    # a re-run into the same folder must say what it does with it; a patient there that another
+    # model made (planted here) is kept, and said to be from another model, loudly and in run.json
+    old = out / "OLD0001"
+    old.mkdir()
+    model = json.loads((d / "scores.json").read_text())["model"] | {"version": "0.0.1"}
+    (old / "scores.json").write_text(json.dumps({"patient_id": "OLD0001", "model": model}))
     res = CliRunner().invoke(
         app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid, "--overwrite"]
     )
     assert res.exit_code == 0, res.output
+    assert "1 patient(s) in" in res.output and "OLD0001 (model version ('0.0.1' →" in res.output, res.output
+    run = json.loads((out / "run.json").read_text())
+    assert list(run["from_another_model_or_config"]) == ["OLD0001"]
+    # the folder's history: first session kept, exit codes 0
+    assert run["started"] == first["started"] and len(run["sessions"]) == 2
+    assert run["exit_code"] == 0 and [s["exit_code"] for s in run["sessions"]] == [0, 0]
 
 
 def test_a_failing_sr_costs_only_the_sr(
@@ -383,23 +403,19 @@ def test_a_failing_sr_costs_only_the_sr(
 ) -> None:
     import medfusion.io.sr
 
-    patients, _ = two_patients
-    pid = sorted(p.name for p in patients.iterdir())[0]
-
-    def broken(*args: object, **kwargs: object) -> None:
-        msg = "no code for this concept"
-        raise ValueError(msg)
-
-    monkeypatch.setattr(medfusion.io.sr, "write_dicom_sr", broken)
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid])
-    assert res.exit_code == 0, res.output
-    d = out / pid
-    qc = json.loads((d / "qc.json").read_text())
+    pid, qc = _run_with_a_broken_writer(
+        two_patients[0],
+        out,
+        monkeypatch,
+        medfusion.io.sr,
+        "write_dicom_sr",
+        ValueError("no code for this concept"),
+    )
     assert qc["outputs"]["failed"] == {"segmentation_sr.dcm": "no code for this concept"}
-    assert not (d / "segmentation_sr.dcm").exists()
+    assert not (out / pid / "segmentation_sr.dcm").exists()
     for name in ("segmentation.dcm", "report.pdf", "report.dcm", "scores.json"):
-        assert (d / name).exists(), name
+        assert (out / pid / name).exists(), name
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ write CSV/JSON, plots and a PDF."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -53,24 +54,26 @@ def align_reference(ref: Volume, pred: Volume) -> tuple[Volume, str]:
     )
 
 
-def evaluate(
-    pred_dir: Path,
-    labels: Path,
-    out: Path,
-    classes: list[str] | None = None,
-    tolerance_mm: float = 2.0,
-    n_boot: int = 2000,
-    threshold: float | None = None,
-    subgroups: list[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
-    """Pair `pred_dir`'s patients with `labels`, write metrics, plots and evaluation.pdf; returns the summary.
+@dataclasses.dataclass
+class Pairing:
+    """A run's patients matched with labels, checked before any metric is computed (`pair_inputs`)."""
 
-    Class names come from `classes`, else each patient's segmentation.json (what `medfusion run`
-    writes), else are numbered ("1", "2", … after "background": predictions from another tool).
-    `progress(done, total)` is called after each patient's segmentation metrics. Refused in one line
-    (InputError/ValueError): a missing folder or CSV, and predictions that share no patient with the
-    labels.
+    pred_dir: Path
+    labels_dir: Path
+    csv_path: Path
+    patients: list[str]  # with OUT/<id>/scores.json
+    table: list[dict[str, str]]  # labels.csv rows (empty without one)
+    fields: list[str]  # labels.csv columns
+    labelled: list[str]  # patients with a label map or a labels.csv row
+    run: dict[str, Any]  # PRED/run.json (empty when there is none, e.g. another tool's predictions)
+
+
+def pair_inputs(pred_dir: Path, labels: Path, subgroups: list[str] | None = None) -> Pairing:
+    """Match the predictions in `pred_dir` with `labels`; reads only listings, run.json and labels.csv.
+
+    Raises (one line, naming the path): InputError for a missing predictions folder, labels folder or
+    CSV, a folder without patient outputs, a labels CSV without patient_id, a --subgroup column that
+    labels.csv lacks; ValueError when no predicted patient has a label map or a labels.csv row.
     """
     if not pred_dir.is_dir():
         raise InputError(pred_dir, "predictions folder does not exist")
@@ -81,6 +84,58 @@ def evaluate(
     patients = sorted(p.name for p in pred_dir.iterdir() if (p / "scores.json").exists())
     if not patients:
         raise InputError(pred_dir, "no patient outputs (OUT/<id>/scores.json) found")
+    table, fields = _labels_table(csv_path) if csv_path.exists() else ([], [])
+    for col in subgroups or []:
+        if col not in fields:
+            raise InputError(csv_path, f"no column {col!r} for the subgroup breakdown")
+    labelled = sorted(
+        {d.name for d in labels_dir.iterdir() if d.is_dir() and load_label_map_exists(d)}
+        | {r["patient_id"] for r in table}
+    )
+    if not set(patients) & set(labelled):
+        msg = (
+            f"no overlap: none of the {len(patients)} patient(s) in {pred_dir} has a label map or a "
+            f"labels.csv row in {labels} ({len(labelled)} labelled patient(s) there)"
+        )
+        raise ValueError(msg)
+    try:
+        run: dict[str, Any] = json.loads((pred_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        run = {}
+    return Pairing(pred_dir, labels_dir, csv_path, patients, table, fields, labelled, run)
+
+
+def evaluated_run(pairing: Pairing) -> dict[str, str]:
+    """What was evaluated, for the report's header and metrics_summary.json: the run folder and the
+    model named in its run.json ("" when the predictions came without one)."""
+    model = pairing.run.get("model") or {}
+    name = " ".join(str(model[k]) for k in ("name", "version") if model.get(k))
+    return {"run": str(pairing.pred_dir.resolve()), "model": name}
+
+
+def evaluate(
+    pred_dir: Path,
+    labels: Path,
+    out: Path,
+    classes: list[str] | None = None,
+    tolerance_mm: float = 2.0,
+    n_boot: int = 2000,
+    threshold: float | None = None,
+    subgroups: list[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    *,
+    pairing: Pairing | None = None,
+) -> dict[str, Any]:
+    """Pair `pred_dir`'s patients with `labels`, write metrics, plots and evaluation.pdf; returns the summary.
+
+    Class names come from `classes`, else each patient's segmentation.json (what `medfusion run`
+    writes), else are numbered ("1", "2", … after "background": predictions from another tool).
+    `progress(done, total)` is called after each patient's segmentation metrics. `pairing` is
+    `pair_inputs(pred_dir, labels, subgroups)` when the caller made it already. Refused in one line
+    before anything is computed or written: see `pair_inputs`.
+    """
+    pairing = pairing or pair_inputs(pred_dir, labels, subgroups)
+    labels_dir, patients = pairing.labels_dir, pairing.patients
     numbered = False
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
@@ -113,43 +168,13 @@ def evaluate(
             rows.append({"patient_id": pid, **r})
     if progress:
         progress(len(patients), len(patients))
-    out.mkdir(parents=True, exist_ok=True)
-    cols = [
-        "patient_id",
-        "class",
-        "dice",
-        "iou",
-        "hd95_mm",
-        "assd_mm",
-        "nsd",
-        "volume_pred_ml",
-        "volume_ref_ml",
-        "volume_abs_error_ml",
-        "volume_rel_error",
-        "lesions_tp",
-        "lesions_fn",
-        "lesions_fp",
-        "lesions_fp_isolated",
-        "empty",
-    ]
-    with atomic_path(out / "metrics_per_case.csv") as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=cols)
-        w.writeheader()
-        w.writerows(rows)
-    table, fields = _labels_table(csv_path) if csv_path.exists() else ([], [])
+    table, fields = pairing.table, pairing.fields
     by_pid = {r["patient_id"]: r for r in table}
-    labelled = sorted(
-        {d.name for d in labels_dir.iterdir() if d.is_dir() and load_label_map_exists(d)} | set(by_pid)
-    )
-    if not rows and not set(patients) & set(by_pid):
-        msg = (
-            f"no overlap: none of the {len(patients)} patient(s) in {pred_dir} has a label map or a "
-            f"labels.csv row in {labels} ({len(labelled)} labelled patient(s) there)"
-        )
-        raise ValueError(msg)
+    labelled = pairing.labelled
     summary: dict[str, Any] = {
         "n_patients_predicted": len(patients),
         "n_patients_with_reference": len({r["patient_id"] for r in rows}),
+        **evaluated_run(pairing),
         "n_patients_labelled": len(labelled),
         "labelled_without_prediction": [p for p in labelled if p not in set(patients)],
         "class_names": "numbered (no segmentation.json, no --classes)" if numbered else "named",
@@ -203,8 +228,6 @@ def evaluate(
         diag[s] = diagnosis_metrics(y, pr, ths, n_boot)
         pairs[s] = (y, pr)
         for col in subgroups or []:
-            if col not in fields:
-                raise InputError(csv_path, f"no column {col!r} for the subgroup breakdown")
             groups = {}
             for g in sorted({by_pid[p][col] for p in ids}):
                 sel = np.array([by_pid[p][col] == g for p in ids])
@@ -221,8 +244,35 @@ def evaluate(
             **{k: first[f"{k}@model"] for k in ("sensitivity", "specificity")},
             "per_score": diag,
         }
+    _write_per_case(out / "metrics_per_case.csv", rows)
     write_json(out / "metrics_summary.json", summary)
     from medfusion.evaluate.plots import write_plots_and_pdf
 
-    write_plots_and_pdf(out, rows, pairs, summary)
+    write_plots_and_pdf(out, rows, pairs, summary, run=summary["run"], model=summary["model"])
     return summary
+
+
+def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cols = [
+        "patient_id",
+        "class",
+        "dice",
+        "iou",
+        "hd95_mm",
+        "assd_mm",
+        "nsd",
+        "volume_pred_ml",
+        "volume_ref_ml",
+        "volume_abs_error_ml",
+        "volume_rel_error",
+        "lesions_tp",
+        "lesions_fn",
+        "lesions_fp",
+        "lesions_fp_isolated",
+        "empty",
+    ]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(rows)

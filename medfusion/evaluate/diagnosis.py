@@ -9,7 +9,8 @@ the distribution it would have if the probabilities were exactly calibrated (out
 Bernoulli(p)) and the share of those draws at least as large as the observed value: a p-value for
 "miscalibrated beyond chance".
 A metric that is undefined on a sample (e.g. AUROC with one class) is NaN there and bootstrap
-resamples where it is undefined are dropped (their count is reported).
+resamples where it is undefined are dropped (their count is reported). Below `MIN_CASES` cases no
+metric is reported at all (see there).
 """
 
 from __future__ import annotations
@@ -144,6 +145,18 @@ def calibration_slope(y: np.ndarray, p: np.ndarray) -> float:
     return logistic_on_logit(y, np.log(q / (1 - q)))[0]
 
 
+MIN_CASES = 3
+"""The fewest cases any metric is reported for. n cases have C(2n − 1, n) distinct bootstrap resamples
+(the multisets of n draws from n cases): 3 for n = 2, so the 2.5th and 97.5th percentiles are drawn from three
+values and the interval is degenerate (an AUROC of 1.000, 95 % CI 1.000 to 1.000, from 2 cases);
+n = 3 gives 10."""
+
+
+def refusal(n: int) -> str | None:
+    """Why no metric is reported on `n` cases (None when there are enough: n ≥ `MIN_CASES`)."""
+    return None if n >= MIN_CASES else f"needs at least {MIN_CASES} cases, has {n}"
+
+
 # What `medfusion evaluate` prints and lists first in metrics_summary.json (plus the threshold ones in the PDF)
 HEADLINE = ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calibration_slope")
 
@@ -178,10 +191,17 @@ def diagnosis_metrics(
         ``n``, ``n_positive``, ``thresholds``, and per metric a dict of ``value``, ``ci_low``,
         ``ci_high`` (None where undefined, e.g. AUROC with one class) and ``bootstrap_undefined``.
         ``ece`` also carries ``calibrated_null`` (median, 95th percentile and p-value of the ECE of
-        exactly calibrated outcomes, `ece_calibrated_null`) when n > 0.
+        exactly calibrated outcomes, `ece_calibrated_null`). With fewer than `MIN_CASES` cases every
+        metric is refused: value and CI None, and ``refused`` says how many cases it needs.
     """
     y = np.asarray(y, int)
     p = np.asarray(p, float)
+    if (why := refusal(len(y))) is not None:
+        names = [*METRICS, *(f"{k}@{t}" for t in thresholds for k in threshold_metrics(y, p, 0.5))]
+        none = {"value": None, "ci_low": None, "ci_high": None, "bootstrap_undefined": 0, "refused": why}
+        return {"n": int(len(y)), "n_positive": int(y.sum()), "thresholds": thresholds} | {
+            k: dict(none) for k in names
+        }
 
     def all_metrics(yy: np.ndarray, pp: np.ndarray) -> dict[str, float]:
         out = {k: f(yy, pp) for k, f in METRICS.items()}
@@ -207,11 +227,10 @@ def diagnosis_metrics(
             "ci_high": None if np.isnan(hi) else float(hi),
             "bootstrap_undefined": int(len(b) - len(ok)),
         }
-    if len(y):
-        null = ece_calibrated_null(p, max(200, n_boot), seed)
-        result["ece"]["calibrated_null"] = {
-            "median": float(np.median(null)),
-            "p95": float(np.percentile(null, 95)),
-            "p_value": float(np.mean(null >= point["ece"])),
-        }
+    null = ece_calibrated_null(p, max(200, n_boot), seed)
+    result["ece"]["calibrated_null"] = {
+        "median": float(np.median(null)),
+        "p95": float(np.percentile(null, 95)),
+        "p_value": float(np.mean(null >= point["ece"])),
+    }
     return result

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from types import FrameType, TracebackType
 from typing import Any
 
-_state = {"signum": 0}
+_state = {"signum": 0, "depth": 0}
 
 
 class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt, which it stands beside)
@@ -36,6 +36,11 @@ class Interrupted(BaseException):  # noqa: N818 (like KeyboardInterrupt, which i
     def exit_code(self) -> int:
         """The shell's convention: 128 + the signal number (130 for SIGINT, 143 for SIGTERM)."""
         return 128 + self.signum
+
+
+def signal_name(signum: int) -> str:
+    """SIGINT, SIGTERM, … (the name of signal number `signum`)."""
+    return signal.Signals(signum).name
 
 
 def stop_requested() -> int:
@@ -58,8 +63,11 @@ def check_stop(exc: BaseException | None = None) -> None:
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM raise `Interrupted` (once: a second signal gets the
-    previous handler, so a stuck stop can still be forced). Outside the main thread: no change."""
-    if threading.current_thread() is not threading.main_thread():
+    previous handler, so a stuck stop can still be forced). Outside the main thread: no change.
+
+    Nested blocks share the outermost one's handlers: `medfusion run` enters one before its imports
+    (a stop during the first seconds is a clean stop too) and the cohort runner another inside it."""
+    if threading.current_thread() is not threading.main_thread() or _state["depth"]:
         yield
         return
     previous: dict[int, Any] = {}
@@ -80,6 +88,7 @@ def stop_on_signals() -> Iterator[None]:
     sys.excepthook = hook
     for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
         previous[signum] = signal.signal(signum, handler)
+    _state["depth"] = 1
     try:
         yield
     finally:
@@ -87,3 +96,4 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(signum, old)
         sys.excepthook = old_hook
         _state["signum"] = 0
+        _state["depth"] = 0
