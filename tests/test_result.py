@@ -113,6 +113,10 @@ def test_a_broken_file_is_one_line_naming_it(tmp_path: Path) -> None:
     assert "\n" not in str(err.value)
     with pytest.raises(ValueError, match="cannot read"):
         CaseResult.load(tmp_path / "missing")
+    with pytest.raises(ValueError, match="probabilities.m"):
+        CaseResult.load_probabilities(tmp_path)
+    (tmp_path / "scores.json").write_text(json.dumps({"probabilities": {"m": 0.25}}))  # another tool's
+    assert CaseResult.load_probabilities(tmp_path) == {"m": 0.25}
 
 
 @pytest.mark.parametrize(("in_domain", "qc_passed"), [(True, True), (False, False)])

@@ -39,11 +39,7 @@ def _case_dice(run: Path) -> dict[tuple[str, str], float]:
 
 def _probabilities(run: Path) -> dict[str, dict[str, float]]:
     """Each patient's calibrated probabilities, from its scores.json (`run.result.CaseResult`)."""
-    return {
-        p.name: CaseResult.load_scores(p).probabilities
-        for p in sorted(run.iterdir())
-        if (p / SCORES).exists()
-    }
+    return {p.name: CaseResult.load_probabilities(p) for p in sorted(run.iterdir()) if (p / SCORES).exists()}
 
 
 def _paired(rows: np.ndarray, diff: Any, n_boot: int, rng: np.random.Generator) -> dict[str, float | int]:

@@ -117,6 +117,17 @@ class ModelRecord(_Record):
     version: str | None = None
 
 
+class ScoredProbabilities(_Record):
+    """The part of scores.json every reader of probabilities needs (`medfusion compare`, calibration):
+    a scores.json from another tool holding only ``probabilities`` still reads.
+
+    Attributes:
+        probabilities: calibrated probability in [0, 1] per score name.
+    """
+
+    probabilities: dict[str, float]
+
+
 class Scores(_Record):
     """The schema of scores.json (see the module docstring for the keys).
 
@@ -239,8 +250,19 @@ class CaseResult(BaseModel):
         return cls(scores=scores, qc=validated(QCRecord, _read(qc_path), qc_path))
 
     @classmethod
+    def load_probabilities(cls, folder: str | Path) -> dict[str, float]:
+        """The probabilities of a patient's scores.json (`ScoredProbabilities`; other keys may be absent).
+
+        Raises:
+            ValueError: scores.json is missing, not JSON, or its probabilities are not numbers.
+        """
+        path = Path(folder) / SCORES
+        scored: ScoredProbabilities = validated(ScoredProbabilities, _read(path), path)
+        return scored.probabilities
+
+    @classmethod
     def load_scores(cls, folder: str | Path) -> Scores:
-        """Only scores.json of a patient's output folder, validated (what calibrate and compare read)."""
+        """Only scores.json of a patient's output folder, validated as the whole `Scores`."""
         path = Path(folder) / SCORES
         scores: Scores = validated(Scores, _read(path), path)
         return scores
