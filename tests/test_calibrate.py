@@ -90,7 +90,7 @@ def test_temperature_method_undoes_overconfidence(tmp_path: Path) -> None:
 
 
 def test_platt_moves_the_mean_and_the_package_computes_exactly_that(tmp_path: Path) -> None:
-    from medfusion.models.measures import FEATURES
+    from medfusion.measure.features import FEATURES
 
     run, labels = fake_run(tmp_path, sharpen=1.0, shift=-1.0)  # every probability too low
     out = tmp_path / "pkg"

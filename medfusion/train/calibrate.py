@@ -106,7 +106,20 @@ def recalibrate(
     `labels` (one labels folder or CSV per run, or one for all), write the new package to `out` (which
     must not exist; version `version`, default the old one + "+recalibrated") and return the fit's
     record. Several runs are pooled: the intercept of a few hundred cases still carries the luck of
-    their labels (± 0.03 in the base rate at 300), so more cases from more cohorts fit it better."""
+    their labels (± 0.03 in the base rate at 300), so more cases from more cohorts fit it better.
+
+    Returns:
+        The fit's record (also stored in the new package's `model.json` "recalibration"): per score
+        name the cases, the slope/intercept or factor, temperature and bias before and after, and the
+        in-sample NLL/Brier/ECE before and after; or {"kept": why} for a score without labels.
+
+    Raises:
+        InputError: `out` exists; a run or labels table is missing; scores from other weights; fewer
+            than `MIN_PER_CLASS` cases of either class; a Platt slope ≤ 0 (the scores do not rank the
+            cases, or separate them perfectly); `platt` for a package without a note head.
+        ValueError: the numbers of runs and labels do not match; a scores.json outside the contract.
+        PackageError: the source package does not load.
+    """
     src = Path(model) if model is not None else DEFAULT_PACKAGE
     meta = read_meta(src)
     if out.exists():

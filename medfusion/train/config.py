@@ -112,7 +112,7 @@ class DiagnosisConfig(StrictModel):
             split (two gains and a bias): three parameters fitted out of sample, where a refit of the
             whole head on training-case features overfits (the trunk has memorised those cases).
         stack_c: inverse L2 strength of that regression (scikit-learn's C), > 0.
-        measures: fit the measurement term (network.measures, models/measures.py): a logistic regression
+        measures: fit the measurement term (network.measures, measure/features.py): a logistic regression
             of the labels on the note logit and the measurements of the training cases' reference label
             maps; the stacking then weighs it beside the image-side and note logits.
         measures_c: inverse L2 strength of that regression (standardised features), > 0.

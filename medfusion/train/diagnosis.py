@@ -23,7 +23,7 @@ from sklearn.metrics import brier_score_loss, roc_auc_score
 
 from medfusion.infer.windowed import centred_window
 from medfusion.io.errors import InputError
-from medfusion.models.measures import FEATURES as MEASURE_FEATURES
+from medfusion.measure.features import FEATURES as MEASURE_FEATURES
 from medfusion.models.network import MedFusionNet
 from medfusion.train.batches import note_augment, to_tensor
 from medfusion.train.config import DiagnosisConfig

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from medfusion.evaluate.segmentation import dice
 from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.atomic import atomic_path, write_json
-from medfusion.models.measures import grid_spacing_zyx, lesion_features
+from medfusion.measure.features import grid_spacing_zyx, lesion_features
 from medfusion.models.network import MedFusionNet, channels_last
 from medfusion.models.package import load_package, package_vocabulary, save_package
 from medfusion.text.encoders import Vocabulary
@@ -326,61 +326,75 @@ class Trainer:
             if rank() == 0:
                 write_json(self.out / "ddp_check.json", {"parameter_sums": sums})
         if rank() == 0:
-            self._load_weights(model, self.out / "best.safetensors")
-            final = self.diagnosis_stage(model, train, val)
-            # out of fold where the stacking made them (in-sample stacked logits are over-confident);
-            # in-sample for a score without them (temperature_folds 0, or too few cases of a class)
-            cal = final.get("calibration_logits")
-            cal = final["logits"] if cal is None else np.where(np.isnan(cal), final["logits"], cal)
-            y_val = np.stack([v["scores"] for v in val])
-            # `final`'s logits are the network's own (before any temperature: an `init_from` source's
-            # would otherwise divide them twice), so this is the package's temperature itself
-            temps = fit_temperature(cal, y_val)
-            model.temperature.copy_(torch.from_numpy(temps))
-            # temperature changes neither the segmentation nor the ranking: only the Brier score moves
-            p_cal = _sigmoid(final["logits"] / temps)
-            metrics_out = {k: v for k, v in final.items() if k not in (*ARRAYS, "stage")}
-            metrics_out["brier"] = mean_brier(y_val, p_cal)
-            save_package(
-                model.cpu(),
-                self.out / "package",
-                cfg.preprocess,
-                name=cfg.name,
-                version=cfg.version,
-                class_names=cfg.class_names,
-                score_names=cfg.score_names,
-                training={
-                    "config": cfg.model_dump(),
-                    "n_train": len(train),
-                    "n_val": len(val),
-                    "temperature": temps.tolist(),
-                    "diagnosis_stage": final.get("stage", {}),
-                },
-                metrics={"validation": metrics_out},
-            )
-            if cfg.domain.fit:
-                from medfusion.train.domain import fit_training_domain
+            summary = self.package(model, train, val)
+        return summary
 
-                fit_training_domain(
-                    model.to(self.device),
-                    self.out / "package",
-                    train,
-                    val,
-                    Path(cfg.data.patients),
-                    cfg.crop_size,
-                    val_probabilities=p_cal,
-                    val_labels=y_val,
-                    flag_rate=cfg.domain.flag_rate,
-                    max_ece=cfg.domain.max_ece,
-                    overlap=cfg.val_window_overlap,
-                    sw_batch_size=default_sw_batch_size(self.device),
-                )
-            summary = {
-                "validation": metrics_out,
+    def package(
+        self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Package the best checkpoint (rank 0): load OUT/best.safetensors, run the diagnosis stage, fit
+        the temperature on the validation split, write OUT/package (and its domain guard when
+        `domain.fit`) and OUT/summary.json.
+
+        Returns:
+            The summary: {"validation": metrics, "temperature": one per score, "package": its folder}.
+        """
+        cfg = self.cfg
+        self._load_weights(model, self.out / "best.safetensors")
+        final = self.diagnosis_stage(model, train, val)
+        # out of fold where the stacking made them (in-sample stacked logits are over-confident);
+        # in-sample for a score without them (temperature_folds 0, or too few cases of a class)
+        cal = final.get("calibration_logits")
+        cal = final["logits"] if cal is None else np.where(np.isnan(cal), final["logits"], cal)
+        y_val = np.stack([v["scores"] for v in val])
+        # `final`'s logits are the network's own (before any temperature: an `init_from` source's
+        # would otherwise divide them twice), so this is the package's temperature itself
+        temps = fit_temperature(cal, y_val)
+        model.temperature.copy_(torch.from_numpy(temps))
+        # temperature changes neither the segmentation nor the ranking: only the Brier score moves
+        p_cal = _sigmoid(final["logits"] / temps)
+        metrics_out = {k: v for k, v in final.items() if k not in (*ARRAYS, "stage")}
+        metrics_out["brier"] = mean_brier(y_val, p_cal)
+        save_package(
+            model.cpu(),
+            self.out / "package",
+            cfg.preprocess,
+            name=cfg.name,
+            version=cfg.version,
+            class_names=cfg.class_names,
+            score_names=cfg.score_names,
+            training={
+                "config": cfg.model_dump(),
+                "n_train": len(train),
+                "n_val": len(val),
                 "temperature": temps.tolist(),
-                "package": str(self.out / "package"),
-            }
-            write_json(self.out / "summary.json", summary)
+                "diagnosis_stage": final.get("stage", {}),
+            },
+            metrics={"validation": metrics_out},
+        )
+        if cfg.domain.fit:
+            from medfusion.train.domain import fit_training_domain
+
+            fit_training_domain(
+                model.to(self.device),
+                self.out / "package",
+                train,
+                val,
+                Path(cfg.data.patients),
+                cfg.crop_size,
+                val_probabilities=p_cal,
+                val_labels=y_val,
+                flag_rate=cfg.domain.flag_rate,
+                max_ece=cfg.domain.max_ece,
+                overlap=cfg.val_window_overlap,
+                sw_batch_size=default_sw_batch_size(self.device),
+            )
+        summary = {
+            "validation": metrics_out,
+            "temperature": temps.tolist(),
+            "package": str(self.out / "package"),
+        }
+        write_json(self.out / "summary.json", summary)
         return summary
 
     @staticmethod
