@@ -36,21 +36,8 @@ def fake_run(
             pid = f"P{i:04d}"
             w.writerow([pid, y[i]])
             (run / pid).mkdir(parents=True)
-            p = float(1 / (1 + np.exp(-(sharpen * z[i] + shift))))
-            scores = {
-                "patient_id": pid,
-                "probabilities": {"malignant": p},
-                "predicted": {"malignant": p >= 0.5},
-                "domain": {"in_domain": True},
-                "measurements": {
-                    "volumes_ml": {},
-                    "lesion_count": 0,
-                    "largest_diameter_mm": 0.0,
-                    "lesion_diameters_mm": [],
-                },
-                "model": {"weights_sha256": sha},
-            }
-            (run / pid / "scores.json").write_text(json.dumps(scores))
+            scores = {"probabilities": {"malignant": float(1 / (1 + np.exp(-(sharpen * z[i] + shift))))}}
+            (run / pid / "scores.json").write_text(json.dumps({**scores, "model": {"weights_sha256": sha}}))
     (run / "run.json").write_text(json.dumps({"config": {"name": "default"}}))
     return run, labels
 

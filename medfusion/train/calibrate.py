@@ -63,8 +63,9 @@ def calibration_summary(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 def _read_run(
     pred: Path, labels: Path, sha: str | None, src: Path
 ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, str]], list[str]]:
-    """One run's probabilities per patient (each scores.json read as `run.result.Scores`) and its labels
-    table (rows by patient id, column names).
+    """One run's probabilities per patient (`run.result.CaseResult.load_probabilities`: any scores.json
+    with "probabilities", so runs older than today's contract still read) and its labels table (rows by
+    patient id, column names).
 
     Raises:
         InputError: no labels CSV, no patient outputs, or a scores.json written by other weights than
@@ -82,16 +83,21 @@ def _read_run(
         raise InputError(pred, "no patient outputs (OUT/<id>/scores.json) found")
     probs: dict[str, dict[str, float]] = {}
     for folder in runs:
-        sc = CaseResult.load_scores(folder)
-        made_by = getattr(sc.model, "weights_sha256", None)
+        made_by = _weights_of(folder / "scores.json")
         if made_by != sha:
             raise InputError(
                 folder / "scores.json",
                 f"written by weights {str(made_by)[:12]}…, not by the package being re-calibrated "
                 f"({str(sha)[:12]}…, {src})",
             )
-        probs[folder.name] = sc.probabilities
+        probs[folder.name] = CaseResult.load_probabilities(folder)
     return probs, {r["patient_id"]: r for r in table}, fields
+
+
+def _weights_of(scores_json: Path) -> str | None:
+    """The SHA-256 of the weights that wrote a scores.json (its "model" record; None when absent)."""
+    model = json.loads(scores_json.read_text()).get("model")
+    return model.get("weights_sha256") if isinstance(model, dict) else None
 
 
 def recalibrate(
