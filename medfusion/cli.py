@@ -692,12 +692,14 @@ def evaluate(
         d = summary["diagnosis"]
         n, n_pos = d["n"], d["n_positive"]
         out_c.print(f"diagnosis ({d['score']}): n = {n} ({n_pos} positive, {n - n_pos} negative)")
+        c = d["confusion"]  # counts at the threshold: shown on any number of cases
         sens, spec = d["sensitivity"]["value"], d["specificity"]["value"]
         out_c.print(
             f"at p ≥ {d['threshold']:g}: sensitivity "
-            + ("—" if sens is None else f"{sens:.3f} ({round(sens * n_pos)}/{n_pos})")
-            + ", specificity "
-            + ("—" if spec is None else f"{spec:.3f} ({round(spec * (n - n_pos))}/{n - n_pos})")
+            + ("" if sens is None else f"{sens:.3f} ")
+            + f"({c['tp']}/{c['tp'] + c['fn']}), specificity "
+            + ("" if spec is None else f"{spec:.3f} ")
+            + f"({c['tn']}/{c['tn'] + c['fp']})"
         )
         for k in HEADLINE:
             v = d[k]

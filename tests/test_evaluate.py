@@ -356,6 +356,7 @@ def test_evaluate_refuses_metrics_on_two_cases_instead_of_a_degenerate_ci(
     assert res.exit_code == 1, res.output
     assert "too few cases for auroc" in res.output and "needs at least 3" in res.output
     assert "95% CI" not in res.output  # no interval from 3 distinct resamples (was 1.000 to 1.000)
+    assert "sensitivity (1/1), specificity (1/1)" in res.output  # counts, not rates, on 2 cases
     summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
     auroc = summary["diagnosis"]["auroc"]
     assert auroc["value"] is None and auroc["ci_low"] is None and "needs at least 3" in auroc["refused"]

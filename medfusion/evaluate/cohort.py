@@ -242,6 +242,7 @@ def evaluate(
             "threshold": first["thresholds"]["model"],
             **{k: first[k] for k in HEADLINE},
             **{k: first[f"{k}@model"] for k in ("sensitivity", "specificity")},
+            "confusion": first["confusion"]["model"],
             "per_score": diag,
         }
     _write_per_case(out / "metrics_per_case.csv", rows)

@@ -103,6 +103,19 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float
     }
 
 
+def confusion_counts(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, int]:
+    """TP, FP, TN, FN with p ≥ `t` called positive (`y`: outcomes 0/1, `p`: probabilities, shape (n,)).
+    Counts, not estimates: reported on any number of cases."""
+    yhat = np.asarray(p) >= t
+    y = np.asarray(y)
+    return {
+        "tp": int(np.sum(yhat & (y == 1))),
+        "fp": int(np.sum(yhat & (y == 0))),
+        "tn": int(np.sum(~yhat & (y == 0))),
+        "fn": int(np.sum(~yhat & (y == 1))),
+    }
+
+
 def calibration_in_the_large(y: np.ndarray, p: np.ndarray) -> float:
     """Mean probability minus the observed rate: > 0 the model over-predicts on average, < 0 under
     (the first level of the calibration hierarchy, Van Calster et al., J Clin Epidemiol 2016)."""
@@ -188,7 +201,8 @@ def diagnosis_metrics(
         seed: seed of the bootstrap and of the ECE null draws.
 
     Returns:
-        ``n``, ``n_positive``, ``thresholds``, and per metric a dict of ``value``, ``ci_low``,
+        ``n``, ``n_positive``, ``thresholds``, ``confusion`` (`confusion_counts` per threshold name),
+        and per metric a dict of ``value``, ``ci_low``,
         ``ci_high`` (None where undefined, e.g. AUROC with one class) and ``bootstrap_undefined``.
         ``ece`` also carries ``calibrated_null`` (median, 95th percentile and p-value of the ECE of
         exactly calibrated outcomes, `ece_calibrated_null`). With fewer than `MIN_CASES` cases every
@@ -199,9 +213,12 @@ def diagnosis_metrics(
     if (why := refusal(len(y))) is not None:
         names = [*METRICS, *(f"{k}@{t}" for t in thresholds for k in threshold_metrics(y, p, 0.5))]
         none = {"value": None, "ci_low": None, "ci_high": None, "bootstrap_undefined": 0, "refused": why}
-        return {"n": int(len(y)), "n_positive": int(y.sum()), "thresholds": thresholds} | {
-            k: dict(none) for k in names
-        }
+        return {
+            "n": int(len(y)),
+            "n_positive": int(y.sum()),
+            "thresholds": thresholds,
+            "confusion": {name: confusion_counts(y, p, t) for name, t in thresholds.items()},
+        } | {k: dict(none) for k in names}
 
     def all_metrics(yy: np.ndarray, pp: np.ndarray) -> dict[str, float]:
         out = {k: f(yy, pp) for k, f in METRICS.items()}
@@ -216,7 +233,12 @@ def diagnosis_metrics(
         i = rng.integers(0, len(y), len(y))
         for k, v in all_metrics(y[i], p[i]).items():
             boots[k].append(v)
-    result: dict[str, Any] = {"n": int(len(y)), "n_positive": int(y.sum()), "thresholds": thresholds}
+    result: dict[str, Any] = {
+        "n": int(len(y)),
+        "n_positive": int(y.sum()),
+        "thresholds": thresholds,
+        "confusion": {name: confusion_counts(y, p, t) for name, t in thresholds.items()},
+    }
     for k, v in point.items():
         b = np.asarray(boots[k])
         ok = b[~np.isnan(b)]
