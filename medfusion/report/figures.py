@@ -27,14 +27,27 @@ def _png(fig: plt.Figure, dpi: int = 130) -> bytes:
     return buf.getvalue()
 
 
-def score_bars(scores: dict[str, float], uncertainty: dict[str, float], threshold: float = 0.5) -> bytes:
+def score_bars(
+    scores: dict[str, float],
+    uncertainty: dict[str, float],
+    threshold: float = 0.5,
+    band: tuple[float, float] | None = None,
+) -> bytes:
     """Horizontal bars of the calibrated probabilities (in [0, 1]) with ±1 s.d. error bars and the
-    decision threshold dashed; red at or above it, blue below. PNG bytes."""
+    decision threshold dashed: red at or above it, blue below, amber inside the indeterminate `band`
+    [low, high) (shaded). PNG bytes."""
     names = list(scores)
     fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.55 * len(names)))
     vals = [scores[n] for n in names]
     err = [uncertainty.get(n, 0.0) for n in names]
-    colours = ["#c0392b" if v >= threshold else "#2e86c1" for v in vals]
+    colours = [
+        "#d68910"
+        if band is not None and band[0] <= v < band[1]
+        else ("#c0392b" if v >= threshold else "#2e86c1")
+        for v in vals
+    ]
+    if band is not None and band[0] < band[1]:
+        ax.axvspan(band[0], band[1], color="#fdebd0", zorder=0)
     ax.barh(names, vals, xerr=err, color=colours, capsize=4, height=0.5)
     ax.axvline(threshold, color="grey", ls="--", lw=1)
     for y, v in enumerate(vals):

@@ -402,7 +402,10 @@ def write_report(
     else:
         story.append(Paragraph("No lesion detected.", styles["Normal"]))
     story.append(Paragraph("Diagnostic scores", styles["Heading2"]))
-    story.append(_img(figures.score_bars(scores.probabilities, scores.uncertainty, scores.threshold), 110))
+    band = scores.indeterminate_band if scores.in_domain else None  # no band drawn without a decision
+    story.append(
+        _img(figures.score_bars(scores.probabilities, scores.uncertainty, scores.threshold, band), 110)
+    )
     domain = scores.domain
     if not scores.in_domain:  # out of the model's domain: no verdict, the banner says why
         probs = ", ".join(f"{k} {p:.2f}" for k, p in scores.probabilities.items())
