@@ -33,8 +33,9 @@ from medfusion.evaluate.segmentation import dice
 from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.models.network import MedFusionNet
 from medfusion.models.package import load_package
+from medfusion.train.config import TrainConfig
 from medfusion.train.data import build_cache, load_cached, read_labels_csv
-from medfusion.train.loop import TrainConfig, train
+from medfusion.train.loop import train
 
 ROWS: dict[str, dict[str, Any]] = {
     "image only: CT": {"use_mr": False, "use_note": False},

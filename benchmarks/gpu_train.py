@@ -47,7 +47,8 @@ def recipe(cohort: Path, work: Path, device: str, steps: int, loader_workers: in
 
 def train_on(cohort: Path, work: Path, device: str, steps: int, loader_workers: int) -> list[float]:
     from medfusion.models.package import load_package
-    from medfusion.train.loop import TrainConfig, train
+    from medfusion.train.config import TrainConfig
+    from medfusion.train.loop import train
 
     out = work / f"{device}-{loader_workers}"
     summary = train(TrainConfig.model_validate(recipe(cohort, work, device, steps, loader_workers)), out)

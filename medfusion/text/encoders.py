@@ -51,6 +51,7 @@ class Vocabulary:
         notes: list[str],
         min_count: int = 2,
         max_size: int = 4000,
+        *,
         negation: bool = True,
         numbers: bool = True,
     ) -> Vocabulary:

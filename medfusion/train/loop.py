@@ -164,7 +164,7 @@ class Trainer:
         path = self.out / "vocabulary.json"
         if path.exists():
             rec = json.loads(path.read_text())
-            return Vocabulary(rec["words"], rec["negation"], rec["numbers"])
+            return Vocabulary(rec["words"], negation=rec["negation"], numbers=rec["numbers"])
         if self.cfg.init_from:
             vocab = package_vocabulary(self._source_package()[1])
         else:
