@@ -201,6 +201,8 @@ class Trainer:
         """
         cfg = self.cfg
         self.out.mkdir(parents=True, exist_ok=True)
+        # MONAI's set_determinism seeds Python, NumPy and torch and puts cuDNN in deterministic mode; the
+        # augmentation's MONAI transforms keep a random state of their own, seeded in image_augment
         set_determinism(seed=cfg.seed)
         train, val, vocab = self.prepare()
         model = MedFusionNet(cfg.network, vocab).to(self.device)
