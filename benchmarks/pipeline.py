@@ -3,14 +3,25 @@ the segmentation pass alone — windows of the training crop (MONAI's Gaussian s
 predictor runs it) side by side with the whole grid in one pass, same network and input.
 
     python benchmarks/pipeline.py [--cohort sample_data/patients] [--out /tmp/bench-run]
+
+    python benchmarks/pipeline.py --size clinical --cohort CLIN/patients [--baseline PATIENT] [--n 3]
+
+`--size clinical` (#24): the whole `medfusion run` of each clinical-size patient (`medfusion synth --size
+clinical`) and of the standard sample patient (`--baseline`, default sample_data's first), each as its own
+process, alternating, in the same run; the median wall time per patient, its ratio to the standard one,
+and each process's peak RSS (`os.wait4`: the child's own maximum resident set, its children included
+where it waited for them).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -21,14 +32,54 @@ from medfusion.infer.predictor import Predictor
 from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.io.case import find_patient_folders, load_case
 from medfusion.preprocess.prepare import prepare_case
-from medfusion.run.pipeline import RunOptions, run_cohort, run_preprocess_config
+from medfusion.run.cohort import run_cohort
+from medfusion.run.pipeline import RunOptions, run_preprocess_config
+
+
+def _timed_run(patient: Path, out: Path) -> tuple[float, float, int]:
+    """`medfusion run PATIENT --out OUT --device cpu` as a child process: (wall s, peak RSS MiB, exit code)."""
+    cmd = [sys.executable, "-m", "medfusion.cli", "run", str(patient), "--out", str(out), "--device", "cpu"]
+    t = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 and proc.stderr is not None:
+        print(proc.stderr.read().decode(errors="replace")[-2000:], file=sys.stderr)
+    return seconds, usage.ru_maxrss / 1024, proc.returncode
+
+
+def clinical_ratio(clinical: Path, baseline: Path, n: int, out: Path) -> None:
+    """Clinical-size patients against the standard one, each `medfusion run` in its own process, alternating."""
+    patients = find_patient_folders([clinical])[:n]
+    rows: dict[str, list[tuple[float, float, int]]] = {"standard": [], "clinical": []}
+    for i, patient in enumerate(patients):
+        for label, folder in (("standard", baseline), ("clinical", patient)):
+            rec = _timed_run(folder, out / f"{label}-{i}")
+            rows[label].append(rec)
+            print(
+                f"{label:9s} {folder.name}: {rec[0]:.1f} s, peak RSS {rec[1]:.0f} MiB, exit {rec[2]}",
+                flush=True,
+            )
+    med = {k: statistics.median(r[0] for r in v) for k, v in rows.items()}
+    peak = {k: max(r[1] for r in v) for k, v in rows.items()}
+    for k in rows:
+        print(f"{k:9s} {len(rows[k])} runs: median {med[k]:.1f} s per patient, peak RSS {peak[k]:.0f} MiB")
+    print(f"clinical / standard median time per patient: {med['clinical'] / med['standard']:.2f}×")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cohort", type=Path, default=Path("sample_data/patients"))
     ap.add_argument("--out", type=Path, default=Path("/tmp/bench-run"))
+    ap.add_argument("--size", choices=["standard", "clinical"], default="standard")
+    ap.add_argument("--baseline", type=Path, help="the standard-size patient for --size clinical")
+    ap.add_argument("--n", type=int, default=3, help="clinical patients for --size clinical")
     args = ap.parse_args()
+    if args.size == "clinical":
+        baseline = args.baseline or find_patient_folders([Path("sample_data/patients")])[0]
+        clinical_ratio(args.cohort, baseline, args.n, args.out)
+        return
     folders = find_patient_folders([args.cohort])
     t = time.perf_counter()
     run_cohort(folders, RunOptions(out=args.out, pipeline=PipelineConfig(), device="cpu"))

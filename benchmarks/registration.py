@@ -17,7 +17,18 @@ ANTsPy and itk-elastix are not dependencies of medfusion (≈ 650 MB and ≈ 1.6
 separate environment that has them (`pip install antspyx` / `pip install itk-elastix`) and each pair
 is also registered there, with that tool's own default rigid settings (benchmarks/external/): the
 pair goes over as NIfTI, the fixed→moving matrix comes back, and the time of the registration call
-alone is counted (not the interpreter start or the file reads).
+alone is counted (not the interpreter start or the file reads). `--greedy-python` (`pip install
+picsl-greedy`: Greedy's rigid mode with NMI and a random rotation search) and `--simpleelastix-python`
+(`pip install simpleitk-simpleelastix`: elastix's default rigid map through SimpleITK, ≈ 0.4 GB
+instead of itk-elastix's 1.7 GB) work the same way.
+
+    python benchmarks/registration.py --mni --motions 20
+
+Real anatomy (#24): pairs built from nilearn's MNI152 template as tests/mni_anatomy.py builds them (a
+pseudo-CT with skull and scalp; the T1 brain-only, with a scalp and skull signal, as a slab of 40-60 %
+of the head, and at 1 mm instead of 1.5 mm), each variant under MOTIONS random known rigid motions;
+median TRE and the QC's verdicts (every one of these registrations is right, so a failed QC is a
+false alarm). Nothing is written.
 """
 
 from __future__ import annotations
@@ -94,34 +105,65 @@ def run_method(name: str, case: Any) -> Any:
     return tutorial_recipe(case.ct.to_sitk(), case.mr[0].to_sitk())
 
 
-def qc_on_wrong_transforms(cohort: Path, pids: list[str], seed: int = 5) -> None:
+REAL = Path(__file__).resolve().parents[2] / "shared" / "real-data"
+WRONG_KINDS = (
+    "spoiled transform",
+    "another patient's MR",
+    "MR outside the CT's field of view",
+    "abdominal CT",
+)
+
+
+def qc_on_wrong_inputs(cohort: Path, pids: list[str], seed: int = 5) -> None:
+    """The QC's verdict on wrong inputs, one kind per pair in turn (`WRONG_KINDS`): the true transform
+    spoiled by a random 6-12° rotation and 6-12 mm shift; the MR of the next patient of the cohort (under
+    this pair's true transform); the MR moved 300 mm along the patient (under the true transform); the real
+    abdominal CT of ../shared/real-data/abdomen-ct with this head MR (registered, then checked; skipped
+    when that folder is absent). Every one should fail."""
+    import dataclasses
+
     rng = np.random.default_rng(seed)
     cfg = RegistrationConfig()
-    caught = caught_before = 0
-    for pid in pids:
+    abdomen = REAL / "abdomen-ct" / "dicom"
+    abd_ct = load_case(abdomen).ct if abdomen.exists() else None
+    kinds = [k for k in WRONG_KINDS if k != "abdominal CT" or abd_ct is not None]
+    caught: dict[str, list[bool]] = {k: [] for k in kinds}
+    for i, pid in enumerate(pids):
+        kind = kinds[i % len(kinds)]
         case = load_case(cohort / "patients" / pid)
         assert case.ct is not None
         truth = np.array(
             json.loads((cohort / "labels" / pid / "truth.json").read_text())["registration"]["matrix_lps"]
         )
-        axis = rng.normal(size=3)
-        angle = np.radians(rng.uniform(6, 12))
-        rot = sitk.VersorTransform((axis / np.linalg.norm(axis)).tolist(), float(angle))
-        shift = rng.normal(size=3)
-        shift *= rng.uniform(6, 12) / np.linalg.norm(shift)
-        wrong = truth.copy()
-        wrong[:3, :3] = truth[:3, :3] @ np.array(rot.GetMatrix()).reshape(3, 3)
-        wrong[:3, 3] += shift
-        tre = float(np.mean(target_registration_error(wrong, truth, case.ct, n=20)))
-        qc = quality_check(case.ct, case.mr[0], wrong, cfg)
-        caught += not qc["passed"]
-        # the round-trip distance alone (mean ≤ max_consistency_mm), as the consistency check was before 0.5
-        gap = qc["checks"]["consistency"]["value"]
-        caught_before += gap > cfg.max_consistency_mm
-        verdict = "pass" if qc["passed"] else "fail"
+        ct, mr, matrix = case.ct, case.mr[0], truth
+        if kind == "spoiled transform":
+            axis = rng.normal(size=3)
+            angle = np.radians(rng.uniform(6, 12))
+            rot = sitk.VersorTransform((axis / np.linalg.norm(axis)).tolist(), float(angle))
+            shift = rng.normal(size=3)
+            shift *= rng.uniform(6, 12) / np.linalg.norm(shift)
+            matrix = truth.copy()
+            matrix[:3, :3] = truth[:3, :3] @ np.array(rot.GetMatrix()).reshape(3, 3)
+            matrix[:3, 3] += shift
+        elif kind == "another patient's MR":
+            names = sorted(p.name for p in (cohort / "patients").iterdir())
+            other = load_case(cohort / "patients" / names[(names.index(pid) + 1) % len(names)])
+            mr = other.mr[0]
+        elif kind == "MR outside the CT's field of view":
+            mr = dataclasses.replace(mr, origin=(mr.origin[0], mr.origin[1], mr.origin[2] - 300.0))
+        if kind == "abdominal CT":
+            assert abd_ct is not None
+            qc = register(abd_ct, mr, cfg).qc
+        else:
+            qc = quality_check(ct, mr, matrix, cfg)
+        caught[kind].append(not qc["passed"])
+        verdict = "fail" if not qc["passed"] else "PASS (missed)"
         values = {k: c["value"] for k, c in qc["checks"].items()}
-        print(pid, f"TRE {tre:.1f} mm:", verdict, values, flush=True)
-    print(f"QC failed {caught} of {len(pids)} wrong transforms (round-trip distance alone: {caught_before})")
+        print(pid, kind, verdict, values, flush=True)
+    total = sum(sum(v) for v in caught.values())
+    print(f"\nQC failed {total} of {len(pids)} wrong inputs")
+    for kind, v in caught.items():
+        print(f"  {kind:36s} {sum(v)} of {len(v)}")
 
 
 def size_ratio(clinical: Path, standard: Path, n: int) -> None:
@@ -157,14 +199,77 @@ def size_ratio(clinical: Path, standard: Path, n: int) -> None:
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
+def mni_variants(motions: int, seed: int = 11) -> None:
+    """Each real-anatomy variant under `motions` random rigid motions: TRE (50 CT head points) and the QC."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.mni_anatomy import load_anatomy, mni_dir, moved, pseudo_ct, random_motion, t1_with_scalp
+
+    if mni_dir() is None:
+        raise SystemExit(
+            "nilearn is not installed (pip install nilearn: its wheel carries the MNI152 template)"
+        )
+    anat = load_anatomy(2.0)
+    scalp = t1_with_scalp(anat)
+    rng = np.random.default_rng(seed)
+    rows: dict[str, dict[str, list[Any]]] = {}
+    for variant in ("brain-only", "with scalp", "slab 40-60 %", "1 mm MR"):
+        rows[variant] = {"tre": [], "worst": [], "s": [], "alarms": []}
+        for k in range(motions):
+            ct = pseudo_ct(anat, rng)
+            centre = ct.index_to_world((np.array(ct.size_xyz, float)[None] - 1) / 2)[0]
+            truth = random_motion(rng, centre)
+            slab = (0.0, 1.0)
+            if variant.startswith("slab"):
+                frac = rng.uniform(0.4, 0.6)
+                start = rng.uniform(0.0, 1.0 - frac)
+                slab = (start, start + frac)
+            mr = moved(
+                anat.t1 if variant == "brain-only" else scalp,
+                truth,
+                1.0 if variant == "1 mm MR" else 1.5,
+                slab,
+            )
+            t = time.perf_counter()
+            res = register(ct, mr, RegistrationConfig())
+            dt = time.perf_counter() - t
+            e = target_registration_error(res.matrix, truth, ct, n=50)
+            rows[variant]["tre"].append(float(np.median(e)))
+            rows[variant]["worst"].append(float(e.max()))
+            rows[variant]["s"].append(dt)
+            rows[variant]["alarms"].append(not res.passed)
+            print(
+                variant,
+                k,
+                f"slab {slab[0]:.2f}-{slab[1]:.2f}",
+                f"{dt:.1f} s, TRE median {np.median(e):.2f} mm",
+                "QC",
+                "passed" if res.passed else f"FAILED {res.qc['reasons']}",
+                flush=True,
+            )
+    print(
+        f"\n{'variant':14s} {'pairs':>5s} {'median TRE':>10s} {'worst pt':>9s} {'median s':>9s} {'QC false alarms':>16s}"
+    )
+    for variant, v in rows.items():
+        print(
+            f"{variant:14s} {len(v['s']):5d} {statistics.median(v['tre']):10.2f} {max(v['worst']):9.2f} "
+            f"{statistics.median(v['s']):9.2f} {sum(v['alarms']):16d}"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cohort", type=Path, required=True)
+    ap.add_argument("--cohort", type=Path)
     ap.add_argument("--size", choices=["standard", "clinical"], default="standard")
     ap.add_argument("--baseline-cohort", type=Path, help="standard-size cohort for --size clinical")
     ap.add_argument("--n", type=int, default=10)
     ap.add_argument("--ants-python", help="Python of an environment with antspyx")
     ap.add_argument("--elastix-python", help="Python of an environment with itk-elastix")
+    ap.add_argument("--greedy-python", help="Python of an environment with picsl-greedy")
+    ap.add_argument("--simpleelastix-python", help="Python of an environment with simpleitk-simpleelastix")
+    ap.add_argument("--mni", action="store_true", help="real-anatomy pairs from nilearn's MNI152 instead")
+    ap.add_argument("--motions", type=int, default=20, help="random motions per variant for --mni")
     ap.add_argument(
         "--only-medfusion",
         action="store_true",
@@ -174,8 +279,9 @@ def main() -> None:
     ap.add_argument(
         "--qc-wrong",
         action="store_true",
-        help="the QC's sensitivity instead: its verdict on each pair's true transform spoiled by a random "
-        "6-12° rotation and 6-12 mm shift (every one should fail)",
+        help="the QC's sensitivity instead: its verdict on wrong inputs, one kind per pair in turn (a spoiled "
+        "transform, another patient's MR, an MR outside the CT's field of view, the real abdominal CT; every "
+        "one should fail)",
     )
     args = ap.parse_args()
     externals = {
@@ -183,9 +289,16 @@ def main() -> None:
         for name, py, script in (
             ("ANTsPy rigid", args.ants_python, "ants_rigid.py"),
             ("itk-elastix rigid", args.elastix_python, "elastix_rigid.py"),
+            ("Greedy rigid", args.greedy_python, "greedy_rigid.py"),
+            ("SimpleElastix rigid", args.simpleelastix_python, "elastix_sitk_rigid.py"),
         )
         if py
     }
+    if args.mni:
+        mni_variants(args.motions)
+        return
+    if args.cohort is None:
+        ap.error("--cohort is needed (except with --mni)")
     if args.size == "clinical":
         if args.baseline_cohort is None:
             ap.error("--size clinical needs --baseline-cohort (a standard-size cohort)")
@@ -193,7 +306,7 @@ def main() -> None:
         return
     pids = sorted(p.name for p in (args.cohort / "patients").iterdir())[args.start : args.start + args.n]
     if args.qc_wrong:
-        qc_on_wrong_transforms(args.cohort, pids)
+        qc_on_wrong_inputs(args.cohort, pids)
         return
     res: dict[str, dict[str, list[float]]] = {
         "medfusion": {"err": [], "worst": [], "s": []},
