@@ -275,6 +275,11 @@ def main() -> None:
         action="store_true",
         help="medfusion with its QC only (a large-n TRE run: its TRE and how its verdict flags failures)",
     )
+    ap.add_argument(
+        "--no-variants",
+        action="store_true",
+        help="medfusion's default registration and the external tools only (no QC, no older variants)",
+    )
     ap.add_argument("--start", type=int, default=0, help="skip the first START patients of the cohort")
     ap.add_argument(
         "--qc-wrong",
@@ -317,6 +322,8 @@ def main() -> None:
     }
     if args.only_medfusion:
         res = {k: v for k, v in res.items() if k == "medfusion (+QC)"}
+    elif args.no_variants:
+        res = {k: v for k, v in res.items() if k == "medfusion" or k in externals}
     fails = 0
     flagged: list[bool] = []
     for pid in pids:
@@ -354,7 +361,7 @@ def main() -> None:
         print(
             f"{k:34s} {statistics.median(v['err']):10.2f} {np.percentile(v['err'], 95):8.2f} {max(v['worst']):9.2f} {statistics.median(v['s']):9.2f}"
         )
-    ours = res.get("medfusion", res["medfusion (+QC)"])
+    ours = res["medfusion"] if "medfusion" in res else res["medfusion (+QC)"]
     for name, v in res.items():
         if name.startswith("medfusion"):
             continue
@@ -362,6 +369,8 @@ def main() -> None:
             f"{name} / medfusion: error {statistics.median(v['err']) / statistics.median(ours['err']):.2f}×, "
             f"time {statistics.median(v['s']) / statistics.median(ours['s']):.2f}×"
         )
+    if "medfusion (+QC)" not in res:
+        return
     qc_err = res["medfusion (+QC)"]["err"]
     bad = [e > 2.0 for e in qc_err]
     print(
