@@ -133,7 +133,19 @@ def test_resume_does_no_work(run_out: tuple) -> None:
     shutil.rmtree(patients / "BROKEN01")
     shutil.rmtree(out / "BROKEN01")
     before = {p: (out / p / "scores.json").stat().st_mtime_ns for p in [d.name for d in patients.iterdir()]}
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--resume", "--device", "cpu"])
+    pipeline = patients.parent / "pipeline.yaml"  # the fixture's: another one is refused (#28)
+    args = [
+        "run",
+        str(patients),
+        "--out",
+        str(out),
+        "--resume",
+        "--device",
+        "cpu",
+        "--pipeline",
+        str(pipeline),
+    ]
+    res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     run = json.loads((out / "run.json").read_text())
     assert run["processed"] == 0 and len(run["resumed"]) == 3
