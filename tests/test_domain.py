@@ -247,6 +247,10 @@ def test_ct_only_case_is_flagged_when_its_calibration_was_never_measured(tiny: P
     verdict = assess(guard, facts, None)
     assert not verdict.in_domain and verdict.situation == "CT+note"
     assert any("missing MR" in r and "not calibrated" in r for r in verdict.reasons), verdict.reasons
+    guard.max_ece = 0.08  # issue #25's rule (the tiny package is trained with a looser one)
+    guard.calibration["CT+note"] = {"n": 28, "ece": 0.152}  # measured, above the rule: still flagged
+    reasons = assess(guard, facts, None).reasons
+    assert any("poorly calibrated" in r and "ECE 0.152 > 0.08 on 28 cases" in r for r in reasons), reasons
     guard.calibration["CT+note"] = {"n": 100, "ece": 0.05}
     assert assess(guard, facts, None).in_domain
 

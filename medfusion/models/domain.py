@@ -579,11 +579,18 @@ def assess(guard: DomainGuard | None, facts: dict[str, Any], features: np.ndarra
     if guard is not None:
         if not calibrated:
             lacking = " and ".join(missing_inputs(sit)) or "nothing"
-            reasons.append(
-                f"inputs {sit} (missing {lacking}): this model's scores were not calibrated for these inputs"
-                if missing_inputs(sit)
-                else f"inputs {sit}: no calibration measured"
-            )
+            measured = guard.calibration.get(sit) or {}
+            if measured.get("ece") is not None:  # measured, and worse than the rule allows
+                reasons.append(
+                    f"inputs {sit} (missing {lacking}): this model's scores are poorly calibrated for these "
+                    f"inputs (ECE {float(measured['ece']):.3f} > {guard.max_ece:g} on {measured.get('n', '?')} cases)"
+                )
+            else:
+                reasons.append(
+                    f"inputs {sit} (missing {lacking}): this model's scores were not calibrated for these inputs"
+                    if missing_inputs(sit)
+                    else f"inputs {sit}: no calibration measured"
+                )
         # the encoder features read no note: a case without one is measured by its image situation's density
         dens = guard.densities.get(sit) or guard.densities.get(sit.replace("+note", "") + "+note")
         if dens is not None and features is not None and dens.threshold is not None:
