@@ -236,6 +236,8 @@ def measure_ct_only(work: Path, seed: int, start: int, stop: int, threads: int) 
         out = work / "measured" / f"ct-only__{folder.name}.json"
         if out.exists() or (work / "measured" / f"{HELD_OUT.replace(' ', '_')}__{folder.name}.json").exists():
             continue
+        if not (cohort / "labels" / folder.name / "truth.json").exists():  # still being generated
+            continue
         case = dataclasses.replace(load_case(folder), mr=[])
         pred = predictor.predict(prepare_case(case, cfg))
         truth = json.loads((cohort / "labels" / folder.name / "truth.json").read_text())
