@@ -133,7 +133,7 @@ def _wait_for_handler(proc: subprocess.Popen[str], timeout: float = 30) -> None:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.slow)])
 def test_a_signal_during_the_first_seconds_is_a_clean_stop(tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "o"
     cmd = [sys.executable, "-m", "medfusion.cli", "run", str(SAMPLE), "--out", str(out), "--device", "cpu"]
