@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from medfusion.cli import app
 from medfusion.config import PreprocessConfig, RegistrationConfig
 from medfusion.io.case import load_case
+from medfusion.io.volume import LabelMap
 from medfusion.preprocess.intensity import ct_windows, mr_robust_z
 from medfusion.preprocess.prepare import prepare_case
 from medfusion.preprocess.registration import (
@@ -20,7 +21,7 @@ from medfusion.preprocess.registration import (
     register,
     target_registration_error,
 )
-from medfusion.preprocess.resample import model_grid, resample
+from medfusion.preprocess.resample import model_grid
 from medfusion.synth.generate import rotation_matrix
 
 
@@ -89,19 +90,20 @@ def test_registration_from_file_and_skip(registered: dict, tmp_path: Path, cohor
 def test_resample_round_trip_and_integer_labels(registered: dict) -> None:
     case = registered["case"]
     # onto its own grid, a label map comes back unchanged and keeps its integer type
-    back = resample(case.labels, case.ct, label=True)
+    labels = LabelMap.of(case.labels)
+    back = labels.resample_to(case.ct)
     assert back.array.dtype == case.labels.array.dtype and np.array_equal(back.array, case.labels.array)
     grid = model_grid(case.ct, 3.3, [60, 60, 60])
     centre_ct = case.ct.index_to_world((np.array(case.ct.size_xyz, float)[None] - 1) / 2)
     centre_grid = grid.index_to_world(np.full((1, 3), 29.5))
     assert np.allclose(centre_ct, centre_grid, atol=1e-6)
-    coarse = resample(case.labels, grid, label=True)
+    coarse = labels.resample_to(grid)
     assert np.issubdtype(coarse.array.dtype, np.integer)
     assert set(np.unique(coarse.array)) <= set(np.unique(case.labels.array))
     # model grid → CT grid → model grid: nearest-neighbour labels survive the round trip exactly
     # wherever the CT grid is finer than the model grid
-    there = resample(coarse, case.ct, label=True)
-    again = resample(there, grid, label=True)
+    there = coarse.resample_to(case.ct)
+    again = there.resample_to(grid)
     assert np.mean(again.array == coarse.array) > 0.99
 
 
