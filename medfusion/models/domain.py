@@ -36,10 +36,10 @@ import torch
 from safetensors.numpy import load_file, save_file
 from scipy import ndimage
 
+from medfusion.hashing import sha256_of
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.volume import Volume
 from medfusion.models.network import MedFusionNet
-from medfusion.text.encoders import sha256_of
 
 DOMAIN_FORMAT = "medfusion-domain/1"
 SIDECAR = "domain.safetensors"

@@ -28,6 +28,7 @@ from medfusion.measure.lesions import Lesion
 from medfusion.preprocess.registration import qc_summary
 from medfusion.report import figures
 from medfusion.run.result import CaseResult, Decision, DomainRecord, Scores
+from medfusion.text.sentences import split_sentences
 
 if TYPE_CHECKING:
     from medfusion.infer.predictor import Prediction
@@ -56,7 +57,7 @@ def key_sentences(note: str, limit: int = 6) -> list[str]:
         >>> key_sentences("Denies recent travel. A 54-year-old woman with headaches. No known melanoma.")
         ['A 54-year-old woman with headaches.', 'No known melanoma.']
     """
-    sents = [s.strip() for s in re.split(r"(?<=[.!?])\s+", note.strip()) if s.strip()]
+    sents = [s for s in split_sentences(note) if s]
     first = next((s for s in sents if _INDICATION.search(s)), None)
     rest = [s for s in sents if s is not first and _KEY.search(s)]
     return ([first] if first else []) + rest[: limit - (1 if first else 0)]

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medfusion.hashing import sha256_of  # also imported from here by models/ (until they import hashing)
+from medfusion.hashing import sha256_of
 from medfusion.text.negation import mark_negations, tokenize
 
 PAD, UNK = 0, 1
