@@ -314,9 +314,19 @@ def synth(
             plan[start]["n_lesions"] = 0
             if n > 1:
                 plan[start + 1].update({"course_stated": False, "history_stated": False})
-        rows = generate_cohort(
-            out, n, seed, size, workers, start=start, progress=True, plan=plan, anatomy=anatomy
-        )
+        with progress_bar(transient=True) as bar:
+            task = bar.add_task("generating patients", total=n)
+            rows = generate_cohort(
+                out,
+                n,
+                seed,
+                size,
+                workers,
+                start=start,
+                progress=lambda: bar.advance(task),
+                plan=plan,
+                anatomy=anatomy,
+            )
     except (ValueError, ImportError) as exc:
         _fail(exc)
     pos = sum(r["malignant"] for r in rows)

@@ -12,6 +12,7 @@ import csv
 import dataclasses
 import functools
 import json
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -317,12 +318,17 @@ def generate_cohort(
     preset: str = "standard",
     workers: int = 2,
     start: int = 0,
-    progress: bool = False,
+    progress: Callable[[], None] | None = None,
     plan: dict[int, dict[str, Any]] | None = None,
     anatomy: str = "phantom",
 ) -> list[dict[str, Any]]:
     """Generate `n` patients into `out`; deterministic for (`seed`, index). `plan` forces facts per index;
-    `anatomy` is "phantom" or "mni" (see `generate_patient`)."""
+    `anatomy` is "phantom" or "mni" (see `generate_patient`); `progress` is called once per finished
+    patient, in either mode (in-process or `workers` > 1 processes).
+
+    Raises:
+        ValueError: an unknown `anatomy` or `preset`.
+    """
     if anatomy not in ANATOMIES:
         msg = f"unknown anatomy {anatomy!r}; choose one of {list(ANATOMIES)}"
         raise ValueError(msg)
@@ -352,7 +358,10 @@ def generate_cohort(
             futs = [pool.submit(generate_patient, *job) for job in jobs]
             rows = _collect(futs, progress)
     else:
-        rows = [generate_patient(*job) for job in jobs]
+        for job in jobs:
+            rows.append(generate_patient(*job))
+            if progress:
+                progress()
     _write_tables(out, rows)
     return rows
 
@@ -380,17 +389,12 @@ def generate_note_corpus(out: str | Path, n: int, seed: int, start: int = 0) -> 
     return {"notes": len(rows), "malignant": sum(r[2] for r in rows)}
 
 
-def _collect(futs: list[Any], progress: bool) -> list[dict[str, Any]]:
-    if not progress:
-        return [f.result() for f in futs]
-    from rich.progress import Progress
-
+def _collect(futs: list[Any], progress: Callable[[], None] | None) -> list[dict[str, Any]]:
     out = []
-    with Progress(transient=True) as bar:
-        task = bar.add_task("generating patients", total=len(futs))
-        for f in futs:
-            out.append(f.result())
-            bar.advance(task)
+    for f in futs:
+        out.append(f.result())
+        if progress:
+            progress()
     return out
 
 
