@@ -53,6 +53,9 @@ def test_run_writes_everything_and_reports_the_failure(run_out: tuple) -> None:
     assert rows["BROKEN01"]["status"] == "failed"
     good = [p for p in rows if p != "BROKEN01"]
     assert len(good) == 3 and all(rows[p]["status"] == "ok" for p in good)
+    for p in good:  # the table says what each report's verdict says
+        decision = json.loads((out / p / "scores.json").read_text())["decision"]["malignant"]
+        assert rows[p]["decision_malignant"] == decision
     run = json.loads((out / "run.json").read_text())
     assert run["failures"][0]["patient_id"] == "BROKEN01" and run["config"]["name"] == "default"
     assert run["devices_used"] == ["cpu"] and run["exit_code"] == 1  # as the command's

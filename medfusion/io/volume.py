@@ -25,10 +25,13 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import SimpleITK as sitk
+
+if TYPE_CHECKING:
+    from typing_extensions import Self  # typing.Self from Python 3.11 on
 
 MAX_VOXELS = 1024**3  # a header that claims more voxels than this is refused before allocation
 

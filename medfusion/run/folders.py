@@ -59,6 +59,8 @@ def patient_row(folder: Path) -> dict[str, Any]:
     row.update({f"p_{k}": round(v, 4) for k, v in sc.get("probabilities", {}).items()})
     row["in_domain"] = sc.get("domain", {}).get("in_domain", "")
     row.update({f"pred_{k}": int(v) for k, v in (sc.get("predicted") or {}).items()})
+    # positive / negative / indeterminate / not assessed: what the report's verdict says
+    row.update({f"decision_{k}": str(v) for k, v in (sc.get("decision") or {}).items()})
     row.update({f"u_{k}": round(v, 4) for k, v in sc.get("uncertainty", {}).items()})
     row.update({f"vol_{k}_ml": v for k, v in meas.get("volumes_ml", {}).items()})
     row["lesion_count"] = meas.get("lesion_count")

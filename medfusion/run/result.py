@@ -21,7 +21,7 @@ Examples:
 from __future__ import annotations
 
 import json
-from enum import StrEnum
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,18 @@ SCORES = "scores.json"
 QC = "qc.json"
 
 
-class Decision(StrEnum):
+class _Coded(str, Enum):
+    """A coded value that is its own string (``str(x)``, f-strings and JSON give the value), as
+    Python 3.11's StrEnum, on Python 3.10 too."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+
+class Decision(_Coded):
     """The per-score decision of scores.json "decision"."""
 
     POSITIVE = "positive"
@@ -43,7 +54,7 @@ class Decision(StrEnum):
     NOT_ASSESSED = "not assessed"
 
 
-class Verdict(StrEnum):
+class Verdict(_Coded):
     """The input-QC verdict (qc.json "verdict", scores.json "qc_verdict")."""
 
     PASS = "pass"
