@@ -47,7 +47,7 @@ def _checked_geometry(
     org = tuple(float(v) for v in np.asarray(origin, dtype=np.float64).ravel())
     d = np.array(direction, dtype=np.float64).reshape(3, 3)  # a copy: a Grid freezes its own
     if len(sp) != 3 or not all(np.isfinite(s) and s > 0 for s in sp):
-        msg = f"Volume spacing must be three positive finite values, got {sp}"
+        msg = f"Volume spacing must be three values, each positive and finite, got {sp}"
         raise ValueError(msg)
     if len(org) != 3 or not np.all(np.isfinite(org)):
         msg = f"Volume origin must be three finite values, got {org}"
