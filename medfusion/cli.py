@@ -139,6 +139,8 @@ def inspect(
         patients = find_patient_folders(folders)
     except InputError as exc:
         _fail(exc)
+    if not patients:
+        _fail(InputError(folders[0], "no patient folder (one holding DICOM or NIfTI images) found"))
     report: list[dict[str, Any]] = []
     for folder in patients:
         try:

@@ -216,3 +216,23 @@ def test_model_identity_holds_what_the_predictor_describes() -> None:
     identity = model_identity(None)
     assert {k: identity[k] for k in described} == described
     assert identity["domain_sha256"]  # the shipped package has a fitted guard
+
+
+def test_an_out_holding_foreign_folders_named_like_the_patients_is_refused_before_any_work(
+    tmp_path: Path,
+) -> None:
+    out = tmp_path / "labels"  # e.g. a copy of the reference labels: SYN…/segmentation.nii.gz
+    (out / "SYN20260001").mkdir(parents=True)
+    (out / "SYN20260001" / "segmentation.nii.gz").write_bytes(b"reference")
+    res = CliRunner().invoke(app, ["run", str(SAMPLE), "--out", str(out), "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert len(line.splitlines()) == 1 and "SYN20260001" in line and "not medfusion outputs" in line, line
+    assert sorted(p.name for p in out.iterdir()) == ["SYN20260001"]  # nothing written there
+    assert (out / "SYN20260001" / "segmentation.nii.gz").read_bytes() == b"reference"
+
+
+def test_inspect_of_a_folder_without_patients_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "EMPTY").mkdir()
+    res = CliRunner().invoke(app, ["inspect", str(tmp_path / "EMPTY")])
+    assert res.exit_code != 0 and "no patient folder" in res.output, res.output

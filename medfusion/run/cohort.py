@@ -174,9 +174,17 @@ def plan_cohort(folders: list[Path], opts: RunOptions) -> CohortPlan:
             )
             raise ValueError(msg)
     previous = output_patients(opts.out)
+    foreign = [f.name for f in folders if (opts.out / f.name).exists() and f.name not in previous]
+    if foreign:  # a patient's folder there that medfusion did not write is never replaced
+        msg = (
+            f"--out {opts.out} already holds {len(foreign)} folder(s) named like the patients "
+            f"({', '.join(foreign[:3])}{', …' if len(foreign) > 3 else ''}) that are not medfusion "
+            "outputs; choose another output folder"
+        )
+        raise ValueError(msg)
     if previous and not (opts.resume or opts.overwrite):
         msg = (
-            f"{opts.out} already holds the outputs of {len(previous)} patient(s) from another run; "
+            f"{opts.out} already holds the outputs of {len(previous)} patient(s) from an earlier run; "
             "pass --resume to continue it or --overwrite to replace the patients listed (the others are kept)"
         )
         raise ValueError(msg)
