@@ -67,8 +67,14 @@ def stop_on_signals() -> Iterator[None]:
 
     Nested blocks share the outermost one's handlers: `medfusion run` enters one before its imports
     (a stop during the first seconds is a clean stop too) and the cohort runner another inside it."""
-    if threading.current_thread() is not threading.main_thread() or _state["depth"]:
+    if threading.current_thread() is not threading.main_thread():
         yield
+        return
+    if _state["depth"]:
+        # the outer block's hook may have been replaced since (typer installs its own excepthook when
+        # the app starts): wrap whatever hook is current for this block
+        with _quiet_stops():
+            yield
         return
     previous: dict[int, Any] = {}
 
@@ -78,22 +84,32 @@ def stop_on_signals() -> Iterator[None]:
             signal.signal(old_sig, old_handler)
         raise Interrupted(signum)
 
-    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
-        # a C++ library calling back into Python (SimpleITK's iteration commands) prints an exception
-        # raised in the callback through sys.excepthook before it aborts: the stop needs no traceback
-        if not issubclass(kind, Interrupted):
-            old_hook(kind, value, tb)
-
-    old_hook = sys.excepthook
-    sys.excepthook = hook
     for signum in (int(signal.SIGINT), int(signal.SIGTERM)):
         previous[signum] = signal.signal(signum, handler)
     _state["depth"] = 1
     try:
-        yield
+        with _quiet_stops():
+            yield
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
-        sys.excepthook = old_hook
         _state["signum"] = 0
         _state["depth"] = 0
+
+
+@contextlib.contextmanager
+def _quiet_stops() -> Iterator[None]:
+    """Within the block, `sys.excepthook` prints nothing for `Interrupted`: a C++ library calling back
+    into Python (SimpleITK's iteration commands) prints an exception raised in the callback through
+    sys.excepthook before it aborts, and a user's stop needs no traceback."""
+    old_hook = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if not issubclass(kind, Interrupted):
+            old_hook(kind, value, tb)
+
+    sys.excepthook = hook
+    try:
+        yield
+    finally:
+        sys.excepthook = old_hook
