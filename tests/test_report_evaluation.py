@@ -52,3 +52,33 @@ def test_header_and_n_per_metric(tmp_path: Path) -> None:
     assert "run-2025-01-05" in text and "default 1.0" in text and "7 predicted" in text
     assert "n (Dice, HD95, NSD)" in text and "4, 4, 4" in text  # "cases 7" next to Dice over 4
     assert "tumour core" in text and "tumour_core" not in text
+
+
+def test_evaluate_does_not_import_the_report() -> None:
+    """evaluate sits below report in the data flow: the tables both draw come from io/pdf_tables.py."""
+    import ast
+
+    import medfusion.evaluate
+
+    upward = []
+    for path in sorted(Path(medfusion.evaluate.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else []
+            )
+            upward += [f"{path.name}: {n}" for n in names if n.startswith("medfusion.report")]
+    assert not upward, upward
+
+
+def test_cell_text_is_escaped_for_reportlab() -> None:
+    from medfusion.io.pdf_tables import escape, table
+
+    assert escape("a < b & c > d") == "a &lt; b &amp; c &gt; d"
+    t = table([["<b>not bold</b>"]], [40], header=False)
+    cell = t._cellvalues[0][0]
+    assert "".join(f.text for f in cell.frags) == "<b>not bold</b>"  # shown literally, not as markup
+    assert not any(f.fontName.endswith("Bold") for f in cell.frags)

@@ -13,6 +13,7 @@ import pytest
 from pypdf import PdfReader
 from reportlab.platypus import Paragraph
 
+from medfusion.io import pdf_tables
 from medfusion.io.volume import LabelMap
 from medfusion.measure.lesions import Lesion
 from medfusion.report import pdf
@@ -128,7 +129,7 @@ def test_findings_beyond_the_limit_are_summarised() -> None:
 
 @pytest.mark.parametrize("value", ["P" * 90, "a very long series description " * 6])
 def test_cells_wrap_inside_their_column(value: str) -> None:
-    t = pdf.table([["Patient ID", value], ["Study date", "2025-01-05"]], [25, 60], header=False)
+    t = pdf_tables.table([["Patient ID", value], ["Study date", "2025-01-05"]], [25, 60], header=False)
     t.wrap(500, 800)
     for row, widths in zip(t._cellvalues, [t._colWidths] * len(t._cellvalues), strict=True):
         for cell, width in zip(row, widths, strict=True):
@@ -182,7 +183,7 @@ def test_findings_header_words_fit_their_columns() -> None:
     assert len(widths) == len(rows[0]) and sum(widths) == pytest.approx(180)
     for text, width in zip(rows[0], widths, strict=True):
         for word in text.split():
-            assert stringWidth(word, "Helvetica-Bold", pdf.HEAD_CELL.fontSize) <= width * mm - 6, (
+            assert stringWidth(word, "Helvetica-Bold", pdf_tables.HEAD_CELL.fontSize) <= width * mm - 6, (
                 word,
                 width,
             )

@@ -19,7 +19,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
 
 from medfusion.evaluate.diagnosis import HEADLINE  # noqa: E402
 from medfusion.io.atomic import atomic_path  # noqa: E402
-from medfusion.report.pdf import table  # noqa: E402
+from medfusion.io.pdf_tables import table  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:

@@ -19,11 +19,10 @@ from reportlab.platypus import (
     Paragraph,
     SimpleDocTemplate,
     Spacer,
-    Table,
-    TableStyle,
 )
 
 from medfusion.io.atomic import atomic_path
+from medfusion.io.pdf_tables import escape, table
 from medfusion.measure.lesions import Lesion
 from medfusion.preprocess.registration import qc_summary
 from medfusion.report import figures
@@ -71,30 +70,7 @@ def _img(png: bytes, width_mm: float) -> Image:
     return img
 
 
-CELL = ParagraphStyle("cell", fontName="Helvetica", fontSize=8.5, leading=10)
-HEAD_CELL = ParagraphStyle("head_cell", parent=CELL, fontName="Helvetica-Bold")
 MAX_FINDINGS = 6  # lesions listed one per row; the rest are summarised in one line
-
-
-def table(rows: list[list[str]], widths: list[float], *, header: bool = True) -> Table:
-    """A grid table whose cells wrap inside their column (`widths` in mm), never overflowing it."""
-    cells = [
-        [Paragraph(_escape(str(v)), HEAD_CELL if header and r == 0 else CELL) for v in row]
-        for r, row in enumerate(rows)
-    ]
-    t = Table(cells, colWidths=[w * mm for w in widths], repeatRows=1 if header else 0)
-    t.setStyle(
-        TableStyle(
-            [
-                ("GRID", (0, 0), (-1, -1), 0.25, colors.grey),
-                ("VALIGN", (0, 0), (-1, -1), "TOP"),
-                ("LEFTPADDING", (0, 0), (-1, -1), 3),
-                ("RIGHTPADDING", (0, 0), (-1, -1), 3),
-                *([("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#eeeeee"))] if header else []),
-            ]
-        )
-    )
-    return t
 
 
 def not_assessed_text(domain: DomainRecord) -> str:
@@ -132,10 +108,6 @@ def verdict_inputs_line(domain: DomainRecord) -> str:
         return f"Inputs: {sit}{lacking}; this model package has no fitted domain guard."
     how = "measured" if domain.calibrated_for_situation else "NOT measured"
     return f"Inputs: {sit}{lacking}; calibration {how} for these inputs."
-
-
-def _escape(text: str) -> str:
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
 # --- Header facts ---
@@ -368,7 +340,7 @@ def write_report(
             header=False,
         ),
         Spacer(1, 3 * mm),
-        Paragraph(f"Impression: {_escape(impression(scores))}", strong),
+        Paragraph(f"Impression: {escape(impression(scores))}", strong),
         Paragraph("Findings", styles["Heading2"]),
     ]
     if lesions:
@@ -452,7 +424,7 @@ def write_report(
     sents = key_sentences(case.note) if case.note else []
     if sents:
         for s in sents:
-            story.append(Paragraph(f"• {_escape(s)}", small))
+            story.append(Paragraph(f"• {escape(s)}", small))
     else:
         story.append(
             Paragraph(
@@ -468,7 +440,7 @@ def write_report(
     if reg.get("qc"):
         q = reg["qc"]
         reg_line += ", " + qc_summary(q)
-    story.append(Paragraph(_escape(reg_line), small))
+    story.append(Paragraph(escape(reg_line), small))
     story.append(Paragraph(f"Overall input verdict: {qc.verdict}. {verdict_inputs_line(domain)}", small))
     input_warnings = [
         f"{v.get('modality', '')} {v.get('series_description', '')}: {w}"
@@ -476,7 +448,7 @@ def write_report(
         for w in v.get("warnings", [])
     ]
     for w in input_warnings:
-        story.append(Paragraph(_escape(f"Input warning — {w}"), warn))
+        story.append(Paragraph(escape(f"Input warning — {w}"), warn))
     mr_used = inputs.has_mr
     closing = Paragraph(
         f"Generated {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by medfusion. {DISCLAIMER}", small
