@@ -32,7 +32,7 @@ from medfusion.evaluate.diagnosis import ece
 from medfusion.evaluate.segmentation import dice
 from medfusion.infer.windowed import forward_case, package_roi
 from medfusion.models.network import MedFusionNet
-from medfusion.models.package import load_package
+from medfusion.package import load_package
 from medfusion.train.config import TrainConfig
 from medfusion.train.data import build_cache, load_cached, read_labels_csv
 from medfusion.train.loop import train

@@ -25,7 +25,7 @@ import numpy as np
 
 from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import ece, ece_calibrated_null
-from medfusion.models.package import read_meta
+from medfusion.package import read_meta
 from medfusion.train.calibrate import calibration_summary, recalibration_map
 
 

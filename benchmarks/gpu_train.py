@@ -46,7 +46,7 @@ def recipe(cohort: Path, work: Path, device: str, steps: int, loader_workers: in
 
 
 def train_on(cohort: Path, work: Path, device: str, steps: int, loader_workers: int) -> list[float]:
-    from medfusion.models.package import load_package
+    from medfusion.package import load_package
     from medfusion.train.config import TrainConfig
     from medfusion.train.loop import train
 

@@ -545,7 +545,7 @@ def _run(
     if device:
         cfg.infer.device = device
     if not cluster:  # on another cluster the device is the workers' business
-        from medfusion.models.package import pick_device
+        from medfusion.device import pick_device
 
         try:
             pick_device(cfg.infer.device)
@@ -838,7 +838,7 @@ def calibrate(
     """Refit the score calibration on a labelled run; writes a new package (only the calibration differs).
 
     Measure the new package on other patients than these: on the fitted cases it looks better than it is."""
-    from medfusion.models.package import PackageError
+    from medfusion.package import PackageError
     from medfusion.train.calibrate import describe, recalibrate
 
     if method not in ("platt", "temperature"):
@@ -922,7 +922,7 @@ def domain_fit(
     features (Ledoit-Wolf; Lee et al. 2018) per input situation, thresholded to flag ≈ --flag-rate of
     held-out in-domain cases. Written to model.json ("domain") and domain.safetensors."""
     from medfusion.io.case import find_patient_folders
-    from medfusion.models.package import PackageError
+    from medfusion.package import PackageError
     from medfusion.train.domain import fit_package_domain
 
     try:

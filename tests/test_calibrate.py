@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from medfusion.cli import app
 from medfusion.io.errors import InputError
-from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.package import DEFAULT_PACKAGE, load_package, read_meta
 from medfusion.train.calibrate import describe, recalibrate, recalibration_map
 
 

@@ -29,7 +29,7 @@ from medfusion.models.domain import (
     out_of_fold_distances,
     summarise_facts,
 )
-from medfusion.models.package import read_meta
+from medfusion.package import load_domain_guard, read_meta, save_domain_guard
 from medfusion.train.loop import TrainConfig, train
 
 
@@ -158,14 +158,14 @@ def test_training_stores_the_guard_without_pickle(tiny: Path) -> None:
     block = meta["domain"]
     assert block["method"] == "mahalanobis-ledoit-wolf" and "Lee" in block["citation"]
     assert (tiny / "domain.safetensors").exists() and not list(tiny.glob("*.p*kl*"))
-    guard = DomainGuard.load(tiny, meta)
+    guard = load_domain_guard(tiny, meta)
     assert guard is not None and guard.calibrated("CT+MR+note")
     # two training cases fit no density (fewer than MIN_DENSITY_CASES): the facts' rules still apply
     assert guard.densities == {} and "not_fitted" in block["fitted_on"]["thresholds"]["CT+MR+note"]
     assert guard.facts["ct"]["head"] and guard.facts["ct"]["body_parts"] == ["HEAD"]
     (tiny / "domain.safetensors").write_bytes((tiny / "domain.safetensors").read_bytes() + b" ")
     with pytest.raises(ValueError, match="altered"):
-        DomainGuard.load(tiny, meta)
+        load_domain_guard(tiny, meta)
     (tiny / "domain.safetensors").write_bytes((tiny / "domain.safetensors").read_bytes()[:-1])
 
 
@@ -177,9 +177,12 @@ def test_a_stored_density_reads_back_the_same_distances(tmp_path: Path) -> None:
     held = {"CT+MR+note": list(rng.normal(size=(10, 6)))}
     densities, report = fit_densities(fit, held, 0.02)
     assert report["CT+MR+note"]["n_calibration"] == 10 + 30  # held-out + the fitting cases out of fold
-    (tmp_path / "model.json").write_text("{}")
-    DomainGuard({}, densities, {"CT+MR+note": {"n": 10, "ece": 0.05}}).save(tmp_path)
-    back = DomainGuard.load(tmp_path, read_meta(tmp_path))
+    meta = {"name": "t", "version": "0", "architecture": "medfusion-unet-v1", "network": {}}
+    (tmp_path / "model.json").write_text(
+        json.dumps({**meta, "class_names": ["background"], "score_names": ["m"], "preprocess": {}})
+    )
+    save_domain_guard(tmp_path, DomainGuard({}, densities, {"CT+MR+note": {"n": 10, "ece": 0.05}}))
+    back = load_domain_guard(tmp_path, read_meta(tmp_path))
     assert back is not None
     probe = rng.normal(size=(5, 6))
     np.testing.assert_array_equal(
@@ -238,7 +241,7 @@ def test_training_cases_pass_and_a_swapped_case_is_not_assessed(tiny_run: Path, 
 
 def test_ct_only_case_is_flagged_when_its_calibration_was_never_measured(tiny: Path, cohort: Path) -> None:
     meta = read_meta(tiny)
-    guard = DomainGuard.load(tiny, meta)
+    guard = load_domain_guard(tiny, meta)
     assert guard is not None
     case = load_case(cohort / "patients" / sorted(p.name for p in (cohort / "patients").iterdir())[0])
     from medfusion.models.domain import case_facts

@@ -12,7 +12,7 @@ import torch
 from medfusion.config import PreprocessConfig
 from medfusion.device import pick_device
 from medfusion.models.network import MedFusionNet, NetConfig
-from medfusion.models.package import PackageError, load_package, save_package
+from medfusion.package import PackageError, load_package, save_package
 from medfusion.text.encoders import GRUTextEncoder, Vocabulary
 from medfusion.text.negation import mark_negations, tokenize
 
@@ -220,7 +220,7 @@ def test_minilm_in_a_package_frozen_and_finetuned(tmp_path: Path) -> None:
 
 
 def test_invalid_preprocess_settings_in_a_package_are_named() -> None:
-    from medfusion.models.package import preprocess_config
+    from medfusion.package import preprocess_config
 
     meta = {"name": "m", "version": "9", "preprocess": {"registration": {"no_such_setting": 1}}}
     with pytest.raises(PackageError, match=r"registration\.no_such_setting"):

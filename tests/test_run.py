@@ -211,7 +211,7 @@ def test_lesions_without_a_tumour_core_are_dropped() -> None:
 
 
 def test_run_registration_settings_come_from_where_the_pipeline_says() -> None:
-    from medfusion.models.package import DEFAULT_PACKAGE, preprocess_config, read_meta
+    from medfusion.package import DEFAULT_PACKAGE, preprocess_config, read_meta
     from medfusion.run.pipeline import run_preprocess_config
 
     meta = read_meta(DEFAULT_PACKAGE)

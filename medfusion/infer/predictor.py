@@ -26,9 +26,9 @@ from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.volume import LabelMap, Volume
 from medfusion.measure.features import FEATURES as MEASURE_FEATURES
 from medfusion.measure.features import lesion_features
-from medfusion.models.domain import DomainGuard, DomainVerdict, EncoderFeatures, assess, case_facts
+from medfusion.models.domain import DomainVerdict, EncoderFeatures, assess, case_facts
 from medfusion.models.network import MedFusionNet, channels_last
-from medfusion.models.package import DEFAULT_PACKAGE, PackageMeta, load_package
+from medfusion.package import DEFAULT_PACKAGE, PackageMeta, load_domain_guard, load_package
 from medfusion.preprocess.prepare import ModelInputs
 
 
@@ -144,7 +144,7 @@ class Predictor:
 
     Raises:
         ValueError: `device` is not a device name or is not available on this machine; or the
-            package's domain guard files are inconsistent (`DomainGuard.load`).
+            package's domain guard files are inconsistent (`package.load_domain_guard`).
         PackageError: the package is missing, unreadable, of an unknown architecture, its weights
             fail their SHA-256 check, or they do not fit the network `model.json` describes.
 
@@ -172,7 +172,7 @@ class Predictor:
         self.package = Path(package) if package is not None else DEFAULT_PACKAGE
         self.model, self.meta = load_package(self.package, self.device)
         self.package_meta = PackageMeta.of(self.meta, self.package / "model.json")
-        self.guard = DomainGuard.load(self.package, self.meta)
+        self.guard = load_domain_guard(self.package, self.meta)
         self.seed = seed
         self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
         self.tta = tta

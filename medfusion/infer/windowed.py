@@ -18,8 +18,8 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medfusion.models.domain import EncoderFeatures
+from medfusion.models.meta import PackageMeta
 from medfusion.models.network import MedFusionNet
-from medfusion.models.package import PackageMeta
 
 
 def lesion_window(probs: torch.Tensor, roi: list[int]) -> tuple[slice, ...]:

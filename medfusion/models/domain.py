@@ -20,7 +20,9 @@ Two parts, both fitted on the cases a package was trained (or re-fitted) on:
 
 Storage: `model.json → "domain"` (facts, thresholds, calibration per situation, method, citation) and
 `domain.safetensors` (the densities' mean, scale and precision matrices; never a pickle), whose
-SHA-256 `model.json` records.
+SHA-256 `model.json` records. This module builds and reads those from the guard (`DomainGuard.block`,
+`tensors`, `from_block`); `medfusion/package/` writes and reads the files (`save_domain_guard`,
+`load_domain_guard`).
 """
 
 from __future__ import annotations
@@ -28,16 +30,12 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
 from scipy import ndimage
 
-from medfusion.hashing import sha256_of
-from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.volume import Volume
 from medfusion.models.network import MedFusionNet
 
@@ -476,29 +474,31 @@ class DomainGuard:
     fitted_on: dict[str, Any] = dataclasses.field(default_factory=dict)
     max_ece: float = MAX_SITUATION_ECE
 
-    # --- Storage ---
+    # --- Storage (the files are written and read by medfusion/package: `save_domain_guard`) ---
 
-    def save(self, package: str | Path) -> dict[str, Any]:
-        """Write `domain.safetensors` and the `"domain"` block of `model.json` in `package`; returns the
-        block."""
-        import json
-
-        package = Path(package)
-        tensors: dict[str, np.ndarray] = {}
-        dens_meta: dict[str, Any] = {}
+    def tensors(self) -> dict[str, np.ndarray]:
+        """The densities' arrays for `domain.safetensors`: per situation ``<name>.mean`` (D,),
+        ``<name>.scale`` (D,) and ``<name>.precision`` (D, D), float64."""
+        out: dict[str, np.ndarray] = {}
         for name, d in self.densities.items():
-            tensors[f"{name}.mean"] = d.mean.astype(np.float64)
-            tensors[f"{name}.scale"] = d.scale.astype(np.float64)
-            tensors[f"{name}.precision"] = np.ascontiguousarray(d.precision, np.float64)
-            dens_meta[name] = {
+            out[f"{name}.mean"] = d.mean.astype(np.float64)
+            out[f"{name}.scale"] = d.scale.astype(np.float64)
+            out[f"{name}.precision"] = np.ascontiguousarray(d.precision, np.float64)
+        return out
+
+    def block(self, sidecar_sha256: str) -> dict[str, Any]:
+        """The ``"domain"`` block of `model.json`, for a sidecar (`SIDECAR`, holding `tensors`) whose
+        SHA-256 is `sidecar_sha256`."""
+        dens_meta = {
+            name: {
                 "n": d.n,
                 "dim": int(d.mean.size),
                 "shrinkage": round(d.shrinkage, 6),
                 "threshold": d.threshold,
             }
-        with atomic_path(package / SIDECAR) as tmp:
-            save_file(tensors, str(tmp))
-        block = {
+            for name, d in self.densities.items()
+        }
+        return {
             "format": DOMAIN_FORMAT,
             "method": METHOD,
             "citation": CITATION,
@@ -510,28 +510,17 @@ class DomainGuard:
             "calibration": self.calibration,
             "fitted_on": self.fitted_on,
             "sidecar": SIDECAR,
-            "sidecar_sha256": sha256_of(package / SIDECAR),
+            "sidecar_sha256": sidecar_sha256,
         }
-        meta = json.loads((package / "model.json").read_text())
-        meta["domain"] = block
-        write_json(package / "model.json", meta)
-        return block
 
     @classmethod
-    def load(cls, package: str | Path, meta: dict[str, Any]) -> DomainGuard | None:
-        """The guard stored in a package, or None if it has none. Raises ValueError when the sidecar is
-        missing or altered."""
-        block = meta.get("domain")
-        if not block:
-            return None
-        path = Path(package) / block.get("sidecar", SIDECAR)
-        if not path.exists():
-            msg = f"{path}: the domain sidecar named in model.json is missing"
-            raise ValueError(msg)
-        if block.get("sidecar_sha256") and sha256_of(path) != block["sidecar_sha256"]:
-            msg = f"{path}: SHA-256 does not match model.json; the file was altered"
-            raise ValueError(msg)
-        tensors = load_file(str(path))
+    def from_block(cls, block: dict[str, Any], tensors: dict[str, np.ndarray]) -> DomainGuard:
+        """The guard a `model.json` ``"domain"`` block and its sidecar's `tensors` describe (the
+        inverse of `block` and `tensors`).
+
+        Raises:
+            KeyError: a density the block names whose arrays `tensors` lacks.
+        """
         densities = {
             name: FeatureDensity(
                 tensors[f"{name}.mean"],

@@ -85,7 +85,7 @@ def model_identity(model: str | Path | None) -> dict[str, Any]:
     Raises:
         PackageError: `model` (None: the shipped package) holds no readable `model.json`.
     """
-    from medfusion.models.package import DEFAULT_PACKAGE, read_meta
+    from medfusion.package import DEFAULT_PACKAGE, read_meta
 
     meta = read_meta(model or DEFAULT_PACKAGE)
     domain = meta.get("domain")

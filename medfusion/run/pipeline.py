@@ -24,7 +24,7 @@ from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfi
 from medfusion.io.case import Case, load_case
 from medfusion.io.errors import InputError
 from medfusion.io.volume import Volume
-from medfusion.models.package import preprocess_config
+from medfusion.models.meta import preprocess_config
 from medfusion.run.folders import patient_row, publish, record_failure
 from medfusion.run.interrupt import check_stop
 from medfusion.run.result import (

@@ -31,6 +31,7 @@ from medfusion.models.domain import (
     summarise_facts,
 )
 from medfusion.models.network import MedFusionNet, channels_last
+from medfusion.package import save_domain_guard
 
 
 def fit_densities(
@@ -173,7 +174,7 @@ def fit_package_domain(
             "skipped": skipped,
         },
     )
-    return guard.save(predictor.package)
+    return save_domain_guard(predictor.package, guard)
 
 
 # --- At the end of `medfusion train` ---
@@ -242,4 +243,4 @@ def fit_training_domain(
         {"by": "medfusion train", "fit_cases": len(train), "heldout_cases": len(val), "thresholds": report},
         max_ece,
     )
-    return guard.save(package)
+    return save_domain_guard(package, guard)
