@@ -256,3 +256,22 @@ def test_nifti_modality_rules(tmp_path: Path) -> None:
     assert len(load_case(folder).mr) == 1
     shutil.move(folder / "scan2.json", tmp_path / "x.json")
     assert len(load_case(folder, modality_map={"scan2": "MR"}).mr) == 1
+
+
+# --- labels.csv ---
+
+
+def test_labels_table_reads_rows_and_refuses_in_one_line(tmp_path: Path) -> None:
+    from medfusion.io.labels_csv import labels_csv_path, read_labels_table
+
+    assert labels_csv_path(tmp_path) == tmp_path / "labels.csv"
+    assert labels_csv_path(tmp_path / "mine.csv") == tmp_path / "mine.csv"
+    with pytest.raises(InputError, match="labels CSV not found") as missing:
+        read_labels_table(tmp_path / "labels.csv")
+    assert "labels.csv" in str(missing.value) and "\n" not in str(missing.value)
+    (tmp_path / "labels.csv").write_text("patient_id,malignant\nP1,1\nP2,0\n")
+    rows, fields = read_labels_table(labels_csv_path(tmp_path))
+    assert fields == ["patient_id", "malignant"] and [r["malignant"] for r in rows] == ["1", "0"]
+    (tmp_path / "bad.csv").write_text("id,malignant\nP1,1\n")
+    with pytest.raises(InputError, match="needs a patient_id column"):
+        read_labels_table(tmp_path / "bad.csv")

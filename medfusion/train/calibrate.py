@@ -34,11 +34,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import brier_score_loss, log_loss
 
-from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import ece, logistic_on_logit
 from medfusion.hashing import sha256_of
 from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
+from medfusion.io.labels_csv import labels_csv_path, read_labels_table
 from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
 from medfusion.run.result import CaseResult
 from medfusion.train.temperature import fit_temperature
@@ -72,10 +72,7 @@ def _read_run(
             `sha` (the package's).
         ValueError: a scores.json that does not fit the output contract (names the file).
     """
-    csv_path = labels_csv_path(labels)
-    if not csv_path.exists():
-        raise InputError(csv_path, "labels CSV not found")
-    table, fields = _labels_table(csv_path)
+    table, fields = read_labels_table(labels_csv_path(labels))
     runs = (
         sorted(p for p in Path(pred).iterdir() if (p / "scores.json").exists()) if Path(pred).is_dir() else []
     )
