@@ -25,7 +25,7 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from medfusion.io.volume import Volume
-from medfusion.measure.lesions import CONNECTIVITY, components
+from medfusion.measure.lesions import CONNECTIVITY, label_lesions
 
 _CROSS = ndimage.generate_binary_structure(3, 1)
 
@@ -90,23 +90,57 @@ def surface_metrics(
     return {"hd95_mm": hd95, "assd_mm": assd, "nsd": nsd, "empty": ""}
 
 
-def lesion_detection(pred: np.ndarray, ref: np.ndarray, ref_any: np.ndarray | None = None) -> dict[str, int]:
-    """Connected components (26-connectivity): a reference lesion is detected (TP) when any predicted
-    voxel overlaps it, missed (FN) otherwise; a predicted component touching no reference is FP. With
-    `ref_any` (the reference's lesions of every class), the FP that lie more than one voxel from any
-    reference lesion are also counted apart (`lesions_fp_isolated`): the rest are fragments at a real
-    lesion's edge given another class (e.g. an oedema rim where the reference has core) — boundary
-    errors rather than false detections, which BraTS 2023's lesion-wise matching absorbs by dilating the
-    reference before matching."""
-    rl, nr = components(ref)
-    pl, npd = components(pred)
-    tp = len(set(np.unique(rl[pred & ref])) - {0})
-    matched = set(np.unique(pl[pred & ref])) - {0}
-    out = {"lesions_tp": tp, "lesions_fn": nr - tp, "lesions_fp": npd - len(matched)}
-    if ref_any is not None:
-        near = ndimage.binary_dilation(ref_any, structure=CONNECTIVITY)
-        touching = set(np.unique(pl[pred & near])) - {0}
-        out["lesions_fp_isolated"] = npd - len(matched | touching)
+def lesion_detection(
+    pred_labels: np.ndarray,
+    ref_labels: np.ndarray,
+    class_names: list[str],
+    spacing_zyx: tuple[float, float, float],
+) -> dict[str, dict[str, int]]:
+    """Lesion-wise detection per foreground class, on the lesions medfusion reports
+    (`measure.lesions.label_lesions`: 26-connected foreground holding core, one lesion per core).
+
+    For class k, a lesion "of class k" is a lesion holding class-k voxels. A reference lesion of class
+    k is detected (`lesions_tp`) when a predicted lesion's class-k voxel overlaps its class-k voxels,
+    missed (`lesions_fn`) otherwise; a predicted lesion of class k whose class-k voxels overlap no
+    reference lesion's class-k voxel is a false positive (`lesions_fp`). `lesions_fp_isolated` counts
+    apart the FP lying more than one voxel (26-neighbourhood) from every reference lesion: the rest
+    are a real lesion's edge given another class (e.g. an oedema rim where the reference has core),
+    boundary errors rather than false detections, which BraTS 2023's lesion-wise matching absorbs by
+    dilating the reference before matching. Foreground that belongs to no lesion (no core; what
+    post-processing removes) is no lesion on either side and is counted nowhere here; the class's
+    Dice and volumes see it.
+
+    Args:
+        pred_labels, ref_labels: (z, y, x) class indices of `class_names`, the same shape.
+        class_names: classes, background first.
+        spacing_zyx: the grid's spacing in array order, mm (splitting a region between its cores
+            goes by distance in mm).
+
+    Returns:
+        {class name: {"lesions_tp", "lesions_fn", "lesions_fp", "lesions_fp_isolated"}} for every
+        class but the first, counts ≥ 0.
+    """
+    pl = label_lesions(pred_labels, class_names, spacing_zyx).components
+    rl = label_lesions(ref_labels, class_names, spacing_zyx).components
+    near = ndimage.binary_dilation(rl > 0, structure=CONNECTIVITY)
+    out: dict[str, dict[str, int]] = {}
+    for k, name in enumerate(class_names):
+        if k == 0:
+            continue
+        pk = (pred_labels == k) & (pl > 0)
+        rk = (ref_labels == k) & (rl > 0)
+        both = pk & rk
+        pred_ids = set(np.unique(pl[pk]).tolist())
+        matched = set(np.unique(pl[both]).tolist())
+        touching = set(np.unique(pl[pk & near]).tolist())
+        n_ref = len(np.unique(rl[rk]))
+        tp = len(np.unique(rl[both]))
+        out[name] = {
+            "lesions_tp": tp,
+            "lesions_fn": n_ref - tp,
+            "lesions_fp": len(pred_ids - matched),
+            "lesions_fp_isolated": len(pred_ids - matched - touching),
+        }
     return out
 
 
@@ -145,6 +179,7 @@ def case_metrics(
         raise ValueError(msg)
     spacing = (spacing_xyz[2], spacing_xyz[1], spacing_xyz[0])
     vml = float(np.prod(spacing_xyz)) / 1000.0
+    detection = lesion_detection(pred_labels, ref_labels, class_names, spacing)
     rows = []
     for k, name in enumerate(class_names):
         if k == 0:
@@ -161,6 +196,6 @@ def case_metrics(
                 "volume_rel_error": (vp - vr) / vr if vr > 0 else None,
             }
         )
-        row.update(lesion_detection(p, r, ref_labels > 0))
+        row.update(detection[name])
         rows.append(row)
     return rows

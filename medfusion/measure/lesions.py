@@ -1,19 +1,29 @@
 """The one lesion definition, and the findings measured on each lesion.
 
-A **lesion region** is a 26-connected group of foreground voxels (any class > 0) that holds at
-least one tumour-core voxel; foreground groups without core (stray oedema or calcification) are not
-lesions, as post-processing removes them. A region with several separate cores (two tumours whose
-oedema touches) is reported as that many **lesions**, each voxel going to its nearest core
-(`split_by_core`); the diagnosis's measurement term reads regions (`label_lesions`), as it was fitted. Every part of medfusion that counts or measures lesions — the
-diagnosis's measurement term (`measure/features.py`), the run's measurements (`run/measure.py`), the
-report's findings table and the DICOM SR — labels them here.
+A **lesion** is what a radiologist counts: one tumour core with the tissue around it. It is found in
+two steps:
+
+1. a **region** (`lesion_regions`) is a 26-connected group of foreground voxels (any class > 0) that
+   holds at least one tumour-core voxel; foreground groups without core (stray oedema or
+   calcification) are not lesions, as post-processing removes them;
+2. a region with several separate cores (two tumours whose oedema touches) is that many lesions
+   (`split_by_core`): each voxel of the region goes to its nearest core, in millimetres.
+
+`label_lesions` does both and orders the lesions, the one entry point: the diagnosis's measurement
+features (`measure/features.py`), the run's measurements (`run/measure.py`, hence the report's
+findings table and the DICOM SR) and evaluation's lesion detection
+(`evaluate/segmentation.lesion_detection`) all read its lesions, so that one scores.json counts and
+measures lesions one way. Post-processing (`infer/postprocess.py`) uses step 1 alone: it removes
+what is no region.
 
 Findings per lesion (`Lesion`), in the patient's own geometry:
 
 - volumes per class (mL) and the lesion's total;
 - the longest core diameter (maximum Feret diameter of core + calcification, mm) and, RANO-style
-  (Wen et al., J Clin Oncol 2010;28:1963), the bidimensional pair on the axial slice with the most
-  core: the longest in-plane diameter and the largest extent perpendicular to it;
+  (Wen et al., J Clin Oncol 2010;28:1963), the bidimensional pair on the patient's axial slice with
+  the most core: the longest in-plane diameter and the largest extent perpendicular to it. On a grid
+  whose slices are not axial (sagittal or coronal acquisition, gantry tilt) the lesion's box is first
+  resampled, nearest-neighbour, onto an LPS-aligned grid (`axial_diameters_mm`);
 - the centroid (LPS mm), the side relative to the head's midline (the body mask's centroid: "left",
   "right" or "midline" within 5 mm) and the coarse region (anterior/posterior, superior/inferior
   half of the head);
@@ -22,10 +32,11 @@ Findings per lesion (`Lesion`), in the patient's own geometry:
 
 Examples:
     >>> import numpy as np
-    >>> lab = np.zeros((8, 8, 8), np.uint8); lab[2:6, 2:6, 2:6] = 2; lab[3:5, 3:5, 3:5] = 1
-    >>> comp, ids = label_lesions(lab, ["background", "tumour_core", "oedema"])
-    >>> ids.tolist()
-    [1]
+    >>> lab = np.zeros((8, 8, 16), np.uint8); lab[2:6, 2:6, 1:15] = 2
+    >>> lab[3:5, 3:5, 3:5] = 1; lab[3:5, 3:5, 11:13] = 1  # two cores in one oedema
+    >>> found = label_lesions(lab, ["background", "tumour_core", "oedema"], (1.0, 1.0, 1.0))
+    >>> len(found.ids)
+    2
 """
 
 from __future__ import annotations
@@ -37,11 +48,12 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.distance import pdist
 
-from medfusion.io.volume import Volume
+from medfusion.io.volume import Grid, LabelMap, Volume
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
 MIDLINE_MM = 5.0
 SHELL_MM = 3.0
+AXIAL_TOLERANCE = 1e-6  # |cos| of the slice axis to LPS z below 1 - this: slices are not axial
 
 
 def class_roles(class_names: list[str]) -> tuple[int, int | None]:
@@ -52,8 +64,8 @@ def class_roles(class_names: list[str]) -> tuple[int, int | None]:
 
 
 def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """26-connected components of a boolean (z, y, x) mask — the one connectivity medfusion counts
-    lesions with (post-processing, measurements, the diagnosis's features, evaluation's detection).
+    """26-connected components of a boolean (z, y, x) mask — the one connectivity medfusion labels
+    lesions with.
 
     Returns:
         (components, n): int32 array of the mask's shape (0 outside, 1..n a component) and n.
@@ -63,40 +75,39 @@ def components(mask: np.ndarray) -> tuple[np.ndarray, int]:
 
 
 def lesion_regions(labels: np.ndarray, core: int) -> tuple[np.ndarray, np.ndarray]:
-    """`components` of the foreground (any class > 0) of an integer label map (z, y, x), and the
-    sorted numbers of those holding at least one voxel of class `core` (shape (n_lesions,))."""
+    """Step 1 of the lesion definition: `components` of the foreground (any class > 0) of an integer
+    label map (z, y, x), and the sorted numbers of those holding at least one voxel of class `core`
+    (int64, shape (n_regions,)). Post-processing keeps these regions; everything else labels
+    lesions with `label_lesions`."""
     comp, _ = components(labels > 0)
     ids = np.unique(comp[labels == core])
     return comp, ids[ids > 0]
 
 
-def label_lesions(labels: np.ndarray, class_names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Connected foreground components of an integer label map (z, y, x) and which are lesions
-    (`lesion_regions` with the core class `class_roles` names).
-
-    Returns:
-        (components, lesion_ids): int32 array of the map's shape (0 = background, k = component
-        k), and the sorted component numbers that hold core (shape (n_lesions,)).
-    """
-    return lesion_regions(labels, class_roles(class_names)[0])
+def solid_mask(labels: np.ndarray, class_names: list[str]) -> np.ndarray:
+    """Boolean (z, y, x): the voxels of the tumour core or of calcification (a lesion's solid part,
+    what its core diameter spans)."""
+    core_k, calc_k = class_roles(class_names)
+    return (labels == core_k) if calc_k is None else ((labels == core_k) | (labels == calc_k))
 
 
 def split_by_core(
     labels: np.ndarray, class_names: list[str], spacing_zyx: tuple[float, ...]
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lesions as a radiologist counts them: `label_lesions`' regions, each split between its
-    separate cores (26-connected core + calcification holding core), every voxel of the region going
-    to the nearest core in millimetres. Two tumours whose oedema touches are two lesions here, one
-    region for `label_lesions` (the diagnosis's measurement term was fitted on regions).
+    """Step 2 of the lesion definition: `lesion_regions`' regions, each split between its separate
+    cores (26-connected solid parts, `solid_mask`, holding core), every voxel of the region going to
+    the nearest core in millimetres (Euclidean distance transform with `spacing_zyx`, the array's
+    (z, y, x) spacing). A solid part with no core (a calcification alone) goes to its nearest core too.
 
     Returns:
-        (components, lesion_ids) as `label_lesions`, int32, with split regions renumbered.
+        (components, lesion_ids): int32 array of the map's shape (0 = no lesion, k = lesion k; regions
+        without core keep their number but are not lesions), and the sorted lesion numbers (int64).
     """
-    core_k, calc_k = class_roles(class_names)
-    comp, ids = label_lesions(labels, class_names)
+    core_k, _ = class_roles(class_names)
+    comp, ids = lesion_regions(labels, core_k)
     if len(ids) == 0:
         return comp, ids
-    solid = (labels == core_k) if calc_k is None else ((labels == core_k) | (labels == calc_k))
+    solid = solid_mask(labels, class_names)
     out = comp.copy()
     next_id = int(comp.max()) + 1
     boxes = ndimage.find_objects(comp)
@@ -122,6 +133,48 @@ def split_by_core(
     return out, np.array(sorted(kept), dtype=np.int64)
 
 
+@dataclasses.dataclass(frozen=True)
+class LesionLabels:
+    """The lesions of one label map (`label_lesions`).
+
+    Attributes:
+        components: int32 (z, y, x): k inside lesion k, 0 elsewhere (background and foreground that
+            belongs to no lesion alike).
+        ids: int64 (n_lesions,): the lesion numbers, the lesion with the most solid voxels (core +
+            calcification) first, ties by number.
+        solid: bool (z, y, x): core or calcification voxels (`solid_mask`), inside lesions or not.
+        solid_voxels: int64 (components.max() + 1,): solid voxels per lesion number.
+    """
+
+    components: np.ndarray
+    ids: np.ndarray
+    solid: np.ndarray
+    solid_voxels: np.ndarray
+
+    def boxes(self) -> list[tuple[slice, ...] | None]:
+        """Bounding box (array slices) of every lesion number 1..components.max(); index k - 1."""
+        return ndimage.find_objects(self.components)
+
+
+def label_lesions(labels: np.ndarray, class_names: list[str], spacing_zyx: tuple[float, ...]) -> LesionLabels:
+    """THE lesions of an integer label map (z, y, x; class indices of `class_names`) on a grid of
+    `spacing_zyx` (mm, array order): `split_by_core`'s lesions, ordered largest solid part first.
+
+    Examples:
+        >>> lab = np.zeros((8, 8, 8), np.uint8); lab[2:6, 2:6, 2:6] = 2; lab[3:5, 3:5, 3:5] = 1
+        >>> label_lesions(lab, ["background", "tumour_core", "oedema"], (1.0, 1.0, 1.0)).ids.tolist()
+        [1]
+    """
+    comp, ids = split_by_core(labels, class_names, spacing_zyx)
+    keep = np.zeros(int(comp.max()) + 1, bool)
+    keep[ids] = True
+    comp[~keep[comp]] = 0  # regions without core (split_by_core's copy, ours to change)
+    solid = solid_mask(labels, class_names)
+    solid_voxels = np.bincount(comp[solid], minlength=len(keep)).astype(np.int64)
+    order = sorted(ids.tolist(), key=lambda k: (-int(solid_voxels[k]), k))
+    return LesionLabels(comp, np.array(order, dtype=np.int64), solid, solid_voxels)
+
+
 def feret_diameter_mm(mask: np.ndarray, spacing_zyx: tuple[float, ...], max_points: int = 3000) -> float:
     """Largest distance (mm) between two voxel centres of `mask` (z, y, x) on a grid with this spacing
     (max Feret diameter); one voxel counts its largest spacing, an empty mask 0.
@@ -142,8 +195,11 @@ def feret_diameter_mm(mask: np.ndarray, spacing_zyx: tuple[float, ...], max_poin
 
 
 def bidimensional_mm(mask2d: np.ndarray, spacing_yx: tuple[float, float]) -> tuple[float, float]:
-    """Longest in-plane diameter of a 2D mask (rows, columns) and its largest extent perpendicular
-    to that diameter, both in mm (RANO's product of perpendicular diameters uses this pair)."""
+    """Longest in-plane diameter of a 2D mask (rows, columns) on a grid of `spacing_yx` (mm per row
+    and per column) and its largest extent perpendicular to that diameter, both in mm, voxel centre
+    to centre (RANO's product of perpendicular diameters uses this pair; Wen et al. 2010). One voxel
+    gives its largest spacing twice; an empty mask (0.0, 0.0). More than 2000 voxels are subsampled
+    evenly (the pairwise distances are O(n²) in memory)."""
     idx = np.argwhere(mask2d).astype(np.float64) * np.asarray(spacing_yx, float)
     if len(idx) < 2:
         d = float(len(idx) and max(spacing_yx))
@@ -159,11 +215,91 @@ def bidimensional_mm(mask2d: np.ndarray, spacing_yx: tuple[float, float]) -> tup
     return float(dist[a, b]), float(proj.max() - proj.min())  # voxel centre to centre, as the Feret
 
 
+def slices_are_axial(grid: Grid) -> bool:
+    """Whether `grid`'s array slices (k, the z axis of the array) are the patient's axial planes: its
+    k axis runs along LPS z (head-foot), in either sense. An axial CT, also flipped or turned in
+    plane, is; a sagittal or coronal acquisition, or a gantry tilt, is not."""
+    return abs(float(grid.direction[2, 2])) >= 1.0 - AXIAL_TOLERANCE
+
+
+def axial_grid(grid: Grid) -> Grid:
+    """An LPS-aligned grid (identity direction) covering `grid`'s voxel centres with one voxel to
+    spare on each side; along each LPS axis the spacing of `grid`'s axis closest to it (mm), so that a
+    grid that only permutes or flips the LPS axes (a sagittal or coronal series) maps voxel centre to
+    voxel centre."""
+    nz, ny, nx = grid.shape
+    corners = np.array([[i, j, k] for i in (0, nx - 1) for j in (0, ny - 1) for k in (0, nz - 1)], float)
+    world = grid.index_to_world(corners)
+    closest = np.argmax(np.abs(grid.direction), axis=1)  # per LPS axis, the grid axis along it
+    spacing = np.asarray(grid.spacing, float)[closest]
+    lo, hi = world.min(0) - spacing, world.max(0) + spacing
+    size = np.round((hi - lo) / spacing).astype(int) + 1
+    return Grid(
+        (int(size[2]), int(size[1]), int(size[0])),
+        (float(spacing[0]), float(spacing[1]), float(spacing[2])),
+        (float(lo[0]), float(lo[1]), float(lo[2])),
+    )
+
+
+def axial_diameters_mm(mask: np.ndarray, grid: Grid) -> tuple[float, float]:
+    """RANO-style bidimensional diameters (mm) of a boolean (z, y, x) `mask` on `grid`, measured on the
+    patient's axial slice (LPS z constant) that holds the most of it (`bidimensional_mm`; the short
+    one at least one in-plane voxel).
+
+    When the grid's slices are axial (`slices_are_axial`) they are read as they are; otherwise the mask
+    is resampled nearest-neighbour onto `axial_grid(grid)` first (exact for a sagittal or coronal
+    series, within a voxel for an oblique one). Callers pass a lesion's bounding box and its grid,
+    which keeps the resampling small.
+
+    Raises:
+        ValueError: `mask`'s shape is not `grid.shape`.
+    """
+    if tuple(mask.shape) != grid.shape:
+        msg = f"mask of shape {mask.shape} is not on the grid {grid.shape}"
+        raise ValueError(msg)
+    spacing_yx = (grid.spacing_zyx[1], grid.spacing_zyx[2])
+    if not slices_are_axial(grid):
+        target = axial_grid(grid)
+        mask = LabelMap.on(grid, mask.astype(np.uint8)).resample_to(target).array > 0
+        spacing_yx = (target.spacing_zyx[1], target.spacing_zyx[2])
+    if not mask.any():
+        return 0.0, 0.0
+    z = int(np.argmax(mask.sum(axis=(1, 2))))
+    d1, d2 = bidimensional_mm(mask[z], spacing_yx)
+    return d1, max(d2, min(spacing_yx))  # a lesion one voxel thick is one voxel wide, not 0 mm
+
+
+def box_grid(grid: Grid, box: tuple[slice, ...]) -> Grid:
+    """The sub-grid of `grid` that the array slices `box` (z, y, x; steps of 1) cut out."""
+    start = np.array([box[2].start or 0, box[1].start or 0, box[0].start or 0], float)
+    shape = tuple(len(range(*b.indices(n))) for b, n in zip(box, grid.shape, strict=True))
+    origin = grid.index_to_world(start)[0]
+    return Grid(
+        shape,  # type: ignore[arg-type]
+        grid.spacing,
+        (float(origin[0]), float(origin[1]), float(origin[2])),
+        grid.direction,
+    )
+
+
 @dataclasses.dataclass
 class Lesion:
-    """One lesion's findings (see the module docstring for definitions and units)."""
+    """One lesion's findings (see the module docstring for definitions and sources).
 
-    number: int  # 1 = the lesion with the most core, then by decreasing core volume
+    Attributes:
+        number: 1 = the lesion with the most core + calcification, then by decreasing solid volume.
+        volumes_ml: mL per foreground class inside the lesion (≥ 0).
+        total_ml: the lesion's volume, mL.
+        core_diameter_mm: maximum Feret diameter of its core + calcification, mm.
+        axial_diameters_mm: (longest, perpendicular) on the patient's axial slice with the most core, mm.
+        centroid_lps: the lesion's centre of mass, LPS mm.
+        side: "left", "right" or "midline" (within 5 mm of the head's midline).
+        region: "superior|inferior anterior|posterior", relative to the head's centre.
+        ct_core_hu: mean CT density of the core (HU), None without a CT.
+        mr_enhancement_ratio: core over surrounding-tissue MR signal (> 0), None without an MR or shell.
+    """
+
+    number: int
     volumes_ml: dict[str, float]
     total_ml: float
     core_diameter_mm: float
@@ -189,8 +325,17 @@ def find_lesions(
     ct: Volume | None = None,
     mr: Volume | None = None,
 ) -> list[Lesion]:
-    """Every lesion of `labels` (class indices on a grid; `ct` and `mr`, when given, on the same
-    grid), largest core first.
+    """Every lesion of `labels` (`label_lesions`), largest solid part (core + calcification) first,
+    with its findings (see the module docstring for definitions and units).
+
+    Args:
+        labels: class indices of `class_names` (z, y, x) on their grid, any orientation.
+        class_names: the label map's classes ("tumour_core", else class 1, is the core).
+        ct: the CT on the same grid (HU), for the core's density and the head's midline.
+        mr: an MR on the same grid, for the enhancement ratio.
+
+    Returns:
+        One `Lesion` per lesion, numbered from 1; an empty list when there is none.
 
     Raises:
         ValueError: `ct` or `mr` is not on the grid of `labels`.
@@ -200,31 +345,27 @@ def find_lesions(
             msg = f"{name} of shape {other.shape} is not on the label map's grid {labels.shape}"
             raise ValueError(msg)
     arr = labels.array
-    core_k, calc_k = class_roles(class_names)
+    core_k, _ = class_roles(class_names)
     spacing_zyx = labels.spacing_zyx
-    comp, ids = split_by_core(arr, class_names, spacing_zyx)
-    if len(ids) == 0:
+    found = label_lesions(arr, class_names, spacing_zyx)
+    if len(found.ids) == 0:
         return []
+    comp = found.components
     ml = labels.voxel_volume_ml
-    solid = (arr == core_k) if calc_k is None else ((arr == core_k) | (arr == calc_k))
-    solid_sizes = np.bincount(comp[solid], minlength=int(comp.max()) + 1)
-    order = sorted(ids.tolist(), key=lambda k: (-int(solid_sizes[k]), k))
-    boxes = ndimage.find_objects(comp)
+    boxes = found.boxes()
+    grid = labels.grid
     midline = _midline_x(ct, labels)
     centre = _head_centre(ct, labels)
     out: list[Lesion] = []
-    for number, k in enumerate(order, start=1):
+    for number, k in enumerate(found.ids.tolist(), start=1):
         box = boxes[k - 1]
         assert box is not None
         inside = comp[box] == k
         sub = arr[box]
         counts = np.bincount(sub[inside].astype(np.int64), minlength=len(class_names))
         volumes = {n: round(float(counts[c]) * ml, 3) for c, n in enumerate(class_names) if c > 0}
-        core = inside & solid[box]
-        per_slice = core.sum(axis=(1, 2))
-        z = int(np.argmax(per_slice))
-        d1, d2 = bidimensional_mm(core[z], (spacing_zyx[1], spacing_zyx[2]))
-        d2 = max(d2, min(spacing_zyx[1:]))  # a lesion one voxel thick is one voxel wide, not 0 mm
+        core = inside & found.solid[box]
+        d1, d2 = axial_diameters_mm(core, box_grid(grid, box))
         offset = np.array([s.start for s in box], dtype=np.float64)
         cz, cy, cx = ndimage.center_of_mass(inside) + offset
         centroid = labels.index_to_world(np.array([cx, cy, cz]))[0]
@@ -246,7 +387,7 @@ def find_lesions(
             tumour = inside & (sub == core_k)  # the core alone: calcification would raise its density
             lesion.ct_core_hu = round(float(np.mean(ct.array[box][tumour if tumour.any() else core])), 1)
         if mr is not None:
-            lesion.mr_enhancement_ratio = _enhancement(mr, comp, k, core, box, spacing_zyx)
+            lesion.mr_enhancement_ratio = _enhancement(mr, arr, comp, k, core, box, spacing_zyx)
         out.append(lesion)
     return out
 
@@ -293,17 +434,19 @@ def _region(centroid: np.ndarray, centre: np.ndarray) -> str:
 
 def _enhancement(
     mr: Volume,
+    labels: np.ndarray,
     comp: np.ndarray,
     k: int,
     core: np.ndarray,
     box: tuple[slice, ...],
     spacing_zyx: tuple[float, ...],
 ) -> float | None:
-    """Mean MR in the core over the mean in a SHELL_MM shell of non-lesion voxels around the lesion."""
+    """Mean MR in the core over the mean in a SHELL_MM shell of background voxels (class 0) around
+    lesion `k` of `comp`; None without a shell or when its mean is 0."""
     grow = [max(1, int(np.ceil(SHELL_MM / s))) for s in spacing_zyx]
     big = tuple(slice(max(0, b.start - g), b.stop + g) for b, g in zip(box, grow, strict=True))
     lesion = comp[big] == k
-    shell = ndimage.binary_dilation(lesion, structure=CONNECTIVITY, iterations=max(grow)) & (comp[big] == 0)
+    shell = ndimage.binary_dilation(lesion, structure=CONNECTIVITY, iterations=max(grow)) & (labels[big] == 0)
     values = mr.array[big]
     if not shell.any() or not core.any():
         return None
