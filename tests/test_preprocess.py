@@ -130,6 +130,30 @@ def test_intensity() -> None:
     assert abs(np.median(z)) < 0.05
 
 
+def test_one_mr_head_threshold_for_registration_and_normalisation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Registration's MR head mask and the normalisation's mask both follow `mr_head_threshold`."""
+    from medfusion.io.volume import Volume
+    from medfusion.preprocess import intensity
+    from medfusion.preprocess.registration import head_mask
+
+    zz, yy, xx = np.mgrid[:24, :24, :24] - 11.5
+    r = np.sqrt(zz**2 + yy**2 + xx**2)
+    arr = np.where(r < 6, 100.0, np.where(r < 10, 30.0, 0.0)).astype(np.float32)  # brain, scalp, air
+    mr = Volume(arr, modality="MR")
+    assert intensity.mr_head_threshold(arr) == pytest.approx(10.0)
+    both = (_sitk_count(head_mask(mr)), int(intensity.mr_head_mask(arr).sum()))
+    assert both[0] >= both[1] == int((r < 10).sum())  # the scalp is head at 10 % of the 99th percentile
+    monkeypatch.setattr(intensity, "MR_HEAD_FRACTION", 0.5)
+    assert int(intensity.mr_head_mask(arr).sum()) == int((r < 6).sum())
+    assert _sitk_count(head_mask(mr)) < both[0]  # registration moved with it: one definition
+
+
+def _sitk_count(mask: object) -> int:
+    import SimpleITK as sitk
+
+    return int(sitk.GetArrayFromImage(mask).sum())  # type: ignore[arg-type]
+
+
 def test_register_command(cohort: Path, tmp_path: Path) -> None:
     pid = sorted(p.name for p in (cohort / "patients").iterdir())[1]
     res = CliRunner().invoke(

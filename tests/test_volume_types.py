@@ -127,3 +127,49 @@ def test_label_map_metrics_refuse_a_reference_off_the_prediction_grid() -> None:
     shifted = LabelMap(lab, (1.0, 1.0, 2.0), origin=(5.0, 0.0, 0.0))
     with pytest.raises(ValueError, match="not the prediction's"):
         label_map_metrics(pred, shifted, names)
+
+
+# --- One transform conversion, warnings kept, full-geometry comparisons (#29) ---
+
+
+def test_matrix_to_sitk_round_trips_and_is_the_one_registration_uses() -> None:
+    from medfusion.io import volume
+    from medfusion.io.volume import matrix_to_sitk, sitk_to_matrix
+    from medfusion.preprocess import registration
+
+    m = np.eye(4)
+    m[:3, :3] = _oblique()
+    m[:3, 3] = [4.0, -7.5, 12.0]
+    tx = matrix_to_sitk(m)
+    assert np.allclose(sitk_to_matrix(tx), m, atol=1e-9)
+    p = np.array([10.0, 20.0, -30.0])
+    assert np.allclose(tx.TransformPoint(tuple(p)), m[:3, :3] @ p + m[:3, 3])
+    assert np.allclose(sitk_to_matrix(matrix_to_sitk(None)), np.eye(4))
+    # one definition: registration re-exports the io layer's functions rather than its own copies
+    assert registration.matrix_to_sitk is volume.matrix_to_sitk
+    assert registration.sitk_to_matrix is volume.sitk_to_matrix
+
+
+def test_with_array_and_resampling_keep_the_loader_warnings() -> None:
+    v = Volume(np.zeros((4, 5, 6), np.float32), spacing=(1.0, 1.0, 2.0), modality="CT")
+    v.warnings.append("2 missing slice(s) near slice 3; resampled to a regular 2 mm spacing")
+    g = Grid((2, 3, 3), spacing=(2.0, 2.0, 2.0))
+    lab = LabelMap.of(v.with_array(np.zeros((4, 5, 6), np.uint8)))
+    for out in (v.with_array(v.array + 1), v.resample_to(g), lab, lab.resample_to(g)):
+        assert out.warnings == v.warnings
+        assert out.warnings is not v.warnings  # a copy: the derived volume's own list
+
+
+def test_grid_overlap_uses_the_whole_extent() -> None:
+    ct = Grid((20, 20, 20), spacing=(1.0, 1.0, 1.0))
+    assert ct.overlaps(ct) and ct.overlaps(Grid((4, 4, 4), origin=(18.0, 18.0, 18.0)))
+    # beside the CT along one axis only: two opposite corners' box straddles 0 on the other axes
+    assert not ct.overlaps(Grid((20, 20, 20), origin=(-30.0, 0.0, 0.0)))
+    assert not ct.overlaps(Grid((5, 5, 5), origin=(0.0, 0.0, 25.0)))
+    # flipped axes: the first and last voxels' centres do not bound the grid in LPS order
+    flipped = Grid((10, 10, 10), origin=(5.0, 5.0, 5.0), direction=np.diag([-1.0, 1.0, -1.0]))
+    assert ct.overlaps(flipped) and flipped.overlaps(ct)
+    assert len(ct.corners()) == 8
+    shifted = Grid(ct.shape, ct.spacing, (0.0005, 0.0, 0.0), ct.direction)
+    assert ct.same_as(shifted, tol=1e-3) and not ct.same_as(shifted, tol=1e-4)
+    assert not ct.same_as(Grid((20, 20, 21)))

@@ -140,6 +140,22 @@ class Grid:
             and np.allclose(self.direction, other.direction, atol=tol)
         )
 
+    def corners(self) -> np.ndarray:
+        """The LPS positions (mm) of the 8 corner voxels' centres, shape (8, 3)."""
+        last = np.asarray(self.size_xyz, float) - 1.0
+        ijk = np.array([[i, j, k] for i in (0.0, last[0]) for j in (0.0, last[1]) for k in (0.0, last[2])])
+        return self.index_to_world(ijk)
+
+    def overlaps(self, other: Grid) -> bool:
+        """Whether `other`'s voxel-centre box meets this grid's box (each box: its voxel centres, out
+        to half a voxel beyond them). All 8 corners of `other` are mapped into this grid's index space,
+        so a rotated or flipped grid is judged by its whole extent, not by two opposite corners.
+        Conservative: two boxes whose hulls meet only diagonally count as overlapping."""
+        ijk = self.world_to_index(other.corners())
+        lo, hi = ijk.min(0), ijk.max(0)
+        size = np.asarray(self.size_xyz, float)
+        return bool(np.all(hi >= -0.5) and np.all(lo <= size - 0.5))
+
     def orientation_code(self) -> str:
         """Three-letter LPS code of the i, j, k axes (e.g. 'LPS' for a plain axial series)."""
         letters = (("L", "R"), ("P", "A"), ("S", "I"))
@@ -203,15 +219,41 @@ class Grid:
         )
 
 
-def _itk_transform(matrix: np.ndarray | None) -> sitk.Transform:
-    """A 4×4 LPS matrix (ITK convention: maps an output-grid point to the input image's point) as a
-    SimpleITK affine transform; None: identity."""
+# --- Transforms ---
+
+
+def matrix_to_sitk(matrix: np.ndarray | None = None) -> sitk.AffineTransform:
+    """A 4×4 LPS matrix as a SimpleITK affine transform: medfusion's one matrix → ITK conversion.
+
+    Args:
+        matrix: 4×4 (only the top three rows are read), in ITK's convention: it maps a point of the
+            output (fixed) grid, LPS mm, to the input (moving) image's point. None: identity.
+
+    Returns:
+        A 3D `sitk.AffineTransform` with the matrix's linear part and translation (mm).
+    """
     tx = sitk.AffineTransform(3)
     if matrix is not None:
         m = np.asarray(matrix, float)
         tx.SetMatrix(m[:3, :3].ravel().tolist())
         tx.SetTranslation(m[:3, 3].tolist())
     return tx
+
+
+def sitk_to_matrix(tx: sitk.Transform) -> np.ndarray:
+    """The 4×4 LPS matrix of a linear SimpleITK transform (or a composite of linear ones), the inverse
+    of `matrix_to_sitk`: probed at the origin and 100 mm along each axis, so any linear transform type
+    (Euler, Similarity, Affine, composites) reads the same way.
+
+    Returns:
+        4×4 float64, last row (0, 0, 0, 1); mm for the translation.
+    """
+    pts = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]) * 100.0
+    out = np.array([tx.TransformPoint(tuple(p)) for p in pts])
+    m = np.eye(4)
+    m[:3, 3] = out[0]
+    m[:3, :3] = ((out[1:] - out[0]) / 100.0).T
+    return m
 
 
 @dataclasses.dataclass
@@ -319,7 +361,8 @@ class Volume:
         return self.grid.same_as(other if isinstance(other, Grid) else other.grid, tol)
 
     def with_array(self, array: np.ndarray, modality: str | None = None) -> Self:
-        """A new volume of this type on the same grid holding `array` (same shape).
+        """A new volume of this type on the same grid holding `array` (same shape), keeping the meta
+        and the loader's warnings (copies of both).
 
         Raises:
             ValueError: `array`'s shape differs from this volume's array.
@@ -334,6 +377,7 @@ class Volume:
             self.direction.copy(),
             modality or self.modality,
             dict(self.meta),
+            list(self.warnings),
         )
 
     def orientation_code(self) -> str:
@@ -354,13 +398,13 @@ class Volume:
             default: value outside this image; None: the image's minimum.
 
         Returns:
-            A `Volume` (same modality and meta) on `grid`; channels are resampled one by one.
-            A `LabelMap` overrides this to resample nearest-neighbour.
+            A `Volume` (same modality, meta and warnings) on `grid`; channels are resampled one by
+            one. A `LabelMap` overrides this to resample nearest-neighbour.
         """
         target = grid if isinstance(grid, Grid) else grid.grid
         fill = float(default) if default is not None else float(np.min(self.array))
         f = target.resampler(sitk.sitkLinear, fill, sitk.sitkFloat32)
-        f.SetTransform(_itk_transform(transform))
+        f.SetTransform(matrix_to_sitk(transform))
         return self._resampled(target, f, lambda img: sitk.Cast(img, sitk.sitkFloat32))
 
     def _resampled(self, target: Grid, f: sitk.ResampleImageFilter, cast: Any) -> Volume:
@@ -369,7 +413,9 @@ class Volume:
         planes = self.array if self.array.ndim == 4 else self.array[None]
         out = [sitk.GetArrayFromImage(f.Execute(cast(Volume.on(grid, p).to_sitk()))) for p in planes]
         arr = np.stack(out) if self.array.ndim == 4 else out[0]
-        return type(self).on(target, arr, self.modality, self.meta)
+        res = type(self).on(target, arr, self.modality, self.meta)
+        res.warnings = list(self.warnings)  # what the loader corrected still holds after resampling
+        return res
 
     # --- SimpleITK ---
 
@@ -459,9 +505,11 @@ class LabelMap(Volume):
         self, grid: Grid | Volume, transform: np.ndarray | None = None, *, default: float | None = None
     ) -> LabelMap:
         """These labels on `grid`, nearest-neighbour, same integer type; `default` (0 if None) outside.
-        `transform` as in `Volume.resample_to`."""
+        `transform` as in `Volume.resample_to`; meta and warnings kept."""
         target = grid if isinstance(grid, Grid) else grid.grid
         src = self.to_sitk()
         f = target.resampler(sitk.sitkNearestNeighbor, float(default or 0), src.GetPixelID())
-        f.SetTransform(_itk_transform(transform))
-        return LabelMap.on(target, sitk.GetArrayFromImage(f.Execute(src)), self.modality, self.meta)
+        f.SetTransform(matrix_to_sitk(transform))
+        res = LabelMap.on(target, sitk.GetArrayFromImage(f.Execute(src)), self.modality, self.meta)
+        res.warnings = list(self.warnings)
+        return res

@@ -17,7 +17,7 @@ from medfusion.config import PreprocessConfig
 from medfusion.io.case import Case
 from medfusion.io.errors import InputError
 from medfusion.io.volume import Grid, LabelMap, Volume
-from medfusion.preprocess.intensity import ct_windows, mr_robust_z
+from medfusion.preprocess.intensity import ct_windows, mr_head_mask, mr_robust_z
 from medfusion.preprocess.registration import RegistrationResult, register
 from medfusion.preprocess.resample import model_grid
 
@@ -138,7 +138,7 @@ def prepare_case(
         t["register"] = time.perf_counter() - t0
         mr_in_ct = mr.resample_to(ct, registration.matrix, default=0.0)
         on_grid = mr.resample_to(grid, registration.matrix, default=0.0)
-        head = on_grid.array > 0.1 * np.percentile(on_grid.array, 99)
+        head = mr_head_mask(on_grid.array)
         mr_grid = mr_robust_z(on_grid.array, head, cfg.mr_percentiles)[None]
         reason = MR_USED if registration.passed else MR_FAILED_QC
     t1 = time.perf_counter()

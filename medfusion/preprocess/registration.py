@@ -32,7 +32,8 @@ import SimpleITK as sitk
 
 from medfusion.config import RegistrationConfig
 from medfusion.io.errors import InputError
-from medfusion.io.volume import Volume
+from medfusion.io.volume import Volume, matrix_to_sitk, sitk_to_matrix
+from medfusion.preprocess.intensity import mr_head_threshold
 
 # --- Types ---
 
@@ -60,23 +61,6 @@ class RegistrationResult:
             "mode": self.mode,
             "qc": self.qc,
         }
-
-
-def matrix_to_sitk(m: np.ndarray) -> sitk.AffineTransform:
-    tx = sitk.AffineTransform(3)
-    tx.SetMatrix(np.asarray(m[:3, :3], float).ravel().tolist())
-    tx.SetTranslation(np.asarray(m[:3, 3], float).tolist())
-    return tx
-
-
-def sitk_to_matrix(tx: sitk.Transform) -> np.ndarray:
-    """4×4 matrix of a (composite of) linear SimpleITK transform(s), probed at 4 points."""
-    pts = np.array([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]) * 100.0
-    out = np.array([tx.TransformPoint(tuple(p)) for p in pts])
-    m = np.eye(4)
-    m[:3, 3] = out[0]
-    m[:3, :3] = ((out[1:] - out[0]) / 100.0).T
-    return m
 
 
 # --- Working images and masks ---
@@ -120,7 +104,7 @@ def _foreground(img: sitk.Image, modality: str) -> sitk.Image:
     if modality == "CT":
         mask = img > -500
     else:
-        mask = img > 0.1 * float(np.percentile(sitk.GetArrayViewFromImage(img), 99))
+        mask = img > mr_head_threshold(sitk.GetArrayViewFromImage(img))
     cc = sitk.ConnectedComponent(mask)
     mask = sitk.RelabelComponent(cc, sortByObjectSize=True) == 1
     mask = sitk.BinaryMorphologicalClosing(mask, [2, 2, 2])
@@ -130,8 +114,8 @@ def _foreground(img: sitk.Image, modality: str) -> sitk.Image:
 def head_mask(vol: Volume, spacing_mm: float = 0.0) -> sitk.Image:
     """Foreground (head/body) mask on `vol`'s grid (or its working grid of `spacing_mm`), uint8.
 
-    CT: above −500 HU. MR: above 10 % of the 99th percentile (Otsu would keep only the bright
-    tissues of a T1 image and lose the skull and CSF inside the scalp).
+    CT: above −500 HU. MR: above `mr_head_threshold` (10 % of the 99th percentile; Otsu would keep
+    only the bright tissues of a T1 image and lose the skull and CSF inside the scalp).
     """
     return _foreground(working_image(vol, spacing_mm), vol.modality)
 
