@@ -1,8 +1,8 @@
 """Diagnosis metrics with percentile-bootstrap 95 % confidence intervals.
 
-AUROC and AUPRC (average precision) are scikit-learn's; accuracy, sensitivity (recall of
-positives), specificity, PPV, NPV and F1 are taken at a probability threshold (p ≥ t is positive);
-Brier = mean (p − y)² (Brier, Mon Weather Rev 1950); ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b|
+AUROC, AUPRC (average precision), the confusion counts and the Brier score are scikit-learn's;
+accuracy, sensitivity (recall of positives), specificity, PPV, NPV and F1 are taken at a probability
+threshold (p ≥ t is positive) from those counts; Brier = mean (p − y)² (Brier, Mon Weather Rev 1950); ECE = Σ_b (n_b / n) |mean(y)_b − mean(p)_b|
 over 10 equal-width bins (`ece`). ECE is biased upwards on small cohorts (a perfectly calibrated
 model's ECE on 100 cases with the shipped model's probabilities has median ≈ 0.10), so it comes with
 the distribution it would have if the probabilities were exactly calibrated (outcomes drawn as
@@ -19,7 +19,14 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
+from numpy.typing import ArrayLike
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    multilabel_confusion_matrix,
+    roc_auc_score,
+)
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -66,12 +73,42 @@ def _safe(fn: Callable[[np.ndarray, np.ndarray], float]) -> Callable[[np.ndarray
     return inner
 
 
+THRESHOLD_METRICS = ("accuracy", "sensitivity", "specificity", "ppv", "npv", "f1")
+"""The metrics taken at a probability threshold (Metrics Reloaded's names; `threshold_metrics`)."""
+
+
+def _rates(tn: ArrayLike, fp: ArrayLike, fn: ArrayLike, tp: ArrayLike) -> dict[str, np.ndarray]:
+    """`THRESHOLD_METRICS` from confusion counts (arrays of one shape, one entry per sample or resample):
+    the formulas of `threshold_metrics`, NaN where a denominator is 0."""
+    tn, fp, fn, tp = (np.asarray(v, float) for v in (tn, fp, fn, tp))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "accuracy": (tp + tn) / (tp + tn + fp + fn),
+            "sensitivity": tp / (tp + fn),
+            "specificity": tn / (tn + fp),
+            "ppv": tp / (tp + fp),
+            "npv": tn / (tn + fn),
+            "f1": 2 * tp / (2 * tp + fp + fn),  # the count form: 0 when nothing is found, NaN on no cases
+        }
+
+
+def _confusion(y: np.ndarray, p: np.ndarray, t: float) -> tuple[int, int, int, int]:
+    """(TN, FP, FN, TP) with p ≥ `t` called positive: scikit-learn's `confusion_matrix` (labels 0, 1);
+    all 0 on empty input."""
+    y = np.asarray(y, int)
+    if y.size == 0:
+        return 0, 0, 0, 0
+    tn, fp, fn, tp = confusion_matrix(y, (np.asarray(p) >= t).astype(int), labels=[0, 1]).ravel()
+    return int(tn), int(fp), int(fn), int(tp)
+
+
 def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float]:
-    """Confusion-matrix metrics with p ≥ `t` called positive.
+    """Confusion-matrix metrics with p ≥ `t` called positive (counts from scikit-learn's
+    `confusion_matrix`).
 
     accuracy = (TP + TN) / n; sensitivity (recall) = TP / (TP + FN); specificity = TN / (TN + FP);
     PPV (precision) = TP / (TP + FP); NPV = TN / (TN + FN); F1 = harmonic mean of sensitivity and
-    PPV (van Rijsbergen 1979).
+    PPV (van Rijsbergen 1979). Names as in Metrics Reloaded (Maier-Hein et al., Nat Methods 2024).
 
     Args:
         y: array of shape (n,), outcomes 0/1.
@@ -79,41 +116,40 @@ def threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, float
         t: the probability threshold.
 
     Returns:
-        The six metrics, each in [0, 1]. A metric whose denominator is 0 is NaN (e.g. sensitivity
-        without positives, everything on empty input); F1 is 2TP / (2TP + FP + FN) (van Rijsbergen
-        1979), 0 when positives exist and none is found, NaN only when there is neither.
+        The six metrics (`THRESHOLD_METRICS`), each in [0, 1]. A metric whose denominator is 0 is NaN
+        (e.g. sensitivity without positives, everything on empty input); F1 is 2TP / (2TP + FP + FN)
+        (van Rijsbergen 1979), 0 when positives exist and none is found, NaN only when there is neither.
     """
-    yhat = p >= t
-    tp = float(np.sum(yhat & (y == 1)))
-    tn = float(np.sum(~yhat & (y == 0)))
-    fp = float(np.sum(yhat & (y == 0)))
-    fn = float(np.sum(~yhat & (y == 1)))
+    return {k: float(v) for k, v in _rates(*_confusion(y, p, t)).items()}
 
-    def div(a: float, b: float) -> float:
-        return a / b if b else float("nan")
 
-    sens, ppv = div(tp, tp + fn), div(tp, tp + fp)
-    return {
-        "accuracy": div(tp + tn, len(y)),
-        "sensitivity": sens,
-        "specificity": div(tn, tn + fp),
-        "ppv": ppv,
-        "npv": div(tn, tn + fn),
-        "f1": div(2 * tp, 2 * tp + fp + fn),  # the count form: 0 when nothing is found, NaN on no cases
-    }
+def _bootstrap_threshold_metrics(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, np.ndarray]:
+    """`threshold_metrics` of many resamples at once: `y`, `p` of shape (n_boot, n); each metric an
+    array of shape (n_boot,). One scikit-learn call (`multilabel_confusion_matrix`, samplewise: each
+    row's 2×2 counts) instead of one per resample."""
+    mcm = multilabel_confusion_matrix(np.asarray(y, int), (np.asarray(p) >= t).astype(int), samplewise=True)
+    return _rates(mcm[:, 0, 0], mcm[:, 0, 1], mcm[:, 1, 0], mcm[:, 1, 1])
 
 
 def confusion_counts(y: np.ndarray, p: np.ndarray, t: float) -> dict[str, int]:
-    """TP, FP, TN, FN with p ≥ `t` called positive (`y`: outcomes 0/1, `p`: probabilities, shape (n,)).
-    Counts, not estimates: reported on any number of cases."""
-    yhat = np.asarray(p) >= t
-    y = np.asarray(y)
-    return {
-        "tp": int(np.sum(yhat & (y == 1))),
-        "fp": int(np.sum(yhat & (y == 0))),
-        "tn": int(np.sum(~yhat & (y == 0))),
-        "fn": int(np.sum(~yhat & (y == 1))),
-    }
+    """TP, FP, TN, FN with p ≥ `t` called positive (`y`: outcomes 0/1, `p`: probabilities, shape (n,);
+    scikit-learn's `confusion_matrix`). Counts, not estimates: reported on any number of cases."""
+    tn, fp, fn, tp = _confusion(y, p, t)
+    return {"tp": tp, "fp": fp, "tn": tn, "fn": fn}
+
+
+def brier(y: np.ndarray, p: np.ndarray) -> float:
+    """Brier score, mean (p − y)² over the cases (Brier, Mon Weather Rev 1950), scikit-learn's
+    `brier_score_loss` with 1 the positive class: 0 is perfect, 0.25 is a constant 0.5.
+
+    Args:
+        y: array of shape (n,), outcomes 0/1 (one class only is allowed).
+        p: array of shape (n,), probabilities of the positive class, in [0, 1].
+
+    Raises:
+        ValueError: a probability outside [0, 1], an outcome other than 0/1, or no cases.
+    """
+    return float(brier_score_loss(np.asarray(y, int), np.asarray(p, float), pos_label=1))
 
 
 def calibration_in_the_large(y: np.ndarray, p: np.ndarray) -> float:
@@ -177,7 +213,7 @@ HEADLINE = ("auroc", "auprc", "brier", "ece", "calibration_in_the_large", "calib
 METRICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
     "auroc": _safe(roc_auc_score),
     "auprc": _safe(average_precision_score),
-    "brier": lambda y, p: float(np.mean((p - y) ** 2)),
+    "brier": brier,
     "ece": ece,
     "calibration_in_the_large": calibration_in_the_large,
     "calibration_slope": _safe(calibration_slope),
@@ -211,7 +247,7 @@ def diagnosis_metrics(
     y = np.asarray(y, int)
     p = np.asarray(p, float)
     if (why := refusal(len(y))) is not None:
-        names = [*METRICS, *(f"{k}@{t}" for t in thresholds for k in threshold_metrics(y, p, 0.5))]
+        names = [*METRICS, *(f"{k}@{t}" for t in thresholds for k in THRESHOLD_METRICS)]
         none = {"value": None, "ci_low": None, "ci_high": None, "bootstrap_undefined": 0, "refused": why}
         return {
             "n": int(len(y)),
@@ -220,19 +256,15 @@ def diagnosis_metrics(
             "confusion": {name: confusion_counts(y, p, t) for name, t in thresholds.items()},
         } | {k: dict(none) for k in names}
 
-    def all_metrics(yy: np.ndarray, pp: np.ndarray) -> dict[str, float]:
-        out = {k: f(yy, pp) for k, f in METRICS.items()}
-        for name, t in thresholds.items():
-            out.update({f"{k}@{name}": v for k, v in threshold_metrics(yy, pp, t).items()})
-        return out
-
-    point = all_metrics(y, p)
+    point: dict[str, float] = {k: f(y, p) for k, f in METRICS.items()}
+    for name, t in thresholds.items():
+        point.update({f"{k}@{name}": v for k, v in threshold_metrics(y, p, t).items()})
     rng = np.random.default_rng(seed)
-    boots: dict[str, list[float]] = {k: [] for k in point}
-    for _ in range(n_boot):
-        i = rng.integers(0, len(y), len(y))
-        for k, v in all_metrics(y[i], p[i]).items():
-            boots[k].append(v)
+    idx = np.array([rng.integers(0, len(y), len(y)) for _ in range(n_boot)]).reshape(n_boot, len(y))
+    boots: dict[str, np.ndarray] = {k: np.array([f(y[i], p[i]) for i in idx]) for k, f in METRICS.items()}
+    for name, t in thresholds.items():
+        rates = _bootstrap_threshold_metrics(y[idx], p[idx], t) if n_boot else {}
+        boots.update({f"{k}@{name}": rates.get(k, np.array([])) for k in THRESHOLD_METRICS})
     result: dict[str, Any] = {
         "n": int(len(y)),
         "n_positive": int(y.sum()),
