@@ -14,10 +14,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from medfusion.models.package import load_package
+from medfusion.package import load_package
 from medfusion.train.config import TrainConfig
 from medfusion.train.data import split_patients
 from medfusion.train.distributed import process_device
+from medfusion.train.finetune import reinit_seg_rows
 from medfusion.train.loop import Trainer, train
 from medfusion.train.temperature import fit_temperature
 
@@ -425,7 +426,7 @@ def test_reinit_classes_gives_a_collapsed_class_fresh_rows() -> None:
         model.seg_head.weight[3].zero_()
         bias[3] = -14.0  # a class the network learnt never to predict
     before = model.seg_head.weight[:3].clone()
-    Trainer._reinit_seg_rows(model, [3], seed=0)
+    reinit_seg_rows(model, [3], seed=0)
     assert torch.equal(model.seg_head.weight[:3], before)
     assert torch.any(model.seg_head.weight[3] != 0) and abs(float(bias[3]) - float(bias[1:3].mean())) < 1e-6
 
@@ -485,7 +486,7 @@ def test_shipped_training_recipes_validate_and_keep_the_cache_settings(name: str
     """The recipes in pipelines/ load, and their preprocessing is the one the shipped model was made
     with (a field added since must be pinned there, or the cache would be rebuilt)."""
     from medfusion.config import load_yaml_model
-    from medfusion.models.package import DEFAULT_PACKAGE, preprocess_config, read_meta
+    from medfusion.package import DEFAULT_PACKAGE, preprocess_config, read_meta
     from medfusion.train.data import _same
 
     root = Path(__file__).resolve().parent.parent

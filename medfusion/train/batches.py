@@ -1,6 +1,7 @@
 """Training batches: augmentation (MONAI dictionary transforms on the image side, sentence shuffling and
 dropping on the note), an epoch's plan of which cases each step takes, one batch made from cached cases,
-and the forked loader that makes them ahead of the steps (`TrainConfig.loader_workers`)."""
+the forked loader that makes them ahead of the steps (`TrainConfig.loader_workers`), and a batch moved
+to the training device in the configured memory layout."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 from monai import transforms as mt
 
+from medfusion.models.network import channels_last
 from medfusion.text.sentences import split_sentences
 from medfusion.train.config import AugmentConfig
 
@@ -222,3 +224,26 @@ def batch_loader(stream: BatchStream, *, workers: int, pin_memory: bool) -> torc
         multiprocessing_context=ctx,
         prefetch_factor=2,
     )
+
+
+# --- On the device ---
+
+
+def in_layout(x: torch.Tensor, channels_last_3d: bool) -> torch.Tensor:
+    """`x` in channels_last_3d memory order when `channels_last_3d` (`TrainConfig.channels_last`), else
+    as it is; the values are the same either way."""
+    return channels_last(x) if channels_last_3d else x
+
+
+def to_device(b: dict[str, Any], device: torch.device, channels_last_3d: bool) -> dict[str, Any]:
+    """A `make_batch` batch on the training device, images in the configured memory layout (copied
+    without blocking from pinned memory on CUDA, when a loader made the batch); "notes" stay strings."""
+    nb = device.type == "cuda"
+    return {
+        "ct": in_layout(b["ct"].to(device, non_blocking=nb), channels_last_3d),
+        "mr": in_layout(b["mr"].to(device, non_blocking=nb), channels_last_3d),
+        "label": b["label"].to(device, non_blocking=nb),
+        "has_mr": b["has_mr"].to(device),
+        "notes": b["notes"],
+        "scores": b["scores"].to(device, non_blocking=nb),
+    }

@@ -1,12 +1,14 @@
 """The training loop: one run from a `TrainConfig` to a model package.
 
 `train` starts (or joins, under torchrun) the process group and runs a `Trainer`: the cohort is cached
-and split by patient (train/data.py), batches are made from crops (train/batches.py), each step adds the
+and split by patient (train/cohort.py, train/data.py), batches are made from crops (train/batches.py), each step adds the
 segmentation loss (train/losses.py) and the diagnosis BCE (and, with a teacher, a distillation term);
-every epoch is validated the way inference runs, checkpointed, and the best one kept (early stopping,
-resume, a graceful STOP file). At the end rank 0 runs the diagnosis stage (train/diagnosis.py), fits the
-temperature (train/temperature.py), writes the package and fits its domain guard (train/domain.py).
-Configs are in train/config.py, DDP helpers in train/distributed.py.
+every epoch is validated the way inference runs (train/validate.py), checkpointed (train/checkpoint.py),
+and the best one kept (early stopping, resume, a graceful STOP file). A fine-tune starts from a package's
+weights, trains named parts, or distils a teacher (train/finetune.py). At the end rank 0 packages the best
+checkpoint (train/packaging.py: the diagnosis stage of train/diagnosis.py, the temperature of
+train/temperature.py, the package and its domain guard of train/domain.py). Configs are in
+train/config.py, DDP helpers in train/distributed.py.
 """
 
 from __future__ import annotations
@@ -21,68 +23,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.utils import set_determinism
-from safetensors.torch import load_file, save_file
 
-from medfusion.evaluate.segmentation import dice
-from medfusion.infer.windowed import default_sw_batch_size, forward_case
-from medfusion.io.atomic import atomic_path, write_json
-from medfusion.measure.features import grid_spacing_zyx, lesion_features
-from medfusion.models.network import MedFusionNet, channels_last
-from medfusion.models.package import load_package, package_vocabulary, save_package
+from medfusion.io.atomic import write_json
+from medfusion.models.network import MedFusionNet
+from medfusion.package import load_package
 from medfusion.text.encoders import Vocabulary
-from medfusion.train import distributed
+from medfusion.train import distributed, finetune, packaging
 from medfusion.train.batches import (
     BatchStream,
     batch_loader,
     epoch_plan,
     image_augment,
     make_batch,
-    to_tensor,
+    to_device,
 )
+from medfusion.train.checkpoint import LATE_FUSION_KEYS, load_checkpoint, save_checkpoint, save_weights
+from medfusion.train.cohort import run_vocabulary, training_cases
 from medfusion.train.config import TrainConfig
-from medfusion.train.data import build_cache, load_cached, read_labels_csv, split_patients
-from medfusion.train.diagnosis import (
-    fit_measure_model,
-    fit_score_head,
-    mean_auroc,
-    mean_brier,
-    pretrain_note_head,
-    read_note_corpus,
-    stack_logits,
-    training_heads,
-)
 from medfusion.train.distributed import process_device, rank, world_size
 from medfusion.train.losses import segmentation_loss
-from medfusion.train.temperature import fit_temperature
+from medfusion.train.validate import ARRAYS, dice_per_class, selection_score, validate
 
-# `medfusion.cli` imports these from here
-__all__ = ["ARRAYS", "LATE_FUSION_KEYS", "TrainConfig", "Trainer", "process_device", "train"]
-
-# state keys fitted by the diagnosis stage (network.note_head, network.measures), absent from checkpoints
-# made without them
-LATE_FUSION_KEYS = ("note_text.", "note_logit.", "note_scale", "head_gain", "head_bias", "measure_")
-
-
-def dice_per_class(pred: np.ndarray, ref: np.ndarray, n_classes: int) -> list[float]:
-    """`evaluate.segmentation.dice` (2|P∩R| / (|P| + |R|)) per foreground class 1 … n_classes − 1 of two
-    label maps of the same shape, but NaN where both are empty (evaluate scores that 1, for a cohort
-    report), so that the selection score's mean leaves such a class out rather than rewarding it."""
-    out = []
-    for k in range(1, n_classes):
-        a, b = pred == k, ref == k
-        out.append(dice(a, b) if a.any() or b.any() else float("nan"))
-    return out
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-z))
-
+# `medfusion.cli` imports these from here. ARRAYS, dice_per_class (now train/validate.py) and
+# LATE_FUSION_KEYS (now train/checkpoint.py) are re-exported from their old home while a training run
+# started before the split (#29) may still import them from here; drop them when the lead says so
+__all__ = [
+    "ARRAYS",
+    "LATE_FUSION_KEYS",
+    "TrainConfig",
+    "Trainer",
+    "dice_per_class",
+    "process_device",
+    "train",
+]
 
 # --- Loop ---
-
-
-# validation outputs that are arrays (kept out of the logged metrics)
-ARRAYS = ("logits", "heads", "note_logits", "measures", "calibration_logits")
 
 
 class Trainer:
@@ -104,7 +79,6 @@ class Trainer:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(max(1, cfg.threads))
         self._source: tuple[MedFusionNet, dict[str, Any]] | None = None
-        self.spacing_zyx = grid_spacing_zyx(cfg.preprocess.target_spacing_mm)
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append `rec` as one JSON line to OUT/train.jsonl (rank 0 only)."""
@@ -114,72 +88,14 @@ class Trainer:
             f.write(json.dumps(rec) + "\n")
 
     def prepare(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Vocabulary]:
-        """Cache the cohort (rank 0; a case that cannot be prepared is skipped with a printed reason),
-        split the cached, labelled patients into training and validation, and load both.
-
-        Returns:
-            (training cases, validation cases, word list): each case as `load_cached` gives it plus
-            "scores", float32 (n_scores,) 0/1 in `score_names` order.
+        """(training cases, validation cases, word list) of this run: `train/cohort.training_cases`
+        (which caches the cohort on rank 0) and `train/cohort.run_vocabulary`.
 
         Raises:
             InputError: labels.csv is missing, lacks a score column or holds a value other than 0/1.
         """
-        cfg = self.cfg
-        patients = Path(cfg.data.patients)
-        folders = sorted(p for p in patients.iterdir() if p.is_dir())
-        if cfg.data.limit:
-            folders = folders[: cfg.data.limit]
-        labels = read_labels_csv(Path(cfg.data.labels) / "labels.csv", cfg.score_names)
-        cache = Path(cfg.data.cache)
-        if rank() == 0:
-            recs = build_cache(
-                folders,
-                Path(cfg.data.labels),
-                cfg.preprocess,
-                cache,
-                cfg.workers,
-                Path(cfg.data.registration_from) if cfg.data.registration_from else None,
-            )
-            failed = [r for r in recs if "error" in r]
-            for r in failed:
-                print(f"skipped {r['patient_id']}: {r['error']}")
-        distributed.barrier()
-        pids = [f.name for f in folders if (cache / f"{f.name}.npz").exists() and f.name in labels]
-        train_ids, val_ids = split_patients(pids, cfg.data.val_fraction, cfg.seed)
-
-        def load(pid: str) -> dict[str, Any]:
-            return {
-                **load_cached(cache, pid),
-                "scores": np.array([labels[pid][s] for s in cfg.score_names], np.float32),
-            }
-
-        train = [load(p) for p in train_ids]
-        val = [load(p) for p in val_ids]
-        return train, val, self._vocabulary(train)
-
-    def _vocabulary(self, train: list[dict[str, Any]]) -> Vocabulary:
-        """The run's word list: stored in OUT/vocabulary.json when first fitted, so that a resumed or
-        re-packaged run uses the ids its weights were trained with. A fresh run with a note corpus fits it
-        on the corpus too (words the image cohort's notes never use would otherwise all be unknown)."""
-        path = self.out / "vocabulary.json"
-        if path.exists():
-            rec = json.loads(path.read_text())
-            return Vocabulary(rec["words"], negation=rec["negation"], numbers=rec["numbers"])
-        if self.cfg.init_from:
-            vocab = package_vocabulary(self._source_package()[1])
-        else:
-            notes = [r["note"] for r in train]
-            d = self.cfg.diagnosis
-            fresh = (
-                not (self.out / "checkpoint" / "state.json").exists()
-                and not (self.out / "best.safetensors").exists()
-            )
-            if fresh and d.note_corpus and d.note_epochs > 0 and self.cfg.network.note_head:
-                notes += read_note_corpus(d.note_corpus, self.cfg.score_names)[0]
-            vocab = Vocabulary.fit(notes)
-        if rank() == 0:
-            write_json(path, {"words": vocab.words[2:], "negation": vocab.negation, "numbers": vocab.numbers})
-        return vocab
+        train, val = training_cases(self.cfg)
+        return train, val, run_vocabulary(self.cfg, self.out, train, lambda: self._source_package()[1])
 
     def run(self, *, resume: bool = False, package_only: bool = False) -> dict[str, Any]:
         """Train, then package the best checkpoint with a temperature fitted on the validation split.
@@ -208,8 +124,10 @@ class Trainer:
         model = MedFusionNet(cfg.network, vocab).to(self.device)
         if cfg.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        trained = self._trainable(model)
-        teacher = self._teacher() if cfg.distill_weight > 0 and not package_only else None
+        trained = finetune.trainable_parameters(model, cfg.trainable)
+        teacher = (
+            finetune.load_teacher(cfg, self.device) if cfg.distill_weight > 0 and not package_only else None
+        )
         ddp_model: torch.nn.Module = model
         if world_size() > 1:
             ddp_model = torch.nn.parallel.DistributedDataParallel(
@@ -234,25 +152,19 @@ class Trainer:
         start_epoch, best, bad = 0, -np.inf, 0
         ckpt = self.out / "checkpoint"
         if cfg.init_from and not (resume and (ckpt / "state.json").exists()) and not package_only:
-            self._init_from(model, cfg.init_from)
+            finetune.init_from(model, *self._source_package(), cfg.init_from)
             # the starting weights are the first candidate: fine-tuning never ships a model that
             # validates worse than the one it started from
             if rank() == 0:
                 metrics = self.validate(model, val[: cfg.data.val_per_epoch])
-                best = self._selection_score(metrics)
-                self._save_weights(model, self.out / "best.safetensors")
+                best = selection_score(metrics)
+                save_weights(model, self.out / "best.safetensors")
                 rec = {"epoch": -1, "init_from": cfg.init_from, "dice": metrics["dice"]}
                 self.log({**rec, "auroc": metrics["auroc"], "brier": metrics["brier"]})
         if resume and (ckpt / "state.json").exists():
-            self._load_weights(model, ckpt / "model.safetensors")
-            state = json.loads((ckpt / "state.json").read_text())
-            try:
-                opt.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-            except ValueError:  # the network gained parameters (a note head) since the checkpoint
-                print(f"{ckpt}: optimizer state does not fit the network; its moments start afresh")
-            start_epoch, best, bad = state["epoch"] + 1, state["best"], state["bad"]
+            start_epoch, best, bad = load_checkpoint(ckpt, model, opt)
             if cfg.reinit_classes:
-                self._reinit_seg_rows(model, cfg.reinit_classes, cfg.seed)
+                finetune.reinit_seg_rows(model, cfg.reinit_classes, cfg.seed)
             # the schedule is a function of the step: recompute it for this run's length
             for group in opt.param_groups:
                 group.setdefault("initial_lr", cfg.lr)
@@ -279,7 +191,7 @@ class Trainer:
             else:
                 batches = (make_batch([train[i] for i in idx], aug, rng, cfg.augment) for idx in plan)
             for step, cpu_batch in enumerate(batches):
-                batch = self._to_device(cpu_batch)
+                batch = to_device(cpu_batch, self.device, cfg.channels_last)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
                     seg, sc = ddp_model(batch["ct"], batch["mr"], batch["has_mr"], batch["notes"])
                     loss = cfg.score_weight * bce(sc.float(), batch["scores"])
@@ -309,13 +221,13 @@ class Trainer:
             self.log(rec)
             if rank() == 0:
                 print(json.dumps(rec))
-                score = self._selection_score(metrics)
+                score = selection_score(metrics)
                 if cfg.selection == "last" or score > best:
                     best, bad = score, 0
-                    self._save_weights(model, self.out / "best.safetensors")
+                    save_weights(model, self.out / "best.safetensors")
                 else:
                     bad += 1
-                self._checkpoint(model, opt, sched, epoch, best, bad)
+                save_checkpoint(ckpt, model, opt, epoch, best, bad)
                 summary = rec
             bad = distributed.broadcast_int(bad, self.device)
             if bad >= cfg.patience:
@@ -331,94 +243,27 @@ class Trainer:
             summary = self.package(model, train, val)
         return summary
 
+    def validate(self, model: MedFusionNet, val: list[dict[str, Any]]) -> dict[str, Any]:
+        """`train/validate.validate` of `model` on the cases `val` with this run's settings and device
+        (leaves the model in training mode)."""
+        return validate(model, val, self.cfg, self.device)
+
+    def diagnosis_stage(
+        self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
+    ) -> dict[str, Any]:
+        """`train/packaging.diagnosis_stage` with this run's settings, device, folder and log."""
+        return packaging.diagnosis_stage(
+            model, train, val, self.cfg, device=self.device, out=self.out, log=self._log_stage
+        )
+
     def package(
         self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
     ) -> dict[str, Any]:
-        """Package the best checkpoint (rank 0): load OUT/best.safetensors, run the diagnosis stage, fit
-        the temperature on the validation split, write OUT/package (and its domain guard when
-        `domain.fit`) and OUT/summary.json.
-
-        Returns:
-            The summary: {"validation": metrics, "temperature": one per score, "package": its folder}.
-        """
-        cfg = self.cfg
-        self._load_weights(model, self.out / "best.safetensors")
-        final = self.diagnosis_stage(model, train, val)
-        # out of fold where the stacking made them (in-sample stacked logits are over-confident);
-        # in-sample for a score without them (temperature_folds 0, or too few cases of a class)
-        cal = final.get("calibration_logits")
-        cal = final["logits"] if cal is None else np.where(np.isnan(cal), final["logits"], cal)
-        y_val = np.stack([v["scores"] for v in val])
-        # `final`'s logits are the network's own (before any temperature: an `init_from` source's
-        # would otherwise divide them twice), so this is the package's temperature itself
-        temps = fit_temperature(cal, y_val)
-        model.temperature.copy_(torch.from_numpy(temps))
-        # temperature changes neither the segmentation nor the ranking: only the Brier score moves
-        p_cal = _sigmoid(final["logits"] / temps)
-        metrics_out = {k: v for k, v in final.items() if k not in (*ARRAYS, "stage")}
-        metrics_out["brier"] = mean_brier(y_val, p_cal)
-        save_package(
-            model.cpu(),
-            self.out / "package",
-            cfg.preprocess,
-            name=cfg.name,
-            version=cfg.version,
-            class_names=cfg.class_names,
-            score_names=cfg.score_names,
-            training={
-                "config": cfg.model_dump(),
-                "n_train": len(train),
-                "n_val": len(val),
-                "temperature": temps.tolist(),
-                "diagnosis_stage": final.get("stage", {}),
-            },
-            metrics={"validation": metrics_out},
+        """`train/packaging.package` (rank 0): the best checkpoint, its diagnosis stage and temperature,
+        written to OUT/package and OUT/summary.json; returns the summary."""
+        return packaging.package(
+            model, train, val, self.cfg, device=self.device, out=self.out, log=self._log_stage
         )
-        if cfg.domain.fit:
-            from medfusion.train.domain import fit_training_domain
-
-            fit_training_domain(
-                model.to(self.device),
-                self.out / "package",
-                train,
-                val,
-                Path(cfg.data.patients),
-                cfg.crop_size,
-                val_probabilities=p_cal,
-                val_labels=y_val,
-                flag_rate=cfg.domain.flag_rate,
-                max_ece=cfg.domain.max_ece,
-                overlap=cfg.val_window_overlap,
-                sw_batch_size=default_sw_batch_size(self.device),
-            )
-        summary = {
-            "validation": metrics_out,
-            "temperature": temps.tolist(),
-            "package": str(self.out / "package"),
-        }
-        write_json(self.out / "summary.json", summary)
-        return summary
-
-    @staticmethod
-    def _reinit_seg_rows(model: MedFusionNet, classes: list[int], seed: int) -> None:
-        """Give the segmentation head's rows of `classes` a fresh uniform initialisation (PyTorch's
-        default bound 1/√fan_in, seeded) and each class's bias the mean of the lower foreground classes'."""
-        gen = torch.Generator().manual_seed(seed)
-        bound = 1.0 / np.sqrt(model.seg_head.in_channels)
-        with torch.no_grad():
-            for k in classes:
-                w = torch.empty_like(model.seg_head.weight[k]).uniform_(-bound, bound, generator=gen)
-                model.seg_head.weight[k].copy_(w)
-                # start the class level with the other foreground classes, not above them
-                bias = model.seg_head.bias
-                assert bias is not None
-                bias[k].copy_(bias[1:k].mean() if k > 1 else torch.zeros(()))
-        print(f"segmentation head rows {classes} re-initialised")
-
-    @staticmethod
-    def _selection_score(metrics: dict[str, Any]) -> float:
-        """Mean Dice over foreground classes + mean AUROC (a NaN AUROC counts 0), in [0, 2]."""
-        return float(np.nanmean(metrics["dice"])) + float(np.nan_to_num(metrics["auroc"]))
 
     def _source_package(self) -> tuple[MedFusionNet, dict[str, Any]]:
         """The `init_from` package, loaded once (word list and weights both come from it)."""
@@ -427,162 +272,11 @@ class Trainer:
             self._source = load_package(self.cfg.init_from)
         return self._source
 
-    def _init_from(self, model: MedFusionNet, package: str) -> None:
-        """Copy a package's weights (SHA-256 checked by load_package) into the freshly built network."""
-        source, meta = self._source_package()
-        ours, theirs = self.cfg.network.model_dump(), source.cfg.model_dump()
-        # the measurement term has no trained weights: a package without it can start one that has it
-        differ = sorted(k for k in ours if ours[k] != theirs.get(k) and k != "measures")
-        if differ:
-            msg = f"{package}: init_from needs the package's network settings; these differ: " + ", ".join(
-                f"{k} (config {ours[k]!r}, package {theirs.get(k)!r})" for k in differ
-            )
-            raise ValueError(msg)
-        missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-        if unexpected or [k for k in missing if not k.startswith("measure_")]:
-            msg = f"{package}: weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})"
-            raise ValueError(msg)
-        print(f"weights from {meta.get('name')} {meta.get('version')} ({package})")
-
-    def _trainable(self, model: MedFusionNet) -> list[torch.nn.Parameter]:
-        """The parameters the optimiser moves (`trainable` prefixes); the others get requires_grad False."""
-        prefixes = self.cfg.trainable
-        if prefixes is None:
-            return list(model.parameters())
-        names = [n for n, _ in model.named_parameters()]
-        unknown = [p for p in prefixes if not any(n.startswith(p) for n in names)]
-        if unknown:
-            msg = f"trainable: no parameter name starts with {unknown}; names start with e.g. " + ", ".join(
-                sorted({n.split(".")[0] + "." for n in names})
-            )
-            raise ValueError(msg)
-        params = []
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith(tuple(prefixes)))
-            if p.requires_grad:
-                params.append(p)
-        frozen = sum(p.numel() for p in model.parameters()) - sum(p.numel() for p in params)
-        print(f"training {sum(p.numel() for p in params)} parameters, {frozen} held")
-        return params
-
-    def _teacher(self) -> MedFusionNet:
-        """The `distill_from` package (SHA-checked), frozen, in eval mode, on the training device."""
-        assert self.cfg.distill_from
-        teacher, meta = load_package(self.cfg.distill_from)
-        if list(meta.get("score_names", [])) != list(self.cfg.score_names):
-            msg = f"{self.cfg.distill_from}: its scores {meta.get('score_names')} are not {self.cfg.score_names}"
-            raise ValueError(msg)
-        teacher = teacher.to(self.device).eval()
-        if self.cfg.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        print(f"distilling the scores of {meta.get('name')} {meta.get('version')} ({self.cfg.distill_from})")
-        return teacher
-
-    def _load_weights(self, model: MedFusionNet, path: Path) -> None:
-        """Load a checkpoint; a note head or measurement term absent from it (a run from before
-        `network.note_head` / `network.measures`) keeps its fresh initialisation and is fitted by the
-        diagnosis stage."""
-        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
-        absent = [k for k in missing if not k.startswith(LATE_FUSION_KEYS)]
-        if absent or unexpected:
-            msg = (
-                f"{path}: weights do not fit the network (missing {absent[:3]}, unexpected {unexpected[:3]})"
-            )
-            raise RuntimeError(msg)
-        if missing:
-            print(
-                f"{path}: no {'note head' if any(k.startswith('note_') for k in missing) else 'measurement term'} stored; it starts fresh"
-            )
-
-    def diagnosis_stage(
-        self, model: MedFusionNet, train: list[dict[str, Any]], val: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """Note pre-training, score-head refit and stacking (train/diagnosis.py) as configured, then the
-        final validation metrics with the resulting logits."""
-        cfg, d = self.cfg, self.cfg.diagnosis
-        stage: dict[str, Any] = {}
-        if d.note_epochs > 0 and d.note_corpus:
-            notes, y = read_note_corpus(d.note_corpus, cfg.score_names)
-            a = cfg.augment
-            stage["note"] = pretrain_note_head(
-                model,
-                notes,
-                y,
-                d,
-                shuffle=a.sentence_shuffle,
-                drop=a.sentence_drop,
-                seed=cfg.seed,
-                log=self._log_stage,
-            )
-        final = self.validate(model, val)
-        model.eval()  # validate() leaves the model training: no dropout in what is fitted below
-        y_val = np.stack([v["scores"] for v in val])
-        inputs = {"val_heads": final["heads"], "val_note_logits": final["note_logits"], "val_y": y_val}
-        if d.head_epochs > 0:
-            fitted = training_heads(
-                model, train, cfg.crop_size, d.head_windows, d.head_jitter, cfg.seed, self._layout
-            )
-            inputs.update(train_heads=fitted[0], train_note_logits=fitted[1], train_y=fitted[2])
-            stage["head"] = fit_score_head(
-                model, fitted, (final["heads"], final["note_logits"], y_val), d, cfg.seed, self._log_stage
-            )
-        if d.measures:
-            feats = np.array([lesion_features(r["target"], self.spacing_zyx, cfg.class_names) for r in train])
-            with torch.inference_mode():
-                notes_tr = np.concatenate(
-                    [model.note_logits([r["note"]]).float().cpu().numpy() for r in train]
-                )
-            y_tr = np.stack([r["scores"] for r in train])
-            stage["measures"] = fit_measure_model(model, feats, notes_tr, y_tr, d.measures_c)
-            self._log_stage({"stage": "measures", **stage["measures"]})
-            inputs.update(
-                train_measures=feats,
-                train_note_logits_all=notes_tr,
-                train_y_all=y_tr,
-                val_measures=final["measures"],
-            )
-        if d.stack:
-            stage["stack"] = stack_logits(
-                model,
-                final["heads"],
-                final["note_logits"],
-                y_val,
-                d.stack_c,
-                final.get("measures"),
-                stage.get("measures"),
-                d.temperature_folds,
-            )
-            final["calibration_logits"] = stage["stack"].pop("out_of_fold_logits")  # NaN: not computed
-            self._log_stage({"stage": "stack", **stage["stack"]})
-        if d.head_epochs > 0 or d.stack:
-            with torch.no_grad():
-                dev = self.device
-                meas = final.get("measures")
-                z = model.score_logits(
-                    torch.from_numpy(final["heads"]).to(dev),
-                    torch.from_numpy(final["note_logits"]).to(dev),
-                    None if meas is None else torch.from_numpy(meas).to(dev),
-                )
-            final["logits"] = z.cpu().numpy()
-            final.update(self._score_metrics(final["logits"], y_val))
-        if rank() == 0 and stage:
-            # the stage's inputs, to study other ways of combining them without re-running inference
-            with atomic_path(self.out / "diagnosis_inputs.npz") as tmp, open(tmp, "wb") as f:
-                np.savez(f, **inputs)
-        final["stage"] = stage
-        return final
-
     def _log_stage(self, rec: dict[str, Any]) -> None:
+        """`log` `rec`, and print it as a JSON line on rank 0 unless MEDFUSION_QUIET is set."""
         self.log(rec)
         if rank() == 0 and os.environ.get("MEDFUSION_QUIET") is None:
             print(json.dumps(rec))
-
-    @staticmethod
-    def _score_metrics(lg: np.ndarray, y: np.ndarray) -> dict[str, float]:
-        """Mean AUROC and Brier score of logits `lg` (n_cases, n_scores) for outcomes `y`."""
-        return {"auroc": mean_auroc(y, lg), "brier": mean_brier(y, _sigmoid(lg))}
 
     def _progress(self, epoch: int, step: int, steps: int, loss: float) -> None:
         """One status line per epoch, rewritten each step: step, loss, elapsed and remaining time."""
@@ -600,19 +294,6 @@ class Trainer:
             if step + 1 == steps:
                 print()
 
-    def _to_device(self, b: dict[str, Any]) -> dict[str, Any]:
-        """A `make_batch` batch on the training device, images in the configured memory layout."""
-        dev = self.device
-        nb = dev.type == "cuda"  # from pinned memory when a loader made the batch
-        return {
-            "ct": self._layout(b["ct"].to(dev, non_blocking=nb)),
-            "mr": self._layout(b["mr"].to(dev, non_blocking=nb)),
-            "label": b["label"].to(dev, non_blocking=nb),
-            "has_mr": b["has_mr"].to(dev),
-            "notes": b["notes"],
-            "scores": b["scores"].to(dev, non_blocking=nb),
-        }
-
     def _loader(
         self, recs: list[dict[str, Any]], plan: list[list[int]], aug: Any, seed: list[int]
     ) -> torch.utils.data.DataLoader:
@@ -620,82 +301,6 @@ class Trainer:
         w + n, …; the loader takes from the workers in turn). Forked, so the cached arrays are shared."""
         stream = BatchStream(recs, plan, aug, seed, self.cfg.augment)
         return batch_loader(stream, workers=self.cfg.loader_workers, pin_memory=self.device.type == "cuda")
-
-    def _layout(self, x: torch.Tensor) -> torch.Tensor:
-        """`x` in channels_last_3d order when the config asks for it."""
-        return channels_last(x) if self.cfg.channels_last else x
-
-    @torch.inference_mode()
-    def validate(self, model: MedFusionNet, val: list[dict[str, Any]]) -> dict[str, Any]:
-        """Validation the way inference runs: windows of the crop size, the score from the
-        lesion-centred window (infer/windowed.py), no test-time flips.
-
-        Returns:
-            "dice": mean Dice per foreground class (classes empty in both maps left out); "auroc",
-            "brier": of the model's current probabilities, sigmoid(logit / temperature); and arrays
-            (`ARRAYS`, n = len(val)): "logits" (n, n_scores) the network's score logits *before* the
-            temperature, "heads" (n, D) score-head inputs, "note_logits" (n, n_scores), and with
-            `network.measures` "measures" (n, F) the predicted label maps' lesion features.
-            Leaves the model in training mode.
-        """
-        model.eval()
-        dices, logits, ys, heads_out, notes = [], [], [], [], []
-        measures: list[np.ndarray] = []
-        for r in val:
-            ct = self._layout(to_tensor(r["ct"])[None].to(self.device))
-            mr = self._layout(to_tensor(r["mr"])[None].to(self.device))
-            has = torch.tensor([bool(r["has_mr"])], device=self.device)
-            probs, heads = forward_case(
-                model,
-                ct,
-                mr,
-                has,
-                r["note"],
-                self.cfg.crop_size,
-                [()],
-                overlap=self.cfg.val_window_overlap,
-                sw_batch_size=default_sw_batch_size(self.device),
-            )
-            pred = probs.argmax(1)[0].cpu().numpy()
-            dices.append(dice_per_class(pred, r["target"], self.cfg.network.n_classes))
-            note = model.note_logits([r["note"]]).float()
-            meas = None
-            if model.cfg.measures:
-                feats = lesion_features(pred, self.spacing_zyx, self.cfg.class_names)
-                measures.append(feats)
-                meas = torch.from_numpy(feats)[None].to(self.device)
-            logits.append(model.score_logits(heads[0], note, meas).float().cpu().numpy()[0])
-            heads_out.append(heads[0].cpu().numpy()[0])
-            notes.append(note.cpu().numpy()[0])
-            ys.append(r["scores"])
-        model.train()
-        d = np.array(dices)
-        lg, y = np.array(logits), np.array(ys)
-        temperature = model.temperature.detach().float().cpu().numpy()
-        return {
-            "dice": [float(x) for x in np.nanmean(d, 0)],
-            **self._score_metrics(lg / temperature, y),
-            "logits": lg,
-            "heads": np.array(heads_out, np.float32),
-            "note_logits": np.array(notes, np.float32),
-            **({"measures": np.array(measures, np.float32)} if measures else {}),
-        }
-
-    def _save_weights(self, model: MedFusionNet, path: Path) -> None:
-        """The model's whole state (parameters and buffers) as safetensors, written atomically."""
-        with atomic_path(path) as tmp:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-
-    def _checkpoint(
-        self, model: MedFusionNet, opt: torch.optim.Optimizer, sched: Any, epoch: int, best: float, bad: int
-    ) -> None:
-        """OUT/checkpoint: weights, optimiser state and {epoch, best, bad} for --resume."""
-        ckpt = self.out / "checkpoint"
-        ckpt.mkdir(exist_ok=True)
-        self._save_weights(model, ckpt / "model.safetensors")
-        with atomic_path(ckpt / "optimizer.pt") as tmp:
-            torch.save(opt.state_dict(), tmp)
-        write_json(ckpt / "state.json", {"epoch": epoch, "best": best, "bad": bad})
 
 
 def train(
