@@ -1,0 +1,166 @@
+"""What the one lesion definition (#29) does to a model whose measurement term was fitted on regions:
+the diagnosis's measurement features and probability per patient, before and after, without running
+the network again.
+
+python benchmarks/lesion_definition.py RUN [RUN …] [--package PKG]
+
+(e.g. RUN from `medfusion run sample_data/patients --out RUN` with the package of that run)
+
+Each RUN is a `medfusion run` output folder. For every patient with a `segmentation.nii.gz` and
+"score_features" in its scores.json:
+
+1. the label map (on the CT's grid) is resampled nearest-neighbour onto the package's model grid
+   (`preprocess.resample.model_grid`), where the predictor measures the features; this stands in for
+   the network's own model-grid argmax, which a run does not keep;
+2. the features are computed there the old way (`features_on_regions` below, the pre-#29 code kept
+   as the baseline: a lesion = a 26-connected foreground region holding core, whatever the number of
+   cores in it) and the new way (`measure.features.lesion_features`: regions split by core);
+3. the probability after is the run's own probability moved by the change of the measurement term:
+   p' = sigmoid((T·logit(p) + g·(m(f_new) − m(f_old))) / T), with the package's temperature T, gain g
+   and standardised linear term m (`MedFusionNet.score_logits`: the term is added to the logit).
+
+It also times the two feature computations per patient and prints the median ratio new/old. The old
+features on the resampled map are printed beside the run's recorded ones ("rec"): where they
+differ, step 1's stand-in is not the network's map, and the p' of that patient is approximate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from medfusion.io.nifti import read_nifti
+from medfusion.io.volume import LabelMap
+from medfusion.measure.features import FEATURES, lesion_features
+from medfusion.measure.lesions import class_roles, feret_diameter_mm, lesion_regions
+from medfusion.models.meta import PackageMeta
+from medfusion.package.store import DEFAULT_PACKAGE, load_package
+from medfusion.preprocess.resample import model_grid
+
+SHORT = ("present", "core_mm", "oed_ratio", "calc", "log_core", "log_oed", "count")
+
+
+def features_on_regions(
+    labels: np.ndarray, spacing_zyx: tuple[float, ...], class_names: list[str]
+) -> np.ndarray:
+    """The baseline: the measurement features as 0.7.1 was fitted and run (before #29), on
+    26-connected foreground regions holding core; the "main lesion" is the region with the most core +
+    calcification, its core diameter spanning every core in it."""
+    core_k, calc_k = class_roles(class_names)
+    out = np.zeros(len(FEATURES), np.float32)
+    comp, with_core = lesion_regions(labels, core_k)
+    n = int(comp.max())
+    if len(with_core) == 0:
+        out[FEATURES.index("oedema_radius_ratio")] = 1.0
+        return out
+    calc = np.zeros(labels.shape, bool) if calc_k is None else labels == calc_k
+    solid = (labels == core_k) | calc
+    ml = float(np.prod(spacing_zyx)) / 1000.0
+    sizes = np.bincount(comp.ravel(), minlength=n + 1)
+    solid_sizes = np.bincount(comp[solid], minlength=n + 1)
+    main = int(with_core[np.argmax(solid_sizes[with_core])])
+    lesion = np.zeros(n + 1, bool)
+    lesion[with_core] = True
+    box = ndimage.find_objects(comp, max_label=main)[main - 1]
+    n_solid = int(solid_sizes[lesion].sum())
+    out[:] = [
+        1.0,
+        feret_diameter_mm(solid[box] & (comp[box] == main), spacing_zyx),
+        (sizes[main] / max(int(solid_sizes[main]), 1)) ** (1.0 / 3.0),
+        float(bool(lesion[comp[calc]].any())),
+        np.log1p(n_solid * ml),
+        np.log1p(float(sizes[lesion].sum() - n_solid) * ml),
+        float(len(with_core)),
+    ]
+    return out
+
+
+def _logit(p: float) -> float:
+    p = min(max(p, 1e-7), 1 - 1e-7)
+    return math.log(p / (1 - p))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="medfusion run output folders")
+    ap.add_argument("--package", type=Path, default=DEFAULT_PACKAGE, help="the model package the runs used")
+    args = ap.parse_args()
+    model, raw = load_package(args.package)
+    meta = PackageMeta.of(raw, args.package / "model.json")
+    names = list(meta.class_names)
+    score = meta.score_names[0]
+    gain = float(model.measure_gain[0])
+    temp = float(model.temperature[0])
+    pre = meta.preprocess
+
+    def term(f: np.ndarray) -> float:
+        with torch.no_grad():
+            return float(model.measure_logits(torch.from_numpy(f)[None])[0, 0])
+
+    rows = []
+    seconds: list[tuple[float, float]] = []  # (old, new) per patient
+    for run in args.runs:
+        for scores_path in sorted(run.glob("*/scores.json")):
+            folder = scores_path.parent
+            scores = json.loads(scores_path.read_text())
+            seg = folder / "segmentation.nii.gz"
+            if not seg.exists() or not scores.get("score_features"):
+                continue
+            on_ct = LabelMap.of(read_nifti(seg))
+            grid = model_grid(on_ct.grid, pre.target_spacing_mm, pre.target_size)
+            lab = on_ct.resample_to(grid).array.astype(np.int64)
+            t0 = time.perf_counter()
+            old = features_on_regions(lab, grid.spacing_zyx, names)
+            t1 = time.perf_counter()
+            new = lesion_features(lab, grid.spacing_zyx, names)
+            seconds.append((t1 - t0, time.perf_counter() - t1))
+            rec = np.array([scores["score_features"][n] for n in FEATURES], np.float32)
+            p = float(scores["probabilities"][score])
+            delta = gain * (term(new) - term(old))
+            p_new = 1.0 / (1.0 + math.exp(-(temp * _logit(p) + delta) / temp))
+            rows.append(
+                (f"{run.name}/{folder.name}", rec, old, new, p, p_new, scores["measurements"]["lesion_count"])
+            )
+
+    print(f"package {meta.name} {meta.version}: gain {gain:.4f}, temperature {temp:.4f}")
+    print("features: " + ", ".join(f"{s} = {n}" for s, n in zip(SHORT, FEATURES, strict=True)))
+    for name, rec, old, new, p, p_new, n_meas in rows:
+        print(f"\n{name}  (scores.json measurements: {n_meas} lesions)")
+        print("  " + " ".join(f"{s:>9}" for s in ("", *SHORT)))
+        for label, f in (("rec", rec), ("old", old), ("new", new)):
+            print("  " + f"{label:>9}" + " ".join(f"{v:9.3f}" for v in f))
+        print(f"  p {p:.4f} -> {p_new:.4f} (Δ {p_new - p:+.4f})")
+    changed = [r for r in rows if not np.allclose(r[2], r[3], atol=1e-4)]
+    moved = [r for r in rows if abs(r[5] - r[4]) > 0.01]
+    stand_in = [r for r in rows if not np.allclose(r[1], r[2], atol=0.05, rtol=0.01)]
+    ratios = [float(r[3][1] / r[2][1]) for r in rows if r[2][1] > 0]
+    split = [r for r in rows if r[3][6] > r[2][6]]  # a region holding several cores became several lesions
+    print(f"\n{len(rows)} patients; features changed on {len(changed)}; p moved by > 0.01 on {len(moved)}")
+    print(
+        f"patients with a multi-core region: {len(split)}; features changed without one: {len(set(r[0] for r in changed) - set(r[0] for r in split))}"
+    )
+    print(
+        f"median |Δp| {np.median([abs(r[5] - r[4]) for r in rows]):.4f}, max {max(abs(r[5] - r[4]) for r in rows):.4f}"
+    )
+    if ratios:
+        print(f"core diameter new/old: median {np.median(ratios):.3f}, min {min(ratios):.3f}")
+    old_s, new_s = np.median([s[0] for s in seconds]), np.median([s[1] for s in seconds])
+    print(
+        f"time per patient (model grid): old {old_s:.3f} s, new {new_s:.3f} s median, new/old {new_s / old_s:.2f}x"
+    )
+    print(f"the resampled map's old features differ from the recorded ones on {len(stand_in)} patients")
+    for r in changed:
+        print(
+            f"  changed: {r[0]}: count {r[2][6]:.0f} -> {r[3][6]:.0f}, core {r[2][1]:.1f} -> {r[3][1]:.1f} mm, p {r[4]:.3f} -> {r[5]:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
