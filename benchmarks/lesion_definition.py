@@ -39,7 +39,16 @@ from scipy import ndimage
 from medfusion.io.nifti import read_nifti
 from medfusion.io.volume import LabelMap
 from medfusion.measure.features import FEATURES, lesion_features
-from medfusion.measure.lesions import class_roles, feret_diameter_mm, lesion_regions
+from medfusion.measure.lesions import (
+    axial_diameters_mm,
+    bidimensional_mm,
+    box_grid,
+    class_roles,
+    feret_diameter_mm,
+    label_lesions,
+    lesion_regions,
+    slices_are_axial,
+)
 from medfusion.models.meta import PackageMeta
 from medfusion.package.store import DEFAULT_PACKAGE, load_package
 from medfusion.preprocess.resample import model_grid
@@ -82,6 +91,25 @@ def features_on_regions(
     return out
 
 
+def axial_before_after(
+    on_ct: LabelMap, names: list[str]
+) -> list[tuple[tuple[float, float], tuple[float, float]]]:
+    """Per lesion (largest first): RANO's pair read on the grid's own k-slices (before #29) and on the
+    patient's axial plane (`axial_diameters_mm`), mm."""
+    found = label_lesions(on_ct.array, names, on_ct.spacing_zyx)
+    boxes = found.boxes()
+    out = []
+    for k in found.ids.tolist():
+        box = boxes[k - 1]
+        assert box is not None
+        core = (found.components[box] == k) & found.solid[box]
+        z = int(np.argmax(core.sum(axis=(1, 2))))
+        sp = on_ct.spacing_zyx
+        d1, d2 = bidimensional_mm(core[z], (sp[1], sp[2]))
+        out.append(((d1, max(d2, min(sp[1:]))), axial_diameters_mm(core, box_grid(on_ct.grid, box))))
+    return out
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-7), 1 - 1e-7)
     return math.log(p / (1 - p))
@@ -106,6 +134,7 @@ def main() -> None:
 
     rows = []
     seconds: list[tuple[float, float]] = []  # (old, new) per patient
+    tilted: list[tuple[str, LabelMap]] = []  # CT grids whose slices are not axial
     for run in args.runs:
         for scores_path in sorted(run.glob("*/scores.json")):
             folder = scores_path.parent
@@ -125,6 +154,8 @@ def main() -> None:
             p = float(scores["probabilities"][score])
             delta = gain * (term(new) - term(old))
             p_new = 1.0 / (1.0 + math.exp(-(temp * _logit(p) + delta) / temp))
+            if not slices_are_axial(on_ct.grid):
+                tilted.append((f"{run.name}/{folder.name}", on_ct))
             rows.append(
                 (f"{run.name}/{folder.name}", rec, old, new, p, p_new, scores["measurements"]["lesion_count"])
             )
@@ -159,6 +190,25 @@ def main() -> None:
     for r in changed:
         print(
             f"  changed: {r[0]}: count {r[2][6]:.0f} -> {r[3][6]:.0f}, core {r[2][1]:.1f} -> {r[3][1]:.1f} mm, p {r[4]:.3f} -> {r[5]:.3f}"
+        )
+
+    for (
+        name,
+        on_ct,
+    ) in tilted:  # RANO's axial pair (#29 step 4): the grid's slices against the patient's axial plane
+        t0 = time.perf_counter()
+        pairs = axial_before_after(on_ct, names)
+        cos = abs(float(on_ct.direction[2, 2]))
+        print(
+            f"\n{name}: slices {np.degrees(np.arccos(min(cos, 1.0))):.1f}° off axial; {len(pairs)} lesions ({time.perf_counter() - t0:.2f} s)"
+        )
+        for i, (before, after) in enumerate(pairs[:8], start=1):
+            print(
+                f"  lesion {i}: k-slice {before[0]:.1f} × {before[1]:.1f} mm -> axial {after[0]:.1f} × {after[1]:.1f} mm"
+            )
+        d = np.array([[a[0] - b[0], a[1] - b[1]] for b, a in pairs])
+        print(
+            f"  |Δ| long / short: median {np.median(abs(d[:, 0])):.1f} / {np.median(abs(d[:, 1])):.1f} mm, max {abs(d[:, 0]).max():.1f} / {abs(d[:, 1]).max():.1f} mm"
         )
 
 
