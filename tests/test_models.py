@@ -281,6 +281,20 @@ def test_windows_batched_per_call_give_the_one_by_one_result(fusion: str) -> Non
     assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(heads1, heads4, strict=True))
 
 
+def test_inference_options_are_keyword_only() -> None:
+    """A call never passes amp/overlap/batch size/flags by position (#29): `forward_case` after `flips`
+    and `Predictor` after `device` refuse positional options before any work."""
+    from medfusion.infer.predictor import Predictor
+    from medfusion.infer.windowed import forward_case
+
+    net = _net("sequence").eval()
+    ct, mr = _inputs(1)
+    with pytest.raises(TypeError, match="positional"):
+        forward_case(net, ct, mr, torch.tensor([True]), "", None, [()], True)  # type: ignore[misc]
+    with pytest.raises(TypeError, match="positional"):
+        Predictor(None, "cpu", False)  # type: ignore[misc]
+
+
 def test_device_requests_that_cannot_be_met_are_refused_with_a_reason(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

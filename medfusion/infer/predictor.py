@@ -203,10 +203,10 @@ class Predictor:
             note,
             self.roi,
             flips,
-            self.amp,
-            self.window_overlap,
-            self.sw_batch_size,
-            features,
+            amp=self.amp,
+            overlap=self.window_overlap,
+            sw_batch_size=self.sw_batch_size,
+            features=features,
         )
 
     @torch.inference_mode()

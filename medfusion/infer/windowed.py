@@ -56,6 +56,7 @@ def forward_case(
     note: str,
     roi: list[int] | None,
     flips: list[tuple[int, ...]],
+    *,
     amp: bool = False,
     overlap: float = 0.5,
     sw_batch_size: int = 1,
@@ -66,7 +67,29 @@ def forward_case(
     `roi` None (or at least the volume's size) runs the whole volume at once; otherwise windows of
     `roi` overlapping by the fraction `overlap`, blended with Gaussian weights, `sw_batch_size` windows
     per network call. `features`, if given, records the encoder's pooled features during the unflipped
-    segmentation pass only (models/domain.py), so they do not depend on test-time augmentation."""
+    segmentation pass only (models/domain.py), so they do not depend on test-time augmentation.
+
+    Args:
+        model: the network, in eval mode for inference.
+        ct: float32 (1, C_ct, z, y, x) CT windows in [0, 1] on the model grid.
+        mr: float32 (1, 1, z, y, x) robust z-scored MR on the same grid (zeros when absent).
+        has_mr: bool (1,), whether the MR is used.
+        note: the clinical note ("" for none).
+        roi: window size (z, y, x) in voxels, or None for the whole volume.
+        flips: test-time flips as tensor dimensions to flip, () for none, e.g. [(), (4,)] (x).
+        amp: bf16 autocast (on the tensors' device type).
+        overlap: fraction in [0, 1) by which neighbouring windows overlap.
+        sw_batch_size: windows per network call (≥ 1).
+        features: an `EncoderFeatures` recorder, or None.
+
+    Returns:
+        (probabilities (1, K, z, y, x) float32 softmax, one score-head input (1, D) per flip); with
+        windows the score head reads the `lesion_window` of the mean probabilities.
+
+    Raises:
+        RuntimeError: from torch when the network cannot take the input, e.g. the whole volume whose
+            axes are not divisible by 2 ** (len(network.channels) - 1) (8 for four levels).
+    """
     dev = ct.device.type
     nct = ct.shape[1]
     whole = roi is None or all(r >= s for r, s in zip(roi, ct.shape[-3:], strict=True))
@@ -78,7 +101,18 @@ def forward_case(
             features if features is not None and not f else nullcontext()
         )
         with recorder:
-            p, head_in = _segment(model, x, nct, has_mr, note, roi, whole, amp, overlap, sw_batch_size)
+            p, head_in = _segment(
+                model,
+                x,
+                nct,
+                has_mr,
+                note,
+                roi,
+                whole=whole,
+                amp=amp,
+                overlap=overlap,
+                sw_batch_size=sw_batch_size,
+            )
         if head_in is not None:
             heads.append(head_in)
         probs.append(p.flip(f) if f else p)
@@ -102,6 +136,7 @@ def _segment(
     has_mr: torch.Tensor,
     note: str,
     roi: list[int] | None,
+    *,
     whole: bool,
     amp: bool,
     overlap: float,

@@ -75,7 +75,7 @@ class NetConfig(StrictModel):
     text_finetune_layers: int = Field(default=0, ge=0)
     # late fusion for the diagnosis: a second note encoder of the same kind whose logit is added to the
     # score head's (the synthetic diagnosis is additive in log-odds; the note path can be pre-trained on
-    # a notes-only corpus, see train.loop.DiagnosisConfig)
+    # a notes-only corpus, see train.config.DiagnosisConfig)
     note_head: bool = False
     # a logistic term on measurements of the predicted label map (measure/features.py) joins the score
     # logit; its coefficients are fitted by the diagnosis stage and stored as buffers
@@ -108,10 +108,19 @@ class Encoder(nn.Module):
     """A stack of MONAI residual units (instance norm, PReLU), one per entry of `channels`: the first
     at stride 1, each further one at stride 2.
 
+    Any input size runs through the encoder, but its levels only fit the `Decoder`'s skip connections
+    when every spatial size is divisible by 2 ** (len(channels) - 1): 8 for the default four levels
+    (`NetConfig.channels`).
+
     Args:
-        cin: input channels.
-        channels: output channels per level.
-        subunits: convolutions per residual unit.
+        cin: input channels (≥ 1).
+        channels: output channels per level, shallowest first (≥ 1 level).
+        subunits: convolutions per residual unit (≥ 1).
+
+    Examples:
+        >>> feats = Encoder(3, [4, 8, 16, 32])(torch.zeros(1, 3, 16, 16, 16))
+        >>> [tuple(f.shape) for f in feats][-1]
+        (1, 32, 2, 2, 2)
     """
 
     def __init__(self, cin: int, channels: list[int], subunits: int = 2) -> None:
@@ -140,6 +149,10 @@ class Decoder(nn.Module):
     """U-Net decoder: from the deepest level up, a ×2 transposed-convolution upsampling, concatenation
     with the encoder's skip features and a residual unit; optionally FiLM conditioning on the note
     (Perez et al., "FiLM: Visual Reasoning with a General Conditioning Layer", AAAI 2018).
+
+    Each upsampled level must match its skip exactly, so the network's input sizes must be divisible by
+    2 ** (len(channels) - 1) along every spatial axis: 8 for the default four levels; a 97-voxel axis
+    raises RuntimeError in `forward` (sliding windows of the training crop size avoid it).
 
     Args:
         channels: the encoder's channels per level, shallowest first.
@@ -384,7 +397,19 @@ class MedFusionNet(nn.Module):
     def encode(
         self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Segmentation logits and the fused vector the score head reads (for MC-dropout sampling)."""
+        """Segmentation logits and the fused vector the score head reads (for MC-dropout sampling).
+
+        Args:
+            ct, mr, has_mr, notes: as for `forward` (spatial sizes divisible by 2 ** (len(channels) − 1)).
+
+        Returns:
+            (segmentation logits (B, n_classes, z, y, x), score-head input (B, D) float: pooled
+            bottleneck, lesion-weighted decoder features, log(1 + predicted foreground voxels) per class,
+            the note vector and, with ``sequence`` fusion, the image tokens' mean).
+
+        Raises:
+            RuntimeError: a spatial size not divisible as above, or inputs of mismatched shapes.
+        """
         cfg = self.cfg
         if not cfg.use_note:
             notes = [""] * len(notes)
@@ -410,8 +435,9 @@ class MedFusionNet(nn.Module):
         return seg, torch.cat([pooled, lesion_feat, log_vol, tvec, *extra], 1)
 
     def image_features(self, ct: torch.Tensor, mr: torch.Tensor, has_mr: torch.Tensor) -> list[torch.Tensor]:
-        """The image encoder's features per level (B, C_l, …), fused across modalities, before the note
-        joins: what `encode` builds on, and what the domain density (models/domain.py) reads."""
+        """The image encoder's features per level (B, channels[l], z / 2^l, y / 2^l, x / 2^l), fused
+        across modalities, before the note joins: what `encode` builds on, and what the domain density
+        (models/domain.py) reads. `ct`, `mr`, `has_mr` as for `forward`."""
         if not self.cfg.use_ct:
             ct = torch.zeros_like(ct)
         present = has_mr.to(ct.dtype).view(-1, 1, 1, 1, 1) * float(self.cfg.use_mr)
@@ -426,5 +452,7 @@ class MedFusionNet(nn.Module):
         return list(self.enc(torch.cat([ct, mr_in], 1)))
 
     def calibrated(self, score_logits: torch.Tensor) -> torch.Tensor:
-        """Probabilities after temperature scaling."""
+        """Probabilities in [0, 1] after temperature scaling: sigmoid(logits / T) with the package's
+        per-score temperatures T (Guo et al., ICML 2017; fitted by train/temperature.py); same shape as
+        `score_logits` (B, n_scores)."""
         return torch.sigmoid(score_logits / self.temperature)

@@ -129,6 +129,13 @@ class Atlas:
         return ((a - ATLAS_LO) / ATLAS_SPACING)[:, ::-1].T
 
     def sample(self, name: str, idx: np.ndarray) -> np.ndarray:
+        """The field `name` ("sd", "gm", "wm" or "csf") trilinearly interpolated (`map_coordinates`,
+        order 1) at the (3, N) continuous indices `idx` from `index`: float32 (N,). Outside the atlas
+        grid "sd" reads 200 mm (far outside the brain) and the tissue probabilities 0.
+
+        Raises:
+            AttributeError: `name` is not a field of the atlas.
+        """
         field = getattr(self, name)
         cval = 200.0 if name == "sd" else 0.0
         return ndimage.map_coordinates(field, idx, order=1, mode="constant", cval=cval).astype(np.float32)
