@@ -57,7 +57,8 @@ AXIAL_TOLERANCE = 1e-6  # |cos| of the slice axis to LPS z below 1 - this: slice
 
 
 def class_roles(class_names: list[str]) -> tuple[int, int | None]:
-    """Index of the tumour core (`tumour_core`, else class 1) and of calcification (None if absent)."""
+    """Index of the tumour core (`tumour_core`, else class 1) and of calcification (None if absent) in
+    `class_names` (background first)."""
     core = class_names.index("tumour_core") if "tumour_core" in class_names else 1
     calc = class_names.index("calcification") if "calcification" in class_names else None
     return core, calc
@@ -176,8 +177,10 @@ def label_lesions(labels: np.ndarray, class_names: list[str], spacing_zyx: tuple
 
 
 def feret_diameter_mm(mask: np.ndarray, spacing_zyx: tuple[float, ...], max_points: int = 3000) -> float:
-    """Largest distance (mm) between two voxel centres of `mask` (z, y, x) on a grid with this spacing
-    (max Feret diameter); one voxel counts its largest spacing, an empty mask 0.
+    """Largest distance (mm) between two voxel centres of a boolean `mask` (z, y, x) on a grid of
+    `spacing_zyx` (mm, array order): the maximum Feret (caliper) diameter. One voxel counts its largest
+    spacing, an empty mask 0. Above `max_points` voxels only the mask's surface (voxels with a
+    6-neighbour outside) is searched — the extremes lie there — evenly subsampled to `max_points`.
 
     Examples:
         >>> m = np.zeros((3, 3, 5), bool); m[1, 1, :] = True

@@ -17,13 +17,23 @@ def measure(
     ct: Volume | None = None,
     mr: Volume | None = None,
 ) -> Measurements:
-    """Volumes per class (mL) and the lesions of `labels` (class indices on the CT's grid).
+    """Volumes per class (mL) and the lesions of `labels` (`measure.lesions.find_lesions`, the lesions
+    the diagnosis's features and evaluation count too).
 
-    Returns scores.json's `Measurements`: ``volumes_ml`` {class: mL}, ``lesion_count``,
-    ``largest_diameter_mm`` (the longest core diameter of all lesions, 0.0 when there is none),
-    ``lesion_diameters_mm`` (longest core diameter per lesion, largest core first) and ``lesions``
-    (each lesion's findings, `measure.lesions.Lesion`). `ct` and `mr` on the same grid add the
-    core's CT density and MR enhancement.
+    Args:
+        labels: (z, y, x) class indices of `class_names` on the CT's grid (any orientation).
+        class_names: the label map's classes, background first.
+        ct: the CT on the same grid (HU): adds each core's CT density and places the midline.
+        mr: an MR on the same grid: adds each core's enhancement ratio.
+
+    Returns:
+        scores.json's `Measurements`: ``volumes_ml`` {class: mL}, ``lesion_count``,
+        ``largest_diameter_mm`` (the longest core diameter of all lesions, 0.0 when there is none),
+        ``lesion_diameters_mm`` (longest core diameter per lesion, largest core first, mm) and
+        ``lesions`` (each lesion's findings, `measure.lesions.Lesion`).
+
+    Raises:
+        ValueError: `ct` or `mr` is not on the grid of `labels`.
     """
     arr = labels.array
     vml = labels.voxel_volume_ml
