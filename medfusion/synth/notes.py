@@ -52,7 +52,11 @@ def sample_note_facts(rng: np.random.Generator) -> NoteFacts:
 
 
 def logit(img: ImageFacts, note: NoteFacts) -> float:
-    """Log-odds of malignancy. Coefficients were chosen so that neither view alone suffices."""
+    """Log-odds of malignancy of the synthetic diagnosis (the ground truth's generative model, not a
+    clinical one): −4 without a lesion, else −1.3 + 0.8 (d − 15 mm) / 6 mm + 0.9 necrosis
+    + 0.5 (oedema ratio − 1.9) / 0.3 − 1.2 calcification + 2.4 prior cancer + 2.0 rapid course
+    + 0.05 (age − 56 years). The coefficients were chosen so that neither the images nor the note alone
+    suffices; additive in log-odds, which the late-fusion note head relies on."""
     if not img.has_lesion:
         return -4.0
     z = -1.3
@@ -73,7 +77,9 @@ def oracle_probabilities(
     note_prior: list[NoteFacts],
     rng: np.random.Generator,
 ) -> dict[str, float]:
-    """P(malignant | view) for the views 'all' (images + stated note facts), 'image' and 'note'."""
+    """P(malignant | view) for the views 'all' (images + stated note facts), 'image' and 'note', each in
+    [0, 1]: sigmoid(`logit`) averaged over 256 draws (`rng`) from the priors `image_prior` /
+    `note_prior` for the facts that view does not know (Monte-Carlo marginalisation)."""
     k = len(note_prior)
 
     def stated(n: NoteFacts, draw: NoteFacts) -> NoteFacts:

@@ -63,7 +63,8 @@ class Vocabulary:
         return cls(sorted(words), negation, numbers)
 
     def encode(self, note: str, max_len: int = 128) -> list[int]:
-        """The note's token ids (unknown tokens → UNK), its first `max_len` tokens."""
+        """The note's token ids (unknown tokens → UNK), its first `max_len` tokens: ints in
+        [0, len(words) + 2), empty for an empty note."""
         return [self.index.get(t, UNK) for t in self.tokens(note)][:max_len]
 
     def batch(self, notes: list[str], max_len: int = 128) -> torch.Tensor:

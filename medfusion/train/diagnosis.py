@@ -30,7 +30,15 @@ from medfusion.train.config import DiagnosisConfig
 
 
 def read_note_corpus(path: str | Path, score_names: list[str]) -> tuple[list[str], np.ndarray]:
-    """Notes and their 0/1 labels (N, S) from a corpus CSV."""
+    """Notes and their labels from a corpus CSV with a 'note' column and one 0/1 column per score.
+
+    Returns:
+        (N notes, float32 (N, S) labels in `score_names` order).
+
+    Raises:
+        InputError: the file cannot be read, is empty, or lacks the 'note' or a score column.
+        ValueError: a label cell is not a number.
+    """
     path = Path(path)
     try:
         with open(path, newline="") as f:

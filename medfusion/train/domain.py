@@ -69,7 +69,8 @@ def fit_densities(
 
 
 def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error, 10 equal-width bins (evaluate/diagnosis.ece)."""
+    """Expected calibration error in [0, 1] of probabilities `p` (n,) for 0/1 outcomes `y` (n,), over
+    `bins` equal-width bins (evaluate/diagnosis.ece: Naeini et al., AAAI 2015)."""
     from medfusion.evaluate.diagnosis import ece as _ece
 
     return _ece(np.asarray(y, float), np.asarray(p, float), bins)
