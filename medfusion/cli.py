@@ -217,38 +217,16 @@ def register(
 ) -> None:
     """Co-register the MR onto the CT only (no model)."""
     from medfusion.config import RegistrationConfig
-    from medfusion.io.atomic import write_json
-    from medfusion.io.case import load_case
-    from medfusion.io.nifti import write_nifti
-    from medfusion.preprocess.registration import register as do_register
-    from medfusion.preprocess.resample import resample
+    from medfusion.run.qc import register_patient
 
     try:
-        case = load_case(patient)
-        if case.ct is None or not case.mr:
-            why = "; ".join(str(e) for e in case.errors[:3])  # e.g. the CT that the loader refused, and why
-            raise InputError(
-                patient, "needs one CT and at least one MR volume" + (f" ({why})" if why else "")
-            )
-        res = do_register(
-            case.ct, case.mr[0], RegistrationConfig(affine=affine, consistency_check=not no_check)
+        pid, res = register_patient(
+            patient, out, RegistrationConfig(affine=affine, consistency_check=not no_check)
         )
     except (InputError, ValueError) as exc:
         _fail(exc)
-    write_json(out / "transform.json", res.to_json())
-    assert case.ct is not None
-    write_nifti(resample(case.mr[0], case.ct, res.matrix, default=0.0), out / "mr_in_ct.nii.gz")
-    write_json(
-        out / "qc.json",
-        {
-            "patient_id": case.patient_id,
-            **res.to_json()["qc"],
-            "seconds": round(res.seconds, 2),
-            "metric_mattes_mi": res.metric,
-        },
-    )
     verdict = "passed" if res.passed else "FAILED"
-    stdout.print(f"{case.patient_id}: registration {verdict} in {res.seconds:.1f} s → {out}")
+    stdout.print(f"{pid}: registration {verdict} in {res.seconds:.1f} s → {out}")
     for line in [*res.qc.get("reasons", []), *res.qc.get("warnings", [])]:
         stdout.print(f"  {line}")
     if not res.passed:

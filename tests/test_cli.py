@@ -236,3 +236,30 @@ def test_inspect_of_a_folder_without_patients_is_refused(tmp_path: Path) -> None
     (tmp_path / "EMPTY").mkdir()
     res = CliRunner().invoke(app, ["inspect", str(tmp_path / "EMPTY")])
     assert res.exit_code != 0 and "no patient folder" in res.output, res.output
+
+
+def test_register_without_an_mr_is_refused_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    import shutil
+
+    patient = tmp_path / "CTONLY"
+    shutil.copytree(SAMPLE / "SYN20260001" / "CT", patient / "CT")
+    out = tmp_path / "reg"
+    res = CliRunner().invoke(app, ["register", str(patient), "--out", str(out)])
+    assert res.exit_code == 2, res.output
+    line = res.output.strip()
+    assert len(line.splitlines()) == 1 and "CTONLY" in line and "at least one MR" in line, line
+    assert not out.exists()
+
+
+def test_the_cli_imports_the_device_choice_and_packages_from_their_homes() -> None:
+    """The CLI parses options and prints (#29): no re-exported helpers, no pipeline work of its own."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "medfusion" / "cli.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert "medfusion.models.package" not in imported and "medfusion.device" in imported
+    assert not imported & {
+        "medfusion.preprocess.registration",
+        "medfusion.preprocess.resample",
+        "medfusion.io.nifti",
+    }

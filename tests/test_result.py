@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from medfusion.config import DecisionConfig, PipelineConfig
-from medfusion.run.result import CaseResult, Decision, QCRecord, Scores, Verdict, decide
+from medfusion.run.result import CaseResult, Decision, OutputsRecord, QCRecord, Scores, Verdict, decide
 
 OLD_SCORES = {  # a 0.8 scores.json, abridged to the keys the contract names
     "patient_id": "P1",
@@ -176,3 +176,76 @@ def test_the_pipeline_builds_the_contract_from_the_stages(
     assert (s.predicted == {"malignant": False}) if in_domain else s.predicted is None
     assert qc.mr_used_by_model is qc_passed and qc.verdict is (Verdict.PASS if qc_passed else Verdict.FAIL)
     assert s.qc_verdict is qc.verdict and s.indeterminate_band == (0.4, 0.6)
+
+
+# --- Readers of the contract (#29): the summary row, evaluate, the training cache, `medfusion register` ---
+
+
+def _written(folder: Path) -> CaseResult:
+    scores = Scores.model_validate({**OLD_SCORES, "inference": {"device": "cpu"}})
+    qc = QCRecord(patient_id="P1", outputs=OutputsRecord(written=["report.pdf"], failed={"seg": "boom"}))
+    result = CaseResult(scores=scores, qc=qc)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.write_qc(folder)
+    result.write_scores(folder)
+    return result
+
+
+def test_the_summary_row_is_read_through_the_contract(tmp_path: Path) -> None:
+    from medfusion.run.folders import patient_row
+
+    _written(tmp_path / "P1")
+    row = patient_row(tmp_path / "P1")
+    assert row == {
+        "patient_id": "P1",
+        "status": "ok",
+        "qc_verdict": "pass",
+        "device": "cpu",
+        "p_malignant": 0.55,
+        "in_domain": True,
+        "pred_malignant": 1,
+        "decision_malignant": "positive",  # a 0.8 file: the decision its "predicted" implies
+        "u_malignant": 0.02,
+        "vol_tumour_core_ml": 1.5,
+        "lesion_count": 1,
+        "largest_diameter_mm": 20.0,
+        "outputs_failed": "seg",
+        "t_load": 0.1,
+    }
+    assert all(type(v) in (str, int, float, bool) for v in row.values())  # plain values for the CSV
+    (tmp_path / "P1" / "qc.json").write_text('{"patient_id": "P1", "verdict": "maybe"}')
+    with pytest.raises(ValueError, match=r"P1/qc.json: does not fit .*verdict") as err:
+        patient_row(tmp_path / "P1")
+    assert "\n" not in str(err.value)
+
+
+def test_probabilities_and_qc_read_alone(tmp_path: Path) -> None:
+    _written(tmp_path)
+    scored = CaseResult.load_scored(tmp_path)
+    assert scored.probabilities == {"malignant": 0.55} and scored.threshold == 0.5
+    (tmp_path / "scores.json").write_text(json.dumps({"probabilities": {"m": 0.3}, "threshold": 0.7}))
+    assert CaseResult.load_scored(tmp_path).threshold == 0.7  # another tool's file, with its threshold
+    assert CaseResult.load_qc(tmp_path).outputs == OutputsRecord(
+        written=["report.pdf"], failed={"seg": "boom"}
+    )
+    (tmp_path / "qc.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"qc.json: expected a JSON object, got list"):
+        CaseResult.load_qc(tmp_path)
+
+
+def test_register_writes_a_contract_qc_json_keeping_its_flat_keys(tmp_path: Path) -> None:
+    from medfusion.config import RegistrationConfig
+    from medfusion.run.qc import register_patient
+
+    patient = sorted((Path(__file__).resolve().parents[1] / "sample_data" / "patients").iterdir())[0]
+    cfg = RegistrationConfig(mode="skip", consistency_check=False)  # the identity: no optimisation
+    pid, res = register_patient(patient, tmp_path, cfg)
+    qc = CaseResult.load_qc(tmp_path)
+    assert pid == patient.name == qc.patient_id and res.mode == "skip"
+    assert qc.registration["mode"] == "skip" and qc.registration["settings_from"] == "command line"
+    assert qc.registration["settings"] == cfg.model_dump(mode="json")
+    assert qc.inputs["ct"]["modality"] == "CT" and len(qc.inputs["mr"]) >= 1
+    assert qc.verdict is Verdict.PASS and qc.mr_used_by_model
+    raw = json.loads((tmp_path / "qc.json").read_text())
+    assert raw["seconds"] == 0.0 and "metric_mattes_mi" in raw  # as `medfusion register` wrote them
+    assert (tmp_path / "transform.json").exists() and (tmp_path / "mr_in_ct.nii.gz").exists()

@@ -20,6 +20,7 @@ from medfusion.io.errors import InputError
 from medfusion.io.nifti import read_nifti
 from medfusion.io.volume import Volume
 from medfusion.preprocess.resample import resample
+from medfusion.run.result import CaseResult, ScoredProbabilities
 
 
 def _labels_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
@@ -132,19 +133,20 @@ def evaluate(
     writes), else are numbered ("1", "2", … after "background": predictions from another tool).
     `progress(done, total)` is called after each patient's segmentation metrics. `pairing` is
     `pair_inputs(pred_dir, labels, subgroups)` when the caller made it already. Refused in one line
-    before anything is computed or written: see `pair_inputs`.
+    before anything is computed or written: see `pair_inputs`. Each scores.json is read as
+    `run.result.ScoredProbabilities` (probabilities and threshold; another tool's file holding only
+    those reads); one that does not fit raises ValueError naming the file.
     """
     pairing = pairing or pair_inputs(pred_dir, labels, subgroups)
     labels_dir, patients = pairing.labels_dir, pairing.patients
     numbered = False
     rows: list[dict[str, Any]] = []
     notes: dict[str, str] = {}
-    scores: dict[str, dict[str, Any]] = {}
+    scores: dict[str, ScoredProbabilities] = {}
     for done, pid in enumerate(patients):
         if progress:
             progress(done, len(patients))
-        sc = json.loads((pred_dir / pid / "scores.json").read_text())
-        scores[pid] = sc
+        scores[pid] = CaseResult.load_scored(pred_dir / pid)
         seg_path = pred_dir / pid / "segmentation.nii.gz"
         ref = load_label_map(labels_dir / pid)
         if ref is None or not seg_path.exists():
@@ -211,7 +213,7 @@ def evaluate(
             "sensitivity": tp / (tp + fn) if tp + fn else None,
         }
         summary["segmentation"][cname] = block
-    score_names = sorted({k for sc in scores.values() for k in sc.get("probabilities", {})} & set(fields))
+    score_names = sorted({k for sc in scores.values() for k in sc.probabilities} & set(fields))
     diag: dict[str, Any] = {}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for s in list(score_names):
@@ -220,8 +222,8 @@ def evaluate(
             score_names.remove(s)
             continue
         y = np.array([int(float(by_pid[p][s])) for p in ids])
-        pr = np.array([scores[p]["probabilities"][s] for p in ids])
-        model_t = float(scores[ids[0]].get("threshold", 0.5)) if ids else 0.5
+        pr = np.array([scores[p].probabilities[s] for p in ids])
+        model_t = scores[ids[0]].threshold
         ths = {"model": model_t}
         if threshold is not None:
             ths["chosen"] = threshold

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medfusion.io.atomic import write_json
+from medfusion.run.result import CaseResult
 
 
 def record_failure(out: Path, pid: str, stage: str, reason: str, trace: str = "") -> dict[str, Any]:
@@ -33,8 +34,14 @@ def record_failure(out: Path, pid: str, stage: str, reason: str, trace: str = ""
 
 
 def patient_row(folder: Path) -> dict[str, Any]:
-    """A patient's summary.csv row, read back from its output folder (scores.json, qc.json or
-    error.json), so that a resumed patient's row is the same as a freshly run one's."""
+    """A patient's summary.csv row, read back from its output folder (scores.json and qc.json through
+    `run.result.CaseResult`, or error.json), so that a resumed patient's row is the same as a freshly
+    run one's.
+
+    Raises:
+        ValueError: scores.json or qc.json is unreadable or does not fit the output contract (one line
+            naming the file).
+    """
     pid = folder.name
     err = folder / "error.json"
     if err.exists() and not (folder / "scores.json").exists():
@@ -46,27 +53,25 @@ def patient_row(folder: Path) -> dict[str, Any]:
             "error": e.get("error", ""),
             "stage": e.get("stage", ""),
         }
-    sc = json.loads((folder / "scores.json").read_text())
-    qc_path = folder / "qc.json"
-    qc = json.loads(qc_path.read_text()) if qc_path.exists() else {}
-    meas = sc.get("measurements", {})
+    result = CaseResult.load(folder)
+    sc, meas = result.scores, result.scores.measurements
     row: dict[str, Any] = {
         "patient_id": pid,
         "status": "ok",
-        "qc_verdict": sc.get("qc_verdict", ""),
-        "device": sc.get("inference", {}).get("device", ""),
+        "qc_verdict": sc.qc_verdict.value,
+        "device": sc.inference.get("device", ""),
     }
-    row.update({f"p_{k}": round(v, 4) for k, v in sc.get("probabilities", {}).items()})
-    row["in_domain"] = sc.get("domain", {}).get("in_domain", "")
-    row.update({f"pred_{k}": int(v) for k, v in (sc.get("predicted") or {}).items()})
+    row.update({f"p_{k}": round(v, 4) for k, v in sc.probabilities.items()})
+    row["in_domain"] = sc.domain.in_domain
+    row.update({f"pred_{k}": int(v) for k, v in (sc.predicted or {}).items()})
     # positive / negative / indeterminate / not assessed: what the report's verdict says
-    row.update({f"decision_{k}": str(v) for k, v in (sc.get("decision") or {}).items()})
-    row.update({f"u_{k}": round(v, 4) for k, v in sc.get("uncertainty", {}).items()})
-    row.update({f"vol_{k}_ml": v for k, v in meas.get("volumes_ml", {}).items()})
-    row["lesion_count"] = meas.get("lesion_count")
-    row["largest_diameter_mm"] = meas.get("largest_diameter_mm")
-    row["outputs_failed"] = ";".join(qc.get("outputs", {}).get("failed", {}))
-    row.update({f"t_{k}": round(v, 2) for k, v in sc.get("timings_s", {}).items()})
+    row.update({f"decision_{k}": v.value for k, v in sc.decision.items()})
+    row.update({f"u_{k}": round(v, 4) for k, v in sc.uncertainty.items()})
+    row.update({f"vol_{k}_ml": v for k, v in meas.volumes_ml.items()})
+    row["lesion_count"] = meas.lesion_count
+    row["largest_diameter_mm"] = meas.largest_diameter_mm
+    row["outputs_failed"] = ";".join(result.qc.outputs.failed if result.qc.outputs else {})
+    row.update({f"t_{k}": round(v, 2) for k, v in sc.timings_s.items()})
     return row
 
 

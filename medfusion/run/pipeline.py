@@ -27,14 +27,13 @@ from medfusion.io.volume import Volume
 from medfusion.models.meta import preprocess_config
 from medfusion.run.folders import patient_row, publish, record_failure
 from medfusion.run.interrupt import check_stop
+from medfusion.run.qc import case_qc
 from medfusion.run.result import (
     CaseResult,
     DomainRecord,
     Measurements,
     ModelRecord,
-    QCRecord,
     Scores,
-    Verdict,
     decide,
 )
 
@@ -183,18 +182,6 @@ def process_case(folder: Path, opts: RunOptions, predictor: Predictor) -> dict[s
         raise
 
 
-def input_verdict(case: Case, inputs: ModelInputs) -> Verdict:
-    """qc.json "verdict": "fail" when the registration failed its QC (the MR was left out), "warn"
-    when a file was unreadable or an input volume carries warnings (tilt corrected, NaN replaced,
-    orientation unknown, …), else "pass"."""
-    reg = inputs.registration
-    if reg is not None and not reg.passed:
-        return Verdict.FAIL
-    if case.errors or any(v.warnings for v in [case.ct, *case.mr] if v is not None):
-        return Verdict.WARN
-    return Verdict.PASS
-
-
 def case_result(
     case: Case,
     inputs: ModelInputs,
@@ -215,26 +202,12 @@ def case_result(
     decision = opts.pipeline.decision
     in_domain = bool(domain["in_domain"])
     reg = inputs.registration
-    verdict = input_verdict(case, inputs)
-    qc = QCRecord(
-        patient_id=case.patient_id,
-        inputs={
-            "ct": case.ct.summary(),
-            "mr": [m.summary() for m in case.mr],
-            "note_chars": len(case.note),
-            "unreadable_files": [str(e) for e in case.errors],
-            "skipped_objects": [{"path": p, "why": w} for p, w in case.skipped],
-            "choices": case.choices,
-        },
-        registration={
-            **(reg.to_json() if reg is not None else {"mode": "none", "reason": "no MR volume"}),
-            "settings_from": "pipeline"
-            if opts.pipeline.preprocess is not None
-            else opts.pipeline.registration,
-            "settings": cfg.registration.model_dump(mode="json"),
-        },
-        mr_used_by_model=inputs.has_mr,
-        verdict=verdict,
+    qc = case_qc(
+        case,
+        reg,
+        cfg.registration,
+        "pipeline" if opts.pipeline.preprocess is not None else opts.pipeline.registration,
+        mr_used=inputs.has_mr,
     )
     scores = Scores(
         patient_id=case.patient_id,
@@ -259,7 +232,7 @@ def case_result(
         },
         seed={"inference": predictor.seed, "registration": cfg.registration.seed},
         inputs=_provenance(case),
-        qc_verdict=verdict,
+        qc_verdict=qc.verdict,
         timings_s={},
     )
     return CaseResult(scores=scores, qc=qc)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -129,14 +129,16 @@ class ModelRecord(_Record):
 
 
 class ScoredProbabilities(_Record):
-    """The part of scores.json every reader of probabilities needs (`medfusion compare`, calibration):
-    a scores.json from another tool holding only ``probabilities`` still reads.
+    """The part of scores.json every reader of probabilities needs (`medfusion compare`, `evaluate`,
+    calibration): a scores.json from another tool holding only ``probabilities`` still reads.
 
     Attributes:
         probabilities: calibrated probability in [0, 1] per score name.
+        threshold: the decision threshold the run used, in [0, 1]; 0.5 when the file has none.
     """
 
     probabilities: dict[str, float]
+    threshold: float = 0.5
 
 
 class Scores(_Record):
@@ -242,8 +244,8 @@ class CaseResult(BaseModel):
         return out
 
     def write_qc(self, folder: Path) -> Path:
-        """Write qc.json into `folder` (atomically)."""
-        return write_json(folder / QC, self.qc.model_dump(mode="python", exclude_unset=True))
+        """Write qc.json into `folder` (atomically; `write_qc`)."""
+        return write_qc(folder, self.qc)
 
     def write_scores(self, folder: Path) -> Path:
         """Write scores.json into `folder` (atomically); written last, it marks a patient done."""
@@ -258,28 +260,64 @@ class CaseResult(BaseModel):
         qc_path = folder / QC
         if not qc_path.exists():
             return cls(scores=scores, qc=QCRecord(patient_id=scores.patient_id))
-        return cls(scores=scores, qc=validated(QCRecord, _read(qc_path), qc_path))
+        return cls(scores=scores, qc=read_record(QCRecord, qc_path))
 
     @classmethod
-    def load_probabilities(cls, folder: str | Path) -> dict[str, float]:
-        """The probabilities of a patient's scores.json (`ScoredProbabilities`; other keys may be absent).
+    def load_scored(cls, folder: str | Path) -> ScoredProbabilities:
+        """The probabilities and threshold of a patient's scores.json (`ScoredProbabilities`: other
+        keys may be absent, as in another tool's file).
 
         Raises:
             ValueError: scores.json is missing, not JSON, or its probabilities are not numbers.
         """
-        path = Path(folder) / SCORES
-        scored: ScoredProbabilities = validated(ScoredProbabilities, _read(path), path)
-        return scored.probabilities
+        return read_record(ScoredProbabilities, Path(folder) / SCORES)
+
+    @classmethod
+    def load_probabilities(cls, folder: str | Path) -> dict[str, float]:
+        """The probabilities of a patient's scores.json (`load_scored`).
+
+        Raises:
+            ValueError: scores.json is missing, not JSON, or its probabilities are not numbers.
+        """
+        return cls.load_scored(folder).probabilities
 
     @classmethod
     def load_scores(cls, folder: str | Path) -> Scores:
         """Only scores.json of a patient's output folder, validated as the whole `Scores`."""
-        path = Path(folder) / SCORES
-        scores: Scores = validated(Scores, _read(path), path)
-        return scores
+        return read_record(Scores, Path(folder) / SCORES)
+
+    @classmethod
+    def load_qc(cls, folder: str | Path) -> QCRecord:
+        """Only qc.json of a patient's output folder (`QCRecord`), e.g. for the registration it used.
+
+        Raises:
+            ValueError: qc.json is missing, not JSON, or does not fit the contract.
+        """
+        return read_record(QCRecord, Path(folder) / QC)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def write_qc(folder: Path, qc: QCRecord) -> Path:
+    """Write `qc` as `folder`/qc.json (atomically): the fields that were set, then the kept keys; the
+    one writer of qc.json (`medfusion run` through `CaseResult.write_qc`, `medfusion register`).
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    return write_json(folder / QC, qc.model_dump(mode="python", exclude_unset=True))
+
+
+R = TypeVar("R", bound=BaseModel)
+
+
+def read_record(model: type[R], path: str | Path) -> R:
+    """The one reader of the contract's files: the JSON object in `path` validated as `model`
+    (`Scores`, `QCRecord`, `ScoredProbabilities`).
+
+    Raises:
+        ValueError: one line naming `path`: the file is missing or unreadable, not JSON, not a JSON
+            object, or does not fit `model` (the first three fields at fault).
+    """
+    path = Path(path)
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -288,10 +326,10 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         msg = f"{path}: expected a JSON object, got {type(data).__name__}"
         raise ValueError(msg)
-    return data
+    return validated(model, data, path)
 
 
-def validated(model: type[BaseModel], data: dict[str, Any], path: Path) -> Any:
+def validated(model: type[R], data: dict[str, Any], path: Path) -> R:
     """`model.model_validate(data)` with a one-line error naming `path`."""
     try:
         return model.model_validate(data)

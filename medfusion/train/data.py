@@ -17,6 +17,7 @@ from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
 from medfusion.preprocess.prepare import prepare_case
 from medfusion.preprocess.registration import RegistrationResult
+from medfusion.run.result import CaseResult
 
 
 def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[str, int]]:
@@ -102,7 +103,8 @@ def _cache_one(
     """One case into `cache_dir`; kept if it was made with the same preprocessing. When only the grid or
     intensity settings changed, the stored registration is reused rather than run again; so is one stored
     for the same case in `registration_from`: another cache folder (when its registration settings are
-    the same) or a `medfusion run` output folder (its per-patient qc.json)."""
+    the same) or a `medfusion run` output folder (its per-patient qc.json, read as
+    `run.result.QCRecord`; one that does not fit raises ValueError naming the file)."""
     cfg = PreprocessConfig.model_validate_json(cfg_json)
     pid = Path(folder).name
     target = Path(cache_dir) / f"{pid}.npz"
@@ -126,9 +128,9 @@ def _cache_one(
     elif registration_from and (Path(registration_from) / pid / "qc.json").exists():
         # a `medfusion run` output folder: its qc.json holds the registration it used; asking for it
         # by name is taken as saying its settings are the ones wanted
-        qc = json.loads((Path(registration_from) / pid / "qc.json").read_text())
-        if qc.get("registration", {}).get("mode") == "auto":
-            donors.append({"registration": qc["registration"], "preprocess": key})
+        registration = CaseResult.load_qc(Path(registration_from) / pid).registration
+        if registration.get("mode") == "auto":
+            donors.append({"registration": registration, "preprocess": key})
     donor = next(
         (
             d
