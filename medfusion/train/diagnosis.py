@@ -284,7 +284,16 @@ def fit_measure_model(
     The note logit is in the regression so that the features' weights are those given the note: the
     note head was trained on a separate corpus, so on these cases it is out of sample; the reference
     label maps stand for what a good segmentation measures (the trunk has seen these cases, its own
-    predictions on them would be better than on new ones)."""
+    predictions on them would be better than on new ones).
+
+    Args:
+        features: (N, F) `measure.features.FEATURES` of the training cases' reference label maps.
+        note_logits, y: (N, S) the note head's logits and 0/1 labels.
+        c: inverse L2 strength (scikit-learn's `C`).
+
+    Raises:
+        ValueError: the network has no measurement term (`network.measures` false).
+    """
     from sklearn.linear_model import LogisticRegression
 
     if not model.cfg.measures:
@@ -344,7 +353,14 @@ def stack_logits(
     coefficient and the bias.
 
     `out_of_fold_logits` (N, S) in the result: with `folds` ≥ 2, each case's stacked logit from the
-    regression refitted without its fold (for an honest temperature); NaN where not computed."""
+    regression refitted without its fold (for an honest temperature); NaN where not computed.
+
+    Args:
+        heads: (N, D) score-head inputs; note_logits, y: (N, S) note logits and 0/1 labels.
+
+    Raises:
+        ValueError: the network has no note head (`network.note_head` false).
+    """
     if model.note_text is None:
         msg = "stacking needs network.note_head: true"
         raise ValueError(msg)

@@ -131,6 +131,10 @@ def fit_package_domain(
     `heldout_folders` too. `calibration`: measured calibration per situation ({situation: {"n", "auroc",
     "ece", "source"}}) kept with any the package already records. Returns the `"domain"` block written
     into model.json. A folder that fails to load is skipped and listed.
+
+    Raises:
+        ValueError: no fitting folder could be read; what `Predictor` raises for `package`/`device`.
+        PackageError: the package cannot be loaded.
     """
     from medfusion.config import PipelineConfig
     from medfusion.infer.predictor import Predictor
