@@ -322,6 +322,92 @@ def test_bad_spacing_refuses_the_series_in_one_line(tmp_path: Path, spacing: str
     assert "\n" not in str(case.errors[0])
 
 
+ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"
+
+
+def _enhanced(path: Path, slices: list[Dataset], stack_ids: list[int] | None = None) -> Path:
+    """The single-frame `slices` as one enhanced CT object, frames in the order given, their
+    geometry in the functional groups (shared: spacing, orientation, rescale; per frame: position)."""
+    first = slices[0]
+    ds = Dataset()
+    for kw in (
+        "Modality", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID",
+        "StudyDate", "StudyTime", "Rows", "Columns", "SamplesPerPixel", "PhotometricInterpretation",
+        "BitsAllocated", "BitsStored", "HighBit", "PixelRepresentation",
+    ):  # fmt: skip
+        setattr(ds, kw, first.data_element(kw).value)
+    ds.SOPClassUID, ds.SOPInstanceUID = ENHANCED_CT, generate_uid()
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL", "NONE"]
+    ds.ContentDate, ds.ContentTime, ds.AcquisitionDateTime = "20250102", "101500", "20250102101500"
+    ds.NumberOfFrames = len(slices)
+    measures, plane, rescale = Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing, measures.SliceThickness = first.PixelSpacing, 2.0
+    plane.ImageOrientationPatient = first.ImageOrientationPatient
+    rescale.RescaleIntercept, rescale.RescaleSlope, rescale.RescaleType = first.RescaleIntercept, 1, "HU"
+    shared = Dataset()
+    shared.PixelMeasuresSequence, shared.PlaneOrientationSequence = [measures], [plane]
+    shared.PixelValueTransformationSequence = [rescale]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    per = []
+    for i, sl in enumerate(slices):
+        item, pos, content = Dataset(), Dataset(), Dataset()
+        pos.ImagePositionPatient = sl.ImagePositionPatient
+        content.StackID = str(stack_ids[i] if stack_ids else 1)
+        content.InStackPositionNumber = i + 1
+        item.PlanePositionSequence, item.FrameContentSequence = [pos], [content]
+        per.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per
+    ds.PixelData = b"".join(sl.PixelData for sl in slices)
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = (
+        ENHANCED_CT,
+        ds.SOPInstanceUID,
+    )
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def test_enhanced_multiframe_loads_as_its_single_frame_series(tmp_path: Path) -> None:
+    """highdicom's volume reading: shuffled frames of an oblique enhanced CT land where the same
+    slices as single-frame files do (values, int16, spacing, origin, direction)."""
+    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+    stored = (np.arange(6 * 16 * 16).reshape(6, 16, 16) % 2000).astype(np.uint16)
+    slices = _series(tmp_path / "single", stored, step=2.5, row=(c, s, 0.0), col=(-s, c, 0.0))
+    single = load_case(tmp_path / "single").ct
+    assert single is not None
+    shuffled = [slices[i] for i in (3, 0, 5, 1, 4, 2)]
+    multi = read_dicom_volume(_enhanced(tmp_path / "multi" / "ct.dcm", shuffled), min_slices=2)
+    assert multi.array.dtype == np.int16 and np.array_equal(multi.array, single.array)
+    assert np.allclose(multi.affine, single.affine, atol=1e-4)
+    assert multi.orientation_code() == single.orientation_code() and not multi.warnings
+
+
+def test_enhanced_multiframe_reads_the_first_stack_of_several(tmp_path: Path) -> None:
+    stored = _head(4, 8)
+    echo1 = _series(tmp_path / "e1", stored)
+    echo2 = _series(tmp_path / "e2", stored + 100)
+    path = _enhanced(tmp_path / "mf.dcm", echo1 + echo2, stack_ids=[1] * 4 + [2] * 4)
+    vol = read_dicom_volume(path, min_slices=2)
+    assert np.array_equal(vol.array, stored.astype(np.int16) - 1024)
+    assert any("holds 2 stacks" in w and "the first frame's" in w for w in vol.warnings)
+
+
+def test_enhanced_multiframe_that_is_not_one_regular_volume_is_refused_in_one_line(tmp_path: Path) -> None:
+    slices = _series(tmp_path / "s", _head(6, 8))
+    with pytest.raises(InputError, match="missing or unevenly spaced") as gap:
+        read_dicom_volume(_enhanced(tmp_path / "gap.dcm", slices[:3] + slices[4:]))
+    assert "gap.dcm" in str(gap.value) and "\n" not in str(gap.value)
+    with pytest.raises(InputError, match="nothing tells its stacks apart"):
+        read_dicom_volume(_enhanced(tmp_path / "twice.dcm", slices + slices))
+    short = pydicom.dcmread(_enhanced(tmp_path / "short.dcm", slices))
+    short.NumberOfFrames = 5
+    short.save_as(tmp_path / "short.dcm")
+    with pytest.raises(InputError, match="one PerFrameFunctionalGroupsSequence item per frame"):
+        read_dicom_volume(tmp_path / "short.dcm")
+
+
 def test_volume_refuses_a_non_orthonormal_direction() -> None:
     with pytest.raises(ValueError, match="orthonormal"):
         Volume(np.zeros((2, 2, 2)), direction=np.array([[1.0, 0.2, 0], [0, 1, 0], [0, 0, 1]]))

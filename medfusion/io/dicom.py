@@ -5,11 +5,15 @@ starts with a group-0008 tag), at any depth, whatever their names. Series are gr
 SeriesInstanceUID, sorted along the slice normal, and rescaled. Uncompressed little-endian pixel
 data is read straight into the output array by threads (file reads release the GIL); every other
 transfer syntax goes through pydicom's decoder plugins (gdcm, pylibjpeg-openjpeg, pylibjpeg-rle).
+Enhanced (multi-frame) CT/MR objects are read by highdicom (`Image.get_volume`); one that is not a
+single regular volume (missing or unevenly spaced frames) is refused in one line, where a series of
+single-frame files would be interpolated.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import logging
@@ -21,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
@@ -1122,89 +1127,139 @@ def _regularise(data: np.ndarray, dist: np.ndarray, step: float) -> tuple[np.nda
 
 
 def _load_multiframe(f: DicomFile, min_slices: int = 2) -> Volume:
-    """An enhanced (multi-frame) CT/MR: geometry from the functional group sequences."""
+    """An enhanced (multi-frame) CT/MR as a Volume, read by highdicom (`Image.get_volume`): frames
+    sorted along the slice normal, geometry from the functional groups, the modality rescale applied
+    (per frame where the frames carry their own); no VOI window, presentation LUT or real-world map.
+
+    Several stacks in one object (echoes, temporal positions, StackIDs) at the same positions: the
+    first frame's stack is read, with a warning. Values stay int16/int32 when they are whole numbers
+    in range (as single-frame series do), else float32.
+
+    Raises:
+        InputError: a file pydicom cannot read, no PerFrameFunctionalGroupsSequence item per frame,
+            fewer than `min_slices` frames, more than one sample per pixel, or frames highdicom cannot
+            form into one regularly spaced volume (missing or unevenly spaced frames, repeated
+            positions nothing tells apart, undecodable pixel data): one line naming the file.
+    """
     try:
         ds = pydicom.dcmread(f.path, force=True)
-        arr = ds.pixel_array
     except Exception as exc:
-        raise InputError(
-            f.path, f"cannot decode multi-frame pixel data ({type(exc).__name__}: {exc})"
-        ) from exc
-    if arr.ndim != 3:
-        raise InputError(
-            f.path, f"multi-frame pixel array has shape {arr.shape}, expected frames×rows×columns"
-        )
-    shared = ds.get("SharedFunctionalGroupsSequence", [Dataset()])[0]
+        raise InputError(f.path, f"cannot read multi-frame image ({type(exc).__name__}: {exc})") from exc
     per = ds.get("PerFrameFunctionalGroupsSequence")
-    if per is None or len(per) != arr.shape[0]:
+    if per is None or len(per) != f.frames:
         raise InputError(
             f.path, "multi-frame image without one PerFrameFunctionalGroupsSequence item per frame"
         )
-
-    def _get(item: Dataset, seq: str, attr: str) -> Any:
-        for src in (item, shared):
-            s = src.get(seq)
-            if s and attr in s[0]:
-                return s[0].get(attr)
-        return None
-
-    pos = np.array(
-        [_floats(_get(it, "PlanePositionSequence", "ImagePositionPatient"), 3) for it in per],
-        dtype=np.float64,
-    )
-    iop = _floats(_get(per[0], "PlaneOrientationSequence", "ImageOrientationPatient"), 6)
-    ps = _floats(_get(per[0], "PixelMeasuresSequence", "PixelSpacing"), 2)
-    if iop is None or ps is None or pos.ndim != 2:
-        raise InputError(f.path, "multi-frame image lacks plane position/orientation/pixel spacing")
-    slopes = [float(_get(it, "PixelValueTransformationSequence", "RescaleSlope") or f.slope) for it in per]
-    inters = [
-        float(_get(it, "PixelValueTransformationSequence", "RescaleIntercept") or f.intercept) for it in per
-    ]
-    normal = np.cross(iop[:3], iop[3:])
-    dist = pos @ normal
-    split_note = None
-    if len(np.unique(np.round(dist, 2))) < len(dist):
-        # several stacks in one object (echoes, temporal positions, stacks): read the first frame's
+    note = None
+    try:
+        hv = _highdicom_volume(ds)
+    except Exception as exc:
         keys = [_frame_stack_key(it) for it in per]
-        if len(set(keys)) > 1:
-            chosen = keys[0]
-            take = np.array([k == chosen for k in keys])
-            arr, pos, dist = arr[take], pos[take], dist[take]
-            slopes = [v for v, t in zip(slopes, take, strict=True) if t]
-            inters = [v for v, t in zip(inters, take, strict=True) if t]
-            split_note = (
-                f"multi-frame image holds {len(set(keys))} stacks (by StackID / TemporalPositionIndex / "
-                f"EffectiveEchoTime); the first frame's ({'/'.join(str(x) for x in chosen)}) is read"
-            )
-    order = np.argsort(dist, kind="stable")
-    arr, dist, pos = arr[order], dist[order], pos[order]
-    steps = np.diff(dist)
-    if len(dist) < min_slices:
-        raise InputError(
-            f.path, f"multi-frame image has {len(dist)} frame(s); a 3D volume needs {min_slices}"
+        if len(set(keys)) < 2:
+            raise _refusal(f.path, exc) from exc
+        # several stacks in one object at the same positions: read the first frame's
+        take = [i for i, k in enumerate(keys) if k == keys[0]]
+        try:
+            hv = _highdicom_volume(_frames_subset(ds, take))
+        except Exception as exc2:
+            raise _refusal(f.path, exc2) from exc2
+        note = (
+            f"multi-frame image holds {len(set(keys))} stacks (by StackID / TemporalPositionIndex / "
+            f"EffectiveEchoTime); the first frame's ({'/'.join(str(x) for x in keys[0])}) is read"
         )
-    if np.any(steps < 1e-3):
-        raise InputError(
-            f.path, "multi-frame image repeats slice positions and nothing tells its stacks apart"
-        )
-    thickness = _get(per[0], "PixelMeasuresSequence", "SliceThickness")
-    nominal = float(np.median(steps)) if len(steps) else float(thickness or 1.0)
-    data = _rescale(arr, [slopes[i] for i in order], [inters[i] for i in order])
+    if hv.array.ndim != 3:
+        raise InputError(f.path, f"multi-frame image has {hv.array.shape[3:]} samples per pixel; expected 1")
+    n = hv.spatial_shape[0]
+    if n < min_slices:
+        raise InputError(f.path, f"multi-frame image has {n} frame(s); a 3D volume needs {min_slices}")
+    # medfusion's k axis runs along row × column (LPS), highdicom's first axis may run against it
+    hv = hv.ensure_handedness("LEFT_HANDED", flip_axis=0)
+    d = np.asarray(hv.direction, dtype=np.float64)  # columns: the (slice, row, column) unit axes
+    slice_mm, row_mm, col_mm = (float(v) for v in hv.spacing)
+    if n == 1:
+        slice_mm = _slice_thickness(ds)
     vol = Volume(
-        data,
-        (float(ps[1]), float(ps[0]), nominal),
-        tuple(pos[0]),
-        np.stack([iop[:3], iop[3:], normal], axis=1),
+        _compact(hv.array),
+        (col_mm, row_mm, slice_mm),
+        (float(hv.position[0]), float(hv.position[1]), float(hv.position[2])),
+        np.stack([d[:, 2], d[:, 1], d[:, 0]], axis=1),
         str(ds.get("Modality", "OT")),
         _meta(ds, f.series_uid, [f.path]),
     )
-    if split_note:
-        vol.warnings.append(split_note)
-    if len(steps) and np.max(np.abs(steps - nominal)) > 0.01 * nominal + 1e-3:
-        vol.warnings.append("uneven frame spacing; resampled to a regular grid")
-        reg, _ = _regularise(vol.array, dist, nominal)
-        vol = vol.__class__(reg, vol.spacing, vol.origin, vol.direction, vol.modality, vol.meta, vol.warnings)
+    if note:
+        vol.warnings.append(note)
     return vol
+
+
+def _highdicom_volume(ds: Dataset) -> Any:
+    """highdicom's volume of an enhanced multi-frame dataset: stored values through the modality
+    rescale (float64), nothing else (no VOI, presentation LUT, palette, ICC or real-world map)."""
+    return hd.Image.from_dataset(ds, copy=False).get_volume(
+        dtype=np.float64,
+        apply_real_world_transform=False,
+        apply_voi_transform=False,
+        apply_presentation_lut=False,
+        apply_palette_color_lut=False,
+        apply_icc_profile=False,
+    )
+
+
+def _refusal(path: Path, exc: Exception) -> InputError:
+    """Why highdicom could not read a multi-frame image as one volume, as a one-line InputError."""
+    text = str(exc)
+    if "regularly-spaced" in text:
+        why = "its frames are missing or unevenly spaced along the slice normal"
+    elif "Multiple frames" in text:
+        why = "it repeats slice positions and nothing tells its stacks apart"
+    else:
+        why = "highdicom cannot read it"
+    return InputError(
+        path, f"multi-frame image is not one regular 3D volume: {why} ({type(exc).__name__}: {text})"
+    )
+
+
+def _frames_subset(ds: Dataset, take: list[int]) -> Dataset:
+    """A copy of the multi-frame `ds` holding only the frames `take` (0-based), uncompressed."""
+    try:
+        frames = ds.pixel_array[take]
+    except Exception as exc:
+        raise InputError(
+            ds.filename or "", f"cannot decode multi-frame pixel data ({type(exc).__name__}: {exc})"
+        ) from exc
+    sub = Dataset({tag: elem for tag, elem in ds.items() if tag != 0x7FE00010})
+    sub.file_meta = copy.deepcopy(ds.file_meta)
+    sub.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    sub.PerFrameFunctionalGroupsSequence = [ds.PerFrameFunctionalGroupsSequence[i] for i in take]
+    sub.NumberOfFrames = len(take)
+    sub.PixelData = np.ascontiguousarray(frames).astype(frames.dtype.newbyteorder("<")).tobytes()
+    return sub
+
+
+def _slice_thickness(ds: Dataset) -> float:
+    """SliceThickness of a multi-frame image's pixel measures (shared, else the first frame's), mm;
+    1.0 when absent or not positive: the slice spacing of a one-frame volume."""
+    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        items = ds.get(group) or []
+        measures = items[0].get("PixelMeasuresSequence") if items else None
+        if measures and measures[0].get("SliceThickness") is not None:
+            with contextlib.suppress(TypeError, ValueError):
+                t = float(measures[0].SliceThickness)
+                if t > 0 and np.isfinite(t):
+                    return t
+    return 1.0
+
+
+def _compact(values: np.ndarray) -> np.ndarray:
+    """Rescaled values (float64) in the type a single-frame series would have: whole numbers as int16,
+    else int32 where they fit (else float64, exact); fractions as float32."""
+    if values.size and np.all(np.mod(values, 1.0) == 0.0):
+        lo, hi = float(values.min()), float(values.max())
+        if -32768 <= lo and hi <= 32767:
+            return values.astype(np.int16)
+        if -(2**31) <= lo and hi < 2**31:
+            return values.astype(np.int32)
+        return values
+    return values.astype(np.float32)
 
 
 def _frame_stack_key(item: Dataset) -> tuple[str, str, str]:
