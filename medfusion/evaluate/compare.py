@@ -20,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from medfusion.evaluate.cohort import _labels_table, labels_csv_path
 from medfusion.evaluate.diagnosis import METRICS
 from medfusion.io.errors import InputError
+from medfusion.io.labels_csv import labels_csv_path, read_labels_table
 from medfusion.run.result import SCORES, CaseResult
 
 
@@ -87,7 +87,7 @@ def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: in
     csv_path = labels_csv_path(labels)
     if not csv_path.exists():
         raise InputError(csv_path, "labels CSV not found")
-    table, fields = _labels_table(csv_path)
+    table, fields = read_labels_table(csv_path)
     by_pid = {r["patient_id"]: r for r in table}
     prob_a, prob_b = _probabilities(run_a), _probabilities(run_b)
     names = sorted({k for v in prob_a.values() for k in v} & {k for v in prob_b.values() for k in v})
