@@ -2,7 +2,7 @@
 the diagnosis's measurement features and probability per patient, before and after, without running
 the network again.
 
-python benchmarks/lesion_definition.py RUN [RUN …] [--package PKG]
+python benchmarks/lesion_definition.py RUN [RUN …] [--package PKG] [--detection RUN LABELS …]
 
 (e.g. RUN from `medfusion run sample_data/patients --out RUN` with the package of that run)
 
@@ -19,7 +19,9 @@ Each RUN is a `medfusion run` output folder. For every patient with a `segmentat
    p' = sigmoid((T·logit(p) + g·(m(f_new) − m(f_old))) / T), with the package's temperature T, gain g
    and standardised linear term m (`MedFusionNet.score_logits`: the term is added to the logit).
 
-It also times the two feature computations per patient and prints the median ratio new/old. The old
+With `--detection`, evaluation's lesion detection is compared too: per-class 26-connected components
+(before) against the lesions medfusion reports (after), summed over the run's patients. It also times the
+two feature computations per patient and prints the median ratio new/old. The old
 features on the resampled map are printed beside the run's recorded ones ("rec"): where they
 differ, step 1's stand-in is not the network's map, and the p' of that patient is approximate.
 """
@@ -36,14 +38,17 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from medfusion.evaluate.segmentation import lesion_detection
 from medfusion.io.nifti import read_nifti
 from medfusion.io.volume import LabelMap
 from medfusion.measure.features import FEATURES, lesion_features
 from medfusion.measure.lesions import (
+    CONNECTIVITY,
     axial_diameters_mm,
     bidimensional_mm,
     box_grid,
     class_roles,
+    components,
     feret_diameter_mm,
     label_lesions,
     lesion_regions,
@@ -110,6 +115,48 @@ def axial_before_after(
     return out
 
 
+def detection_on_components(pred: np.ndarray, ref: np.ndarray, ref_any: np.ndarray) -> dict[str, int]:
+    """The baseline detection (before #29) for one class: 26-connected components of the class's masks."""
+    rl, nr = components(ref)
+    pl, npd = components(pred)
+    tp = len(set(np.unique(rl[pred & ref]).tolist()) - {0})
+    matched = set(np.unique(pl[pred & ref]).tolist()) - {0}
+    near = ndimage.binary_dilation(ref_any, structure=CONNECTIVITY)
+    touching = set(np.unique(pl[pred & near]).tolist()) - {0}
+    return {
+        "lesions_tp": tp,
+        "lesions_fn": nr - tp,
+        "lesions_fp": npd - len(matched),
+        "lesions_fp_isolated": npd - len(matched | touching),
+    }
+
+
+def detection_before_after(run: Path, labels: Path, names: list[str]) -> None:
+    """Evaluation's lesion detection summed over a run's patients: per-class components (before)
+    against the lesions medfusion reports (`evaluate.segmentation.lesion_detection`, after)."""
+    keys = ("lesions_tp", "lesions_fn", "lesions_fp", "lesions_fp_isolated")
+    before = {(n, k): 0 for n in names[1:] for k in keys}
+    after = dict(before)
+    for seg in sorted(run.glob("*/segmentation.nii.gz")):
+        ref_path = labels / seg.parent.name / "segmentation.nii.gz"
+        if not ref_path.exists():
+            continue
+        pred = LabelMap.of(read_nifti(seg))
+        ref = LabelMap.of(read_nifti(ref_path))
+        if not pred.same_grid(ref, tol=1e-3):
+            ref = ref.resample_to(pred.grid)
+        pa, ra = pred.array.astype(np.int64), ref.array.astype(np.int64)
+        new = lesion_detection(pa, ra, names, pred.spacing_zyx)
+        for c, n in enumerate(names[1:], start=1):
+            old = detection_on_components(pa == c, ra == c, ra > 0)
+            for k in keys:
+                before[(n, k)] += old[k]
+                after[(n, k)] += new[n][k]
+    print(f"\ndetection {run.name} against {labels}: before -> after (summed over patients)")
+    for n in names[1:]:
+        print(f"  {n:>14}: " + ", ".join(f"{k[8:]} {before[(n, k)]} -> {after[(n, k)]}" for k in keys))
+
+
 def _logit(p: float) -> float:
     p = min(max(p, 1e-7), 1 - 1e-7)
     return math.log(p / (1 - p))
@@ -119,6 +166,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("runs", nargs="+", type=Path, help="medfusion run output folders")
     ap.add_argument("--package", type=Path, default=DEFAULT_PACKAGE, help="the model package the runs used")
+    ap.add_argument(
+        "--detection",
+        nargs=2,
+        action="append",
+        default=[],
+        type=Path,
+        metavar=("RUN", "LABELS"),
+        help="also compare evaluation's lesion detection on RUN against the labels folder LABELS",
+    )
     args = ap.parse_args()
     model, raw = load_package(args.package)
     meta = PackageMeta.of(raw, args.package / "model.json")
@@ -210,6 +266,9 @@ def main() -> None:
         print(
             f"  |Δ| long / short: median {np.median(abs(d[:, 0])):.1f} / {np.median(abs(d[:, 1])):.1f} mm, max {abs(d[:, 0]).max():.1f} / {abs(d[:, 1]).max():.1f} mm"
         )
+
+    for run, labels in args.detection:
+        detection_before_after(run, labels, names)
 
 
 if __name__ == "__main__":
