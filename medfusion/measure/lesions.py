@@ -101,8 +101,8 @@ def split_by_core(
     (z, y, x) spacing). A solid part with no core (a calcification alone) goes to its nearest core too.
 
     Returns:
-        (components, lesion_ids): int32 array of the map's shape (0 = no lesion, k = lesion k; regions
-        without core keep their number but are not lesions), and the sorted lesion numbers (int64).
+        (components, lesion_ids): int32 array of the map's shape (0 = background, k = lesion k;
+        regions without core keep a number but are not lesions), and the sorted lesion numbers (int64).
     """
     core_k, _ = class_roles(class_names)
     comp, ids = lesion_regions(labels, core_k)
