@@ -36,7 +36,16 @@ def drop_lesions_without_core(labels: np.ndarray, core: int = 1) -> tuple[np.nda
 
 def postprocess_labels(labels: np.ndarray, class_names: list[str], lesions_need_core: bool) -> np.ndarray:
     """Apply the configured clean-up where the package's classes say what a tumour core is: with
-    `lesions_need_core` and a "tumour_core" class, `drop_lesions_without_core`; else `labels` as is."""
+    `lesions_need_core` and a "tumour_core" class, `drop_lesions_without_core`; else `labels` as is.
+
+    Args:
+        labels: integer label map (z, y, x), values indexing `class_names` (0 background).
+        class_names: the package's classes, background first.
+        lesions_need_core: whether a lesion without a tumour-core voxel becomes background.
+
+    Returns:
+        A label map of the same shape and dtype (a copy when anything was dropped, else `labels`).
+    """
     if lesions_need_core and "tumour_core" in class_names:
         labels, _ = drop_lesions_without_core(labels, class_names.index("tumour_core"))
     return labels

@@ -451,7 +451,8 @@ class MniHead:
         return self.sample(p)[0]
 
     def core_rim(self, p: np.ndarray) -> np.ndarray:
-        """True in the outer third of each tumour core (where contrast enhances)."""
+        """bool (N,): True at the (N, 3) patient-frame points `p` (mm) in the outer third of a tumour core
+        (where contrast enhances); `lesion_rim` of this head's lesions."""
         return lesion_rim(self.lesions, p)
 
     def _skull_base(self, a: np.ndarray, sd: np.ndarray, inner: np.ndarray, t: np.ndarray) -> None:

@@ -84,7 +84,8 @@ class Blob:
         )
 
     def rel(self, p: np.ndarray) -> np.ndarray:
-        """Distance to the centre over the direction-dependent radius (<1 inside)."""
+        """Distance to the centre over the direction-dependent radius at the (N, 3) LPS points `p` (mm):
+        float (N,), < 1 inside the blob."""
         d = p - self.centre
         r = np.linalg.norm(d, axis=1) + 1e-9
         u = d / r[:, None]
@@ -224,7 +225,8 @@ class HeadPhantom:
         return t
 
     def core_rim(self, p: np.ndarray) -> np.ndarray:
-        """True in the outer third of each tumour core (where contrast enhances)."""
+        """bool (N,): True at the (N, 3) LPS points `p` (mm) in the outer third of a tumour core (where
+        contrast enhances); `lesion_rim` of this head's lesions."""
         return lesion_rim(self.lesions, p)
 
 

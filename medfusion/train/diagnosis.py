@@ -204,7 +204,9 @@ def fit_score_head(
     log: Callable[[dict[str, Any]], None],
 ) -> dict[str, Any]:
     """Refit the score head (and the note logit's gain) on fixed inputs; keeps the epoch with the lowest
-    validation log-loss. Each tuple is (score-head inputs, note logits, labels)."""
+    validation log-loss. Each tuple is (score-head inputs (N, D), note logits (N, S), 0/1 labels (N, S)),
+    as `training_heads` and validation give them. Returns the stage's record {"best_epoch" (−1: the
+    starting weights), "val_loss", "val_auroc", "n_inputs"}; each epoch's record also goes to `log`."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     dev = model.device
@@ -420,7 +422,15 @@ def stack_logits(
 
 def out_of_fold_logits(x: np.ndarray, y: np.ndarray, c: float, folds: int) -> np.ndarray:
     """Each case's stacked logit from the non-negative regression fitted on the other folds (stratified,
-    seeded); NaN everywhere when `folds` < 2 or a class has fewer cases than two folds need."""
+    seeded); NaN everywhere when `folds` < 2 or a class has fewer cases than two folds need.
+
+    Args:
+        x: (N, P) the regression's inputs (e.g. image-side and note logits); y: (N,) 0/1 labels.
+        c: inverse L2 strength; folds: the number of folds wanted (fewer when a class is small).
+
+    Returns:
+        float (N,) logits, NaN where not computed.
+    """
     from sklearn.model_selection import StratifiedKFold
 
     out = np.full(len(y), np.nan)
