@@ -359,7 +359,7 @@ def train(
         except ValueError as exc:
             _fail(exc)
         raise typer.Exit(subprocess.call(torchrun_command(ctx, nproc_per_node)))
-    summary = run_training(cfg, out, resume, package_only)
+    summary = run_training(cfg, out, resume=resume, package_only=package_only)
     if summary:
         stdout.print(f"package written to {summary.get('package')}")
 

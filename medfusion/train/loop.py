@@ -304,7 +304,7 @@ class Trainer:
 
 
 def train(
-    cfg: TrainConfig, out: str | Path, resume: bool = False, package_only: bool = False
+    cfg: TrainConfig, out: str | Path, *, resume: bool = False, package_only: bool = False
 ) -> dict[str, Any]:
     """Train (in this process, or as one rank of a torchrun job) and write the package to OUT/package.
 
