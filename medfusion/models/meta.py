@@ -136,7 +136,7 @@ class PackageMeta(BaseModel):
             raise PackageError(msg) from exc
 
     @classmethod
-    def describe(
+    def for_model(
         cls,
         model: MedFusionNet,
         preprocess: PreprocessConfig,

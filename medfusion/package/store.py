@@ -129,7 +129,7 @@ def save_package(
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / WEIGHTS) as tmp:
         save_file(package_state(model), str(tmp))
-    meta = PackageMeta.describe(
+    meta = PackageMeta.for_model(
         model,
         preprocess,
         name=name,
