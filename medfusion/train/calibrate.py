@@ -39,7 +39,7 @@ from medfusion.hashing import sha256_of
 from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
 from medfusion.io.labels_csv import labels_csv_path, read_labels_table
-from medfusion.models.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.package import DEFAULT_PACKAGE, load_package, read_meta
 from medfusion.run.result import CaseResult
 from medfusion.train.temperature import fit_temperature
 
