@@ -28,10 +28,12 @@ class PlainHelpCommand(TyperCommand):
                 param.metavar = _metavar(param.type_descriptor)
 
     def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        """The usage line's pieces: "[OPTIONS]", then each argument by its metavar (click's hook)."""
         pieces = [self.options_metavar] if self.options_metavar else []
         return pieces + [_argument_label(p) for p in self.get_params(ctx) if p.param_type_name == "argument"]
 
     def format_options(self, ctx: Any, formatter: Any) -> None:
+        """The help's "Arguments" and "Options" sections as plain definition lists (click's hook)."""
         args, opts = [], []
         params: list[Any] = self.get_params(ctx)
         for param in params:
@@ -932,6 +934,8 @@ def domain_fit(
 
 
 def main() -> None:
+    """The `medfusion` console script: the app on `sys.argv`, with `--debug` accepted after the
+    sub-command too; `run` stops cleanly on SIGINT/SIGTERM from its first moment (exit 130/143)."""
     # --debug is the app's option; accept it after the sub-command too (medfusion run … --debug)
     args = sys.argv[1:]
     if "--debug" in args[1:]:

@@ -451,6 +451,7 @@ class DomainVerdict:
     fitted: bool
 
     def to_json(self) -> dict[str, Any]:
+        """scores.json "domain" (`run.result.DomainRecord`): distance and threshold rounded to 4 places."""
         return {
             "in_domain": self.in_domain,
             "distance": None if self.distance is None else round(self.distance, 4),
