@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,18 @@ def test_the_shipped_package_reads_typed_and_writes_back_what_it_holds(tmp_path:
     }
     write_package_meta(tmp_path, meta)
     assert read_package_meta(tmp_path) == meta
+
+
+def test_the_shipped_package_as_format_1_loads_end_to_end(tmp_path: Path) -> None:
+    """A package made before format 2 (no "window"): migrated on read, weights checked and loaded."""
+    old = json.loads((DEFAULT_PACKAGE / "model.json").read_text())
+    old["format"] = "medfusion-model-package/1"
+    del old["window"]
+    shutil.copytree(DEFAULT_PACKAGE, tmp_path / "pkg")
+    (tmp_path / "pkg" / "model.json").write_text(json.dumps(old))
+    model, meta = load_package(tmp_path / "pkg")
+    assert meta["format"] == PACKAGE_FORMAT and meta["window"] == old["training"]["config"]["crop_size"]
+    assert model.cfg == read_package_meta(DEFAULT_PACKAGE).network
 
 
 def test_save_package_writes_model_json_through_the_type(tmp_path: Path) -> None:
