@@ -17,18 +17,10 @@ from medfusion.evaluate.segmentation import case_metrics
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_label_map
 from medfusion.io.errors import InputError
+from medfusion.io.labels_csv import labels_csv_path, read_labels_table
 from medfusion.io.nifti import read_nifti
-from medfusion.io.volume import Volume
-from medfusion.preprocess.resample import resample
+from medfusion.io.volume import LabelMap, Volume
 from medfusion.run.result import CaseResult, ScoredProbabilities
-
-
-def _labels_table(path: Path) -> tuple[list[dict[str, str]], list[str]]:
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if "patient_id" not in (reader.fieldnames or []):
-            raise InputError(path, "labels CSV needs a patient_id column")
-        return list(reader), list(reader.fieldnames or [])
 
 
 def load_label_map_exists(folder: Path) -> bool:
@@ -36,21 +28,20 @@ def load_label_map_exists(folder: Path) -> bool:
     return (folder / "segmentation.nii.gz").exists() or (folder / "segmentation.dcm").exists()
 
 
-def labels_csv_path(labels: Path) -> Path:
-    """The labels CSV given either itself or the labels folder that holds `labels.csv`."""
-    return labels if labels.suffix == ".csv" else labels / "labels.csv"
-
-
 def align_reference(ref: Volume, pred: Volume) -> tuple[Volume, str]:
-    """The reference on the prediction's grid: as is, or resampled (nearest) with a note."""
+    """The reference on the prediction's grid: as is when the whole geometry agrees (`Grid.same_as`,
+    1e-3 mm), else resampled nearest-neighbour (`LabelMap.resample_to`) with a note.
+
+    Raises:
+        ValueError: the reference's grid does not overlap the prediction's (all 8 corners, `Grid.overlaps`).
+    """
     if ref.same_grid(pred, tol=1e-3):
         return ref, ""
-    overlap = pred.world_to_index(ref.index_to_world(np.array([[0.0, 0, 0], np.array(ref.size_xyz) - 1.0])))
-    if np.all(overlap.max(0) < 0) or np.any(overlap.min(0) > np.array(pred.size_xyz)):
+    if not pred.grid.overlaps(ref.grid):
         msg = "reference label map does not overlap the prediction's space"
         raise ValueError(msg)
     return (
-        resample(ref, pred, label=True),
+        LabelMap.of(ref).resample_to(pred),
         f"reference resampled (nearest) from spacing {tuple(round(s, 3) for s in ref.spacing)} to {tuple(round(s, 3) for s in pred.spacing)}",
     )
 
@@ -85,7 +76,7 @@ def pair_inputs(pred_dir: Path, labels: Path, subgroups: list[str] | None = None
     patients = sorted(p.name for p in pred_dir.iterdir() if (p / "scores.json").exists())
     if not patients:
         raise InputError(pred_dir, "no patient outputs (OUT/<id>/scores.json) found")
-    table, fields = _labels_table(csv_path) if csv_path.exists() else ([], [])
+    table, fields = read_labels_table(csv_path) if csv_path.exists() else ([], [])
     for col in subgroups or []:
         if col not in fields:
             raise InputError(csv_path, f"no column {col!r} for the subgroup breakdown")
