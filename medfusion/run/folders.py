@@ -38,9 +38,9 @@ def patient_row(folder: Path) -> dict[str, Any]:
     `run.result.CaseResult`, or error.json), so that a resumed patient's row is the same as a freshly
     run one's.
 
-    Raises:
-        ValueError: scores.json or qc.json is unreadable or does not fit the output contract (one line
-            naming the file).
+    A folder whose scores.json or qc.json is unreadable or does not fit the output contract (one
+    made by an older medfusion, or edited by hand) gets a row with status "unreadable" and the one-line
+    reason: the summary of the rest of the folder is still written.
     """
     pid = folder.name
     err = folder / "error.json"
@@ -53,7 +53,10 @@ def patient_row(folder: Path) -> dict[str, Any]:
             "error": e.get("error", ""),
             "stage": e.get("stage", ""),
         }
-    result = CaseResult.load(folder)
+    try:
+        result = CaseResult.load(folder)
+    except ValueError as exc:
+        return {"patient_id": pid, "status": "unreadable", "qc_verdict": "", "error": str(exc), "stage": ""}
     sc, meas = result.scores, result.scores.measurements
     row: dict[str, Any] = {
         "patient_id": pid,
