@@ -40,6 +40,19 @@ from medfusion.preprocess.intensity import mr_head_threshold
 
 @dataclasses.dataclass
 class RegistrationResult:
+    """One MR → CT registration and its quality check, as `register` returns it and qc.json records it.
+
+    Attributes:
+        matrix: float (4, 4) homogeneous transform mapping a CT (fixed) point to the MR (moving) point,
+            LPS mm (ITK's convention).
+        metric: the Mattes mutual information at the end of the last optimisation (negative; lower is a
+            better match; NaN for modes "skip" and "file").
+        iterations: optimiser iterations over all levels and candidates (0 for "skip"/"file").
+        seconds: wall time of the registration and its QC.
+        mode: "auto", "skip" or "file" (`RegistrationConfig.mode`).
+        qc: `quality_check`'s record {"passed", "reasons", "warnings", "checks"}; {} when no QC ran.
+    """
+
     matrix: np.ndarray  # 4×4, CT point → MR point (LPS mm)
     metric: float
     iterations: int
@@ -49,9 +62,12 @@ class RegistrationResult:
 
     @property
     def passed(self) -> bool:
+        """Whether the QC passed: its "passed" flag; True when no QC ran (`qc` empty)."""
         return bool(self.qc.get("passed", True))
 
     def to_json(self) -> dict[str, Any]:
+        """The JSON-ready record of qc.json's "registration": "matrix_lps" (4 × 4 nested lists), the
+        "convention" in words, "metric_mattes_mi", "iterations", "seconds" (rounded to ms), "mode", "qc"."""
         return {
             "matrix_lps": self.matrix.tolist(),
             "convention": "ITK: maps a CT (fixed) point in LPS mm to the corresponding MR (moving) point",
