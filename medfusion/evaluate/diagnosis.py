@@ -46,6 +46,9 @@ def ece(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
     Returns:
         ECE in [0, 1]; 0 is perfectly calibrated. Empty bins contribute nothing; empty input gives
         0.0. Biased upwards on small cohorts (see `ece_calibrated_null`).
+
+    Raises:
+        IndexError: `y` and `p` differ in length.
     """
     edges = np.linspace(0.0, 1.0, bins + 1)
     idx = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
