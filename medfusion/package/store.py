@@ -154,7 +154,8 @@ def load_package(
 
     Args:
         path: the package folder; None: the bundled default package (`DEFAULT_PACKAGE`).
-        device: where to put the network (a torch device or its name).
+        device: where to put the network (a torch device or its name; not resolved here: "auto" is
+            `medfusion.device.pick_device`'s job).
 
     Returns:
         The network in eval mode on `device`, and the `model.json` dict (migrated, `read_meta`; the
@@ -166,6 +167,7 @@ def load_package(
             differs from the recorded one; or a network that cannot be built or loaded from the
             package (missing or unexpected weight names, shape mismatches, a note encoder's files
             unavailable).
+        RuntimeError: `device` is not a torch device name (torch's message).
     """
     path = Path(path) if path is not None else DEFAULT_PACKAGE
     raw = read_meta(path)
