@@ -223,7 +223,11 @@ class PipelineConfig(StrictModel):
 
 
 def load_yaml_model(path: str | Path, model: type[BaseModel]) -> Any:
-    """Read and validate a YAML file into `model`; errors name the file and the bad keys."""
+    """Read and validate a YAML file into `model`; errors name the file and the bad keys.
+
+    Raises:
+        ValueError: the file cannot be read or parsed as YAML, or does not validate (unknown keys too).
+    """
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) or {}
