@@ -66,7 +66,11 @@ def _paired(rows: np.ndarray, diff: Any, n_boot: int, rng: np.random.Generator) 
 
 
 def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
-    """Paired differences A − B (Dice per class, AUROC and Brier per score) over the common patients."""
+    """Paired differences A − B (Dice per class, AUROC and Brier per score) over the common patients.
+
+    Raises:
+        InputError: the runs share no patient and class, or LABELS/labels.csv is missing.
+    """
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"a": str(run_a), "b": str(run_b), "segmentation": {}, "diagnosis": {}}
     dice_a, dice_b = _case_dice(run_a), _case_dice(run_b)
