@@ -17,7 +17,11 @@ from typing import Any
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it."""
+    """Yield a temporary path beside `path`; on success rename it onto `path`, on failure remove it.
+
+    Raises:
+        Whatever the body raises (re-raised after the temporary file is removed); OSError from the rename.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
