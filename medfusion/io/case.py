@@ -179,6 +179,9 @@ def find_patient_folders(roots: list[Path] | list[str]) -> list[Path]:
     In a folder of patients, every visible sub-folder that holds a file other than notes, documents
     and scripts is a patient (one whose files are all unreadable still is, so that it is reported);
     a sub-folder with only a note or a README in it is not.
+
+    Raises:
+        InputError: a root is not a folder.
     """
     docs = (".txt", ".md", ".rst", ".json", ".csv", ".pdf", ".py", ".sh", ".yaml", ".yml", ".ipynb", ".log")
 
