@@ -1299,7 +1299,11 @@ def _meta(ds: Dataset, series_uid: str, paths: list[Path]) -> dict[str, Any]:
 
 
 def read_dicom_volume(path: str | Path, min_slices: int = 1) -> Volume:
-    """Read one DICOM file (a single slice or a multi-frame image) as a Volume."""
+    """Read one DICOM file (a single slice or a multi-frame image) as a Volume.
+
+    Raises:
+        InputError: the file is not a readable DICOM image (`read_header`), or `load_series` refuses it.
+    """
     header = read_header(Path(path))
     if not header.is_image:
         raise InputError(path, f"not an image ({non_image_kind(header.sop_class) or 'no pixel data'})")
