@@ -40,7 +40,11 @@ def modality_from_name(path: Path) -> str | None:
 
 
 def read_sidecar(path: Path) -> dict[str, Any]:
-    """The BIDS-style JSON sidecar beside a NIfTI file, or {} when there is none."""
+    """The BIDS-style JSON sidecar beside a NIfTI file, or {} when there is none.
+
+    Raises:
+        InputError: the sidecar exists but is unreadable, not JSON, or not a JSON object.
+    """
     side = path.with_name(nifti_stem(path) + ".json")
     if not side.exists():
         return {}
