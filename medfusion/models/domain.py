@@ -367,7 +367,11 @@ class FeatureDensity:
         return np.sqrt(np.maximum(np.einsum("nd,de,ne->n", z, self.precision, z), 0.0))
 
     def calibrate(self, heldout_distances: np.ndarray, flag_rate: float) -> float:
-        """Set the threshold to the (1 − `flag_rate`) quantile of in-domain held-out distances."""
+        """Set the threshold to the (1 − `flag_rate`) quantile of in-domain held-out distances; returns it.
+
+        Raises:
+            ValueError: `heldout_distances` is empty.
+        """
         d = np.asarray(heldout_distances, float)
         if d.size == 0:
             msg = "calibrating a feature density needs held-out distances"
