@@ -610,7 +610,11 @@ def target_registration_error(
 
 
 def read_transform(path: str | Path) -> np.ndarray:
-    """A 4×4 LPS matrix from `transform.json` / `truth.json` (key `matrix_lps`), or an ITK .tfm/.txt file."""
+    """A 4×4 LPS matrix from `transform.json` / `truth.json` (key `matrix_lps`), or an ITK .tfm/.txt file.
+
+    Raises:
+        InputError: the file cannot be read as a transform, or its matrix is not 4×4.
+    """
     path = Path(path)
     try:
         if path.suffix == ".json":
