@@ -80,7 +80,11 @@ def patient_row(folder: Path) -> dict[str, Any]:
 
 def publish(tmp: Path, final: Path) -> None:
     """Rename a finished patient folder into place; an earlier output there is replaced, anything
-    else (a folder medfusion did not write, e.g. the patient's own inputs) is never deleted."""
+    else (a folder medfusion did not write, e.g. the patient's own inputs) is never deleted.
+
+    Raises:
+        OSError: `final` exists and is not a medfusion output, or the rename fails.
+    """
     if final.exists():
         if not any((final / name).exists() for name in ("scores.json", "error.json", "qc.json")):
             msg = f"{final} exists and is not a medfusion output; refusing to replace it"
