@@ -330,7 +330,11 @@ def read_record(model: type[R], path: str | Path) -> R:
 
 
 def validated(model: type[R], data: dict[str, Any], path: Path) -> R:
-    """`model.model_validate(data)` with a one-line error naming `path`."""
+    """`model.model_validate(data)` with a one-line error naming `path`.
+
+    Raises:
+        ValueError: `data` does not fit `model` (the message names `path` and the first bad fields).
+    """
     try:
         return model.model_validate(data)
     except ValidationError as exc:
