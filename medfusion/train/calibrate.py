@@ -280,7 +280,12 @@ def describe(record: dict[str, Any]) -> list[str]:
 def recalibration_map(fit: dict[str, Any], p: np.ndarray, inverse: bool = False) -> np.ndarray:
     """The probabilities a re-calibrated package gives where its source package gave `p` (one score's
     record from `model.json`'s `recalibration.scores`), or the way back with `inverse`: exact, since only
-    the temperature and the stacking bias differ."""
+    the temperature and the stacking bias differ. `p`: probabilities in [0, 1], any shape; returns
+    the same shape.
+
+    Raises:
+        ValueError: `fit` holds neither "slope"/"intercept" nor "factor".
+    """
     q = np.clip(np.asarray(p, dtype=np.float64), 1e-12, 1 - 1e-12)
     z = np.log(q / (1 - q))
     if "slope" in fit:
