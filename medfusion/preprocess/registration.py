@@ -412,6 +412,10 @@ def quality_check(
       `cfg.max_consistency_settle_mm` is settled by the forward metric at both estimates, a larger one
       passes only when the reverse metric too prefers the transform (see `_consistency`).
     `pair` (the prepared working images) is reused when the caller already has it.
+
+    Raises:
+        RuntimeError: from ITK during an image check, other than for images that do not overlap (that
+            is a failed check, not an error).
     """
     fixed, moving = pair or (_prepare(ct, cfg), _prepare(mr, cfg))
     checks: dict[str, dict[str, Any]] = {}
