@@ -129,7 +129,7 @@ def main() -> None:
 
     if args.package:
         model, meta = load_package(args.package)
-        cfg = TrainConfig.model_validate({**base, "preprocess": meta["preprocess"]})
+        cfg = TrainConfig.model_validate({**base, "preprocess": meta.preprocess.model_dump(mode="json")})
         cache = args.out / "test-cache-package"
         pids = test_cache(args.test, cfg, cache, args.test_registrations)
         res = score(model, cache, pids, labels, package_roi(meta))

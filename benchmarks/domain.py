@@ -263,7 +263,7 @@ def main() -> None:
     print(missing_inputs.report(results))
     out = {
         "package": str(predictor.package),
-        "version": predictor.meta.get("version"),
+        "version": predictor.meta.version,
         "args": {k: str(v) for k, v in vars(args).items()},
         "summary": summary,
         "cases": results,

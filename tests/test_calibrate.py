@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from medfusion.cli import app
 from medfusion.io.errors import InputError
-from medfusion.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.package import DEFAULT_PACKAGE, load_package, read_meta, read_package_meta
 from medfusion.train.calibrate import describe, recalibrate, recalibration_map
 
 
@@ -49,12 +49,13 @@ def _only_these_differ(out: Path, keys: set[str]) -> None:
     )
     assert set(old) == set(new)
     assert {k for k in old if not torch.equal(old[k], new[k])} <= keys
-    meta = read_meta(out)
-    assert {k: v for k, v in meta.items() if k not in ("version", "weights_sha256", "recalibration")} == {
-        k: v
-        for k, v in read_meta(DEFAULT_PACKAGE).items()
-        if k not in ("version", "weights_sha256", "recalibration")
+    # typed: the new model.json is written through `PackageMeta`, the shipped one by an older hand
+    changed = {"version", "weights_sha256", "recalibration"}
+    new, old_meta = read_package_meta(out).to_json(), read_package_meta(DEFAULT_PACKAGE).to_json()
+    assert {k: v for k, v in new.items() if k not in changed} == {
+        k: v for k, v in old_meta.items() if k not in changed
     }
+    assert new["recalibration"]["from"] == {k: old_meta[k] for k in ("name", "version", "weights_sha256")}
 
 
 def test_temperature_method_undoes_overconfidence(tmp_path: Path) -> None:
@@ -69,7 +70,7 @@ def test_temperature_method_undoes_overconfidence(tmp_path: Path) -> None:
     assert r["fitted_cohort_after"]["ece"] < r["fitted_cohort_before"]["ece"]
     model, meta = load_package(out)  # hash and every weight check out
     assert float(model.temperature[0]) == pytest.approx(r["temperature_after"], rel=1e-6)
-    assert meta["version"].endswith("+recalibrated") and meta["recalibration"]["run_config"] == {
+    assert meta.version.endswith("+recalibrated") and meta.block("recalibration")["run_config"] == {
         "name": "default"
     }
     _only_these_differ(out, {"temperature"})
@@ -91,7 +92,7 @@ def test_platt_moves_the_mean_and_the_package_computes_exactly_that(tmp_path: Pa
     # the new package's probability is sigmoid(slope · logit(old probability) + intercept), for any input
     old, _ = load_package(DEFAULT_PACKAGE)
     new, meta = load_package(out)
-    assert meta["version"] == "9.9.9"
+    assert meta.version == "9.9.9"
     torch.manual_seed(0)
     head_in = torch.randn(5, old.score_head[0].in_features)
     note = torch.randn(5, 1)
@@ -102,7 +103,7 @@ def test_platt_moves_the_mean_and_the_package_computes_exactly_that(tmp_path: Pa
     expect = torch.sigmoid(r["slope"] * torch.logit(p_old) + r["intercept"])
     assert torch.allclose(p_new, expect, atol=1e-5)
     # the record in model.json maps the old package's probabilities onto the new one's, and back
-    fit = meta["recalibration"]["scores"]["malignant"]
+    fit = meta.block("recalibration")["scores"]["malignant"]
     mapped = recalibration_map(fit, p_old.numpy().ravel())
     assert np.allclose(mapped, p_new.numpy().ravel(), atol=1e-5)
     assert np.allclose(recalibration_map(fit, mapped, inverse=True), p_old.numpy().ravel(), atol=1e-9)

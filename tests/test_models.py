@@ -114,7 +114,7 @@ def test_package_round_trip_and_refusals(tmp_path: Path) -> None:
             back(ct, mr, torch.tensor([True, False]), NOTES)[0],
         )
     assert float(back.temperature[0]) == pytest.approx(1.7)
-    assert meta["score_names"] == ["malignant"]
+    assert meta.score_names == ["malignant"]
     # tampered weights
     w = pkg / "weights.safetensors"
     data = bytearray(w.read_bytes())

@@ -78,7 +78,8 @@ def test_the_shipped_package_reads_typed_and_writes_back_what_it_holds(tmp_path:
     assert meta.window == raw["training"]["config"]["crop_size"]
     assert meta.network == NetConfig.model_validate(raw["network"])
     assert meta.preprocess == preprocess_config(raw)  # what a run has always read from it
-    assert "domain" in (meta.model_extra or {})  # keys the type does not name are kept
+    assert meta.block("domain") == raw["domain"] and meta.block("no_such_key") is None  # kept keys
+    assert PackageMeta.of(meta) is meta  # a typed meta passes through, a dict is validated
     written = meta.to_json()
     assert list(written) == list(raw)  # the same keys in the same order
     assert {k: v for k, v in written.items() if k != "preprocess"} == {
@@ -96,7 +97,7 @@ def test_the_shipped_package_as_format_1_loads_end_to_end(tmp_path: Path) -> Non
     shutil.copytree(DEFAULT_PACKAGE, tmp_path / "pkg")
     (tmp_path / "pkg" / "model.json").write_text(json.dumps(old))
     model, meta = load_package(tmp_path / "pkg")
-    assert meta["format"] == PACKAGE_FORMAT and meta["window"] == old["training"]["config"]["crop_size"]
+    assert meta.format == PACKAGE_FORMAT and meta.window == old["training"]["config"]["crop_size"]
     assert model.cfg == read_package_meta(DEFAULT_PACKAGE).network
 
 
@@ -131,7 +132,7 @@ def test_save_package_writes_model_json_through_the_type(tmp_path: Path) -> None
         "preprocess",
     ]
     back, meta = load_package(pkg)
-    assert PackageMeta.of(meta) == read_package_meta(pkg)
+    assert isinstance(meta, PackageMeta) and meta == read_package_meta(pkg)
     for a, b in zip(net.state_dict().values(), back.state_dict().values(), strict=True):
         assert torch.equal(a, b)
 

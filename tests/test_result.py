@@ -236,6 +236,21 @@ def test_probabilities_and_qc_read_alone(tmp_path: Path) -> None:
         CaseResult.load_qc(tmp_path)
 
 
+def test_the_model_record_reads_alone(tmp_path: Path) -> None:
+    """Which package wrote a scores.json (a resume's and calibration's question), even from a stub."""
+    sha = "ab" * 32
+    model = {"name": "m", "version": "2", "weights_sha256": sha, "domain_sha256": None}
+    (tmp_path / "scores.json").write_text(json.dumps({"patient_id": "P1", "model": model}))
+    rec = CaseResult.load_model(tmp_path)
+    assert rec is not None and rec.weights_sha256 == sha and rec.architecture is None
+    assert rec.model_dump(mode="json", exclude_unset=True) == model  # the keys as written, no more
+    (tmp_path / "scores.json").write_text(json.dumps({"probabilities": {"m": 0.3}}))
+    assert CaseResult.load_model(tmp_path) is None
+    (tmp_path / "scores.json").write_text(json.dumps({"model": "m 2"}))
+    with pytest.raises(ValueError, match=r"scores.json: does not fit .*model"):
+        CaseResult.load_model(tmp_path)
+
+
 def test_register_writes_a_contract_qc_json_keeping_its_flat_keys(tmp_path: Path) -> None:
     from medfusion.config import RegistrationConfig
     from medfusion.run.qc import register_patient

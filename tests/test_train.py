@@ -63,8 +63,8 @@ def test_tiny_training_loss_falls_and_package_reloads(cohort: Path, cache: Path,
     print("losses", [round(r["loss"], 3) for r in log])
     assert log[-1]["loss"] < log[0]["loss"]
     model, meta = load_package(summary["package"])
-    assert meta["name"] == "tiny" and meta["preprocess"]["target_size"] == [48, 48, 48]
-    assert "." in meta["vocabulary"] and any(w.startswith("<num_") for w in meta["vocabulary"])
+    assert meta.name == "tiny" and list(meta.preprocess.target_size) == [48, 48, 48]
+    assert "." in meta.vocabulary and any(w.startswith("<num_") for w in meta.vocabulary)
 
 
 def test_resume_continues_from_checkpoint(cohort: Path, cache: Path, tmp_path: Path) -> None:
@@ -86,7 +86,7 @@ def test_init_from_starts_from_a_package_and_checks_its_network(
         TrainConfig.model_validate(_cfg(cohort, cache, epochs=0, init_from=first["package"])), tmp_path / "b"
     )
     model, meta_b = load_package(tuned["package"])
-    assert meta_b["vocabulary"] == meta["vocabulary"]
+    assert meta_b.vocabulary == meta.vocabulary
     a, b = source.state_dict(), model.state_dict()
     moved = [k for k in a if k not in ("temperature",) and not np.allclose(a[k].numpy(), b[k].numpy())]
     assert not [k for k in moved if not k.startswith(("head_gain", "note_scale", "head_bias"))]
@@ -324,13 +324,13 @@ def test_diagnosis_stage_pretrains_note_head_and_refits_score_head(
     print("note-only AUROC on held-out corpus notes", [round(r["val_auroc"], 3) for r in notes])
     assert max(r["val_auroc"] for r in notes) > 0.65  # the note-only oracle's AUROC is ≈ 0.74
     model, meta = load_package(summary["package"])
-    assert meta["network"]["note_head"] and meta["training"]["diagnosis_stage"]["note"]["n_val"] == 150
+    assert meta.network.note_head and meta.training["diagnosis_stage"]["note"]["n_val"] == 150
     assert model.note_text is not None
-    stack = meta["training"]["diagnosis_stage"]["stack"]
+    stack = meta.training["diagnosis_stage"]["stack"]
     assert np.isclose(float(model.note_scale[0].detach()), stack["note_scale"][0])
     inputs = np.load(run / "diagnosis_inputs.npz")
     assert inputs["val_heads"].shape[0] == inputs["val_y"].shape[0] == stack["n_cases"]
-    assert inputs["train_heads"].shape[0] == 2 * meta["training"]["n_train"]
+    assert inputs["train_heads"].shape[0] == 2 * meta.training["n_train"]
     off = model.note_offset(["Known melanoma. Onset 2 weeks ago with rapid worsening.", ""])
     assert not np.isclose(float(off[0, 0]), float(off[1, 0]))
 
@@ -520,7 +520,7 @@ def test_measurement_term_is_fitted_packaged_and_validated(cohort: Path, cache: 
     inputs = np.load(tmp_path / "m" / "diagnosis_inputs.npz")
     assert inputs["train_measures"].shape == (2, 7) and inputs["val_measures"].shape == (1, 7)
     model, meta = load_package(summary["package"])
-    assert meta["network"]["measures"] and "measures" in meta["training"]["diagnosis_stage"]
+    assert meta.network.measures and "measures" in meta.training["diagnosis_stage"]
     # the buffers hold the training features' standardisation
     assert np.allclose(model.measure_mean.numpy(), inputs["train_measures"].mean(0), atol=1e-5)
     # the note logits it was fitted on are the packaged note head's, without dropout

@@ -28,7 +28,7 @@ from medfusion.measure.features import FEATURES as MEASURE_FEATURES
 from medfusion.measure.features import lesion_features
 from medfusion.models.domain import DomainVerdict, EncoderFeatures, assess, case_facts
 from medfusion.models.network import MedFusionNet, channels_last
-from medfusion.package import DEFAULT_PACKAGE, PackageMeta, load_domain_guard, load_package
+from medfusion.package import DEFAULT_PACKAGE, load_domain_guard, load_package
 from medfusion.preprocess.prepare import ModelInputs
 
 
@@ -148,6 +148,11 @@ class Predictor:
         PackageError: the package is missing, unreadable, of an unknown architecture, its weights
             fail their SHA-256 check, or they do not fit the network `model.json` describes.
 
+    Attributes:
+        meta: the package's `model.json`, typed (`package.PackageMeta`: `meta.preprocess`,
+            `meta.window`, `meta.block("domain")`, …).
+        guard: its fitted domain guard, or None.
+
     Examples:
         >>> Predictor.__name__
         'Predictor'
@@ -171,7 +176,6 @@ class Predictor:
         deterministic_torch(self.device)
         self.package = Path(package) if package is not None else DEFAULT_PACKAGE
         self.model, self.meta = load_package(self.package, self.device)
-        self.package_meta = PackageMeta.of(self.meta, self.package / "model.json")
         self.guard = load_domain_guard(self.package, self.meta)
         self.seed = seed
         self.model = self.model.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
@@ -179,12 +183,12 @@ class Predictor:
         self.mc_samples = mc_samples
         self.amp = amp and self.device.type == "cuda"
         # windows of the training crop size, as the network was trained (see infer/windowed.py)
-        self.roi = self.package_meta.window if sliding_window else None
+        self.roi = self.meta.window if sliding_window else None
         self.window_overlap = window_overlap
         self.sw_batch_size = sw_batch_size or default_sw_batch_size(self.device)
-        self.class_names: list[str] = list(self.package_meta.class_names)
+        self.class_names: list[str] = list(self.meta.class_names)
         self.lesions_need_core = lesions_need_core
-        self.score_names: list[str] = list(self.package_meta.score_names)
+        self.score_names: list[str] = list(self.meta.score_names)
 
     @property
     def net(self) -> MedFusionNet:
@@ -288,9 +292,9 @@ class Predictor:
         """The package's identity for run records: name, version, architecture, weights' SHA-256
         (values from `model.json`, None where absent) and whether a fitted domain guard was loaded."""
         return {
-            "name": self.package_meta.name,
-            "version": self.package_meta.version,
-            "architecture": self.package_meta.architecture,
-            "weights_sha256": self.package_meta.weights_sha256,
+            "name": self.meta.name,
+            "version": self.meta.version,
+            "architecture": self.meta.architecture,
+            "weights_sha256": self.meta.weights_sha256,
             "domain_guard": bool(self.guard),
         }

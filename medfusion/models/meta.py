@@ -123,12 +123,15 @@ class PackageMeta(BaseModel):
         return stored_preprocess(value) if isinstance(value, dict) else value
 
     @classmethod
-    def of(cls, meta: dict[str, Any], where: object = "model.json") -> PackageMeta:
-        """`meta` (any known format) migrated and validated; `where` names it in errors.
+    def of(cls, meta: PackageMeta | dict[str, Any], where: object = "model.json") -> PackageMeta:
+        """`meta` (any known format) migrated and validated; `where` names it in errors. A `PackageMeta`
+        is returned as it is.
 
         Raises:
             PackageError: an unknown format, or content that does not fit (named with `where`).
         """
+        if isinstance(meta, PackageMeta):
+            return meta
         try:
             return cls.model_validate(upgrade_meta(meta))
         except ValidationError as exc:
@@ -173,6 +176,10 @@ class PackageMeta(BaseModel):
     def to_json(self) -> dict[str, Any]:
         """The JSON-ready content of `model.json`, keys in the order above, then the kept ones."""
         return self.model_dump(mode="json")
+
+    def block(self, key: str) -> Any:
+        """The value of a key this type does not name (``domain``, ``recalibration``); None when absent."""
+        return (self.model_extra or {}).get(key)
 
     def with_extra(self, **blocks: Any) -> PackageMeta:
         """A copy with the keys this type does not name (``domain``, ``recalibration``) set or replaced."""

@@ -2,8 +2,8 @@
 domain guard, `domain.safetensors`). Loading never unpickles.
 
 Every `model.json` is written by `write_package_meta` from a `models.meta.PackageMeta` and read by
-`read_package_meta` (typed) or `read_meta` (the migrated dict, for readers of a few keys); files appear
-atomically (`io.atomic`). The network and the typed meta live in `models/`, which never touches files.
+`read_package_meta` (typed; `load_package` returns the same type) or `read_meta` (the migrated dict,
+unvalidated); files appear atomically (`io.atomic`). The network and the typed meta live in `models/`, which never touches files.
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def save_package(
 
 def load_package(
     path: str | Path | None = None, device: str | torch.device = "cpu"
-) -> tuple[MedFusionNet, dict[str, Any]]:
+) -> tuple[MedFusionNet, PackageMeta]:
     """Rebuild the network from `model.json` and load `weights.safetensors` (checked against its SHA-256).
 
     Weights are read with safetensors, never unpickled. A frozen pretrained note encoder is rebuilt
@@ -158,8 +158,9 @@ def load_package(
             `medfusion.device.pick_device`'s job).
 
     Returns:
-        The network in eval mode on `device`, and the `model.json` dict (migrated, `read_meta`; the
-        typed form is `PackageMeta.of(meta)` or `read_package_meta`).
+        The network in eval mode on `device`, and its `model.json`, typed (`PackageMeta`, migrated to
+        the current format; the keys it does not name, such as ``domain`` and ``recalibration``, in
+        `PackageMeta.block`).
 
     Raises:
         PackageError: no `model.json`, invalid JSON or content that does not fit `PackageMeta`; an
@@ -170,8 +171,7 @@ def load_package(
         RuntimeError: `device` is not a torch device name (torch's message).
     """
     path = Path(path) if path is not None else DEFAULT_PACKAGE
-    raw = read_meta(path)
-    meta = PackageMeta.of(raw, path / META)
+    meta = read_package_meta(path)
     if meta.architecture not in ARCHITECTURES:
         msg = f"{path}: unknown architecture {meta.architecture!r}; known: {sorted(ARCHITECTURES)}"
         raise PackageError(msg)
@@ -188,7 +188,7 @@ def load_package(
     except Exception as exc:
         msg = f"{path}: cannot build the network from the package ({type(exc).__name__}: {str(exc).splitlines()[0]})"
         raise PackageError(msg) from exc
-    return model.to(device), raw
+    return model.to(device), meta
 
 
 # --- The domain guard (models/domain.py) ---
@@ -217,7 +217,7 @@ def load_domain_guard(package: str | Path, meta: PackageMeta | dict[str, Any]) -
     Raises:
         ValueError: the sidecar named in `model.json` is missing or altered (its SHA-256 differs).
     """
-    block = (meta.model_extra or {}).get("domain") if isinstance(meta, PackageMeta) else meta.get("domain")
+    block = meta.block("domain") if isinstance(meta, PackageMeta) else meta.get("domain")
     if not block:
         return None
     path = Path(package) / block.get("sidecar", SIDECAR)

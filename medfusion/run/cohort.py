@@ -26,6 +26,7 @@ from medfusion.io.atomic import atomic_path, write_json, write_text
 from medfusion.run.folders import is_done, output_patients, patient_row, record_failure
 from medfusion.run.interrupt import Interrupted, check_stop, signal_name, stop_on_signals
 from medfusion.run.pipeline import RunOptions, process_case
+from medfusion.run.result import CaseResult
 
 log = logging.getLogger("medfusion.run")
 
@@ -83,17 +84,17 @@ def model_identity(model: str | Path | None) -> dict[str, Any]:
     and its sidecar's SHA-256), so that a guard refitted in place (`medfusion domain fit`) is told apart.
 
     Raises:
-        PackageError: `model` (None: the shipped package) holds no readable `model.json`.
+        PackageError: `model` (None: the shipped package) holds no readable, valid `model.json`.
     """
-    from medfusion.package import DEFAULT_PACKAGE, read_meta
+    from medfusion.package import DEFAULT_PACKAGE, read_package_meta
 
-    meta = read_meta(model or DEFAULT_PACKAGE)
-    domain = meta.get("domain")
+    meta = read_package_meta(model or DEFAULT_PACKAGE)
+    domain = meta.block("domain")
     return {
-        "name": meta.get("name"),
-        "version": meta.get("version"),
-        "architecture": meta.get("architecture"),
-        "weights_sha256": meta.get("weights_sha256"),
+        "name": meta.name,
+        "version": meta.version,
+        "architecture": meta.architecture,
+        "weights_sha256": meta.weights_sha256,
         "domain_guard": bool(domain),
         "domain_sha256": _sha256_json(domain) if domain else None,
     }
@@ -226,11 +227,13 @@ def _read_run_json(out: Path) -> dict[str, Any]:
 
 
 def _patient_model(out: Path, pid: str) -> dict[str, Any] | None:
+    """The "model" record of a kept patient's scores.json as written (keys it holds only), None when
+    the file has none or cannot be read (`CaseResult.load_model`)."""
     try:
-        model: dict[str, Any] = json.loads((out / pid / "scores.json").read_text())["model"]
-    except (OSError, ValueError, KeyError, TypeError):
+        model = CaseResult.load_model(out / pid)
+    except ValueError:
         return None
-    return model
+    return model.model_dump(mode="json", exclude_unset=True) if model is not None else None
 
 
 def _refuse_another_setup(

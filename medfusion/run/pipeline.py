@@ -24,7 +24,7 @@ from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfi
 from medfusion.io.case import Case, load_case
 from medfusion.io.errors import InputError
 from medfusion.io.volume import Volume
-from medfusion.models.meta import preprocess_config
+from medfusion.models.meta import PackageMeta, preprocess_config
 from medfusion.run.folders import patient_row, publish, record_failure
 from medfusion.run.interrupt import check_stop
 from medfusion.run.qc import case_qc
@@ -97,7 +97,7 @@ def _provenance(case: Case) -> dict[str, Any]:
     }
 
 
-def run_preprocess_config(pipeline: PipelineConfig, meta: dict[str, Any]) -> PreprocessConfig:
+def run_preprocess_config(pipeline: PipelineConfig, meta: PackageMeta | dict[str, Any]) -> PreprocessConfig:
     """The preprocessing a run uses: the pipeline's own if it gives one, otherwise the package's, with
     the registration settings the pipeline asks for and its consistency-check switch."""
     if pipeline.preprocess is not None:
@@ -154,7 +154,7 @@ def process_case(folder: Path, opts: RunOptions, predictor: Predictor) -> dict[s
         t2 = time.perf_counter()
         class_names = predictor.class_names
         outputs = Outputs(pid)
-        write_images(outputs, tmp, ct, pred, class_names, opts.pipeline.outputs, predictor.meta)
+        write_images(outputs, tmp, ct, pred, class_names, opts.pipeline.outputs, predictor.describe())
         meas = measure(pred.labels, class_names, ct=ct, mr=inputs.mr_shown)
         result = case_result(case, inputs, pred, domain.to_json(), meas, opts, predictor, cfg)
         write_structured_report(outputs, tmp, case, result, class_names)

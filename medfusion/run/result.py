@@ -122,10 +122,26 @@ class Measurements(_Record):
 
 
 class ModelRecord(_Record):
-    """scores.json "model": the package's identity (name, version, architecture, weights' SHA-256)."""
+    """scores.json "model": the identity of the package that wrote the file (`Predictor.describe`).
+
+    Attributes:
+        name, version: the package's (`model.json`).
+        architecture: its network's architecture name.
+        weights_sha256: SHA-256 of its `weights.safetensors` (64 hex digits); None: not recorded.
+        domain_guard: whether a fitted domain guard was loaded.
+    """
 
     name: str | None = None
     version: str | None = None
+    architecture: str | None = None
+    weights_sha256: str | None = None
+    domain_guard: bool | None = None
+
+
+class _ModelOnly(_Record):
+    """A scores.json read for its "model" record alone: every other key may be absent."""
+
+    model: ModelRecord | None = None
 
 
 class ScoredProbabilities(_Record):
@@ -282,6 +298,16 @@ class CaseResult(BaseModel):
         return cls.load_scored(folder).probabilities
 
     @classmethod
+    def load_model(cls, folder: str | Path) -> ModelRecord | None:
+        """The "model" record of a patient's scores.json alone (which package wrote it), None when the
+        file has none; the file's other keys may be absent (a stub, another tool's file).
+
+        Raises:
+            ValueError: scores.json is missing, not JSON, or its "model" is not a `ModelRecord`.
+        """
+        return read_record(_ModelOnly, Path(folder) / SCORES).model
+
+    @classmethod
     def load_scores(cls, folder: str | Path) -> Scores:
         """Only scores.json of a patient's output folder, validated as the whole `Scores`."""
         return read_record(Scores, Path(folder) / SCORES)
@@ -311,7 +337,7 @@ R = TypeVar("R", bound=BaseModel)
 
 def read_record(model: type[R], path: str | Path) -> R:
     """The one reader of the contract's files: the JSON object in `path` validated as `model`
-    (`Scores`, `QCRecord`, `ScoredProbabilities`).
+    (`Scores`, `QCRecord`, `ScoredProbabilities`, or a scores.json's `ModelRecord` alone).
 
     Raises:
         ValueError: one line naming `path`: the file is missing or unreadable, not JSON, not a JSON

@@ -36,10 +36,15 @@ from sklearn.metrics import brier_score_loss, log_loss
 
 from medfusion.evaluate.diagnosis import ece, logistic_on_logit
 from medfusion.hashing import sha256_of
-from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
 from medfusion.io.labels_csv import labels_csv_path, read_labels_table
-from medfusion.package import DEFAULT_PACKAGE, load_package, read_meta
+from medfusion.package import (
+    DEFAULT_PACKAGE,
+    PackageMeta,
+    load_package,
+    read_package_meta,
+    write_package_meta,
+)
 from medfusion.run.result import CaseResult
 from medfusion.train.temperature import fit_temperature
 
@@ -80,7 +85,8 @@ def _read_run(
         raise InputError(pred, "no patient outputs (OUT/<id>/scores.json) found")
     probs: dict[str, dict[str, float]] = {}
     for folder in runs:
-        made_by = _weights_of(folder / "scores.json")
+        writer = CaseResult.load_model(folder)
+        made_by = writer.weights_sha256 if writer is not None else None
         if made_by != sha:
             raise InputError(
                 folder / "scores.json",
@@ -89,12 +95,6 @@ def _read_run(
             )
         probs[folder.name] = CaseResult.load_probabilities(folder)
     return probs, {r["patient_id"]: r for r in table}, fields
-
-
-def _weights_of(scores_json: Path) -> str | None:
-    """The SHA-256 of the weights that wrote a scores.json (its "model" record; None when absent)."""
-    model = json.loads(scores_json.read_text()).get("model")
-    return model.get("weights_sha256") if isinstance(model, dict) else None
 
 
 def recalibrate(
@@ -124,7 +124,7 @@ def recalibrate(
         PackageError: the source package does not load.
     """
     src = Path(model) if model is not None else DEFAULT_PACKAGE
-    meta = read_meta(src)
+    meta = read_package_meta(src)
     if out.exists():
         raise InputError(out, "already exists; give a new folder for the re-calibrated package")
     preds = [Path(p) for p in (pred if isinstance(pred, list) else [pred])]
@@ -139,7 +139,7 @@ def recalibrate(
     by_pid: dict[tuple[int, str], dict[str, str]] = {}
     fields: set[str] = set()
     for k, (p_k, l_k) in enumerate(zip(preds, labelss, strict=True)):
-        pr, rows, f = _read_run(p_k, l_k, meta.get("weights_sha256"), src)
+        pr, rows, f = _read_run(p_k, l_k, meta.weights_sha256, src)
         probs.update({(k, pid): v for pid, v in pr.items()})
         by_pid.update({(k, pid): r for pid, r in rows.items()})
         fields |= set(f)
@@ -160,7 +160,7 @@ def recalibrate(
         "labels": str(csv_path) if len(preds) == 1 else [str(labels_csv_path(p)) for p in labelss],
         "scores": {},
     }
-    for i, name in enumerate(meta["score_names"]):
+    for i, name in enumerate(meta.score_names):
         ids = [p for p in probs if name in probs[p] and by_pid.get(p, {}).get(name, "") != ""]
         if name not in fields or not ids:
             record["scores"][name] = {"kept": "no labels for this score in the cohort"}
@@ -208,19 +208,21 @@ def recalibrate(
     tensors = {"temperature": torch.from_numpy(t_new.astype(np.float32))}
     if has_bias:
         tensors["head_bias"] = torch.from_numpy(b_new.astype(np.float32))
-    _write(src, out, meta, tensors, record, version or f"{meta.get('version')}+recalibrated")
+    _write(src, out, meta, tensors, record, version or f"{meta.version}+recalibrated")
     return record
 
 
 def _write(
     src: Path,
     out: Path,
-    meta: dict[str, Any],
+    meta: PackageMeta,
     tensors: dict[str, torch.Tensor],
     record: dict[str, Any],
     version: str,
 ) -> None:
-    """The source package with new calibration tensors, built aside and renamed into place."""
+    """The source package `src` (whose `model.json` is `meta`) with new calibration `tensors`, built
+    aside and renamed into place as `out`: its `model.json` gets `version`, the new weights' SHA-256 and
+    the fit's `record` under "recalibration" (with the source's identity under "from")."""
     tmp = out.parent / f".tmp-{out.name}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -232,18 +234,11 @@ def _write(
         for key, value in tensors.items():
             state[key] = value.to(state[key].dtype)
         save_file(state, str(tmp / "weights.safetensors"))
-        new_meta = dict(meta)
-        new_meta["version"] = version
-        new_meta["weights_sha256"] = sha256_of(tmp / "weights.safetensors")
-        new_meta["recalibration"] = {
-            **record,
-            "from": {
-                "name": meta.get("name"),
-                "version": meta.get("version"),
-                "weights_sha256": meta.get("weights_sha256"),
-            },
-        }
-        write_json(tmp / "model.json", new_meta)
+        source = {"name": meta.name, "version": meta.version, "weights_sha256": meta.weights_sha256}
+        new_meta = meta.with_extra(recalibration={**record, "from": source}).model_copy(
+            update={"version": version, "weights_sha256": sha256_of(tmp / "weights.safetensors")}
+        )
+        write_package_meta(tmp, new_meta)
         load_package(tmp)  # the new package loads (hash, architecture, every weight)
         os.replace(tmp, out)
     except BaseException:

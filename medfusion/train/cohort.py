@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from medfusion.io.atomic import write_json
-from medfusion.models.meta import package_vocabulary
+from medfusion.models.meta import PackageMeta, package_vocabulary
 from medfusion.text.encoders import Vocabulary
 from medfusion.train import distributed
 from medfusion.train.config import TrainConfig
@@ -69,10 +69,10 @@ def run_vocabulary(
     cfg: TrainConfig,
     out: Path,
     train: list[dict[str, Any]],
-    source_meta: Callable[[], dict[str, Any]],
+    source_meta: Callable[[], PackageMeta],
 ) -> Vocabulary:
     """The run's word list: OUT/vocabulary.json when there is one; else the `init_from` package's
-    (`source_meta` gives its model.json, called only then), or one fitted on the training cases' notes.
+    (`source_meta` gives its typed model.json, called only then), or one fitted on the training cases' notes.
     A fresh run with a note corpus fits it on the corpus too (words the image cohort's notes never use
     would otherwise all be unknown). Rank 0 stores a new word list in OUT/vocabulary.json."""
     path = out / "vocabulary.json"

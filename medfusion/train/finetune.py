@@ -4,19 +4,18 @@ head rows re-initialised for classes to learn afresh (`reinit_classes`)."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
+from medfusion.models.meta import PackageMeta
 from medfusion.models.network import MedFusionNet
 from medfusion.package import load_package
 from medfusion.train.config import TrainConfig
 
 
-def init_from(model: MedFusionNet, source: MedFusionNet, meta: dict[str, Any], package: str) -> None:
+def init_from(model: MedFusionNet, source: MedFusionNet, meta: PackageMeta, package: str) -> None:
     """Copy the weights of `source` (the `init_from` package, loaded and SHA-256 checked by
-    `load_package`, its model.json `meta`) into the freshly built `model`; the measurement term may be
+    `load_package`, its typed model.json `meta`) into the freshly built `model`; the measurement term may be
     absent from the source (it has no trained weights).
 
     Raises:
@@ -37,7 +36,7 @@ def init_from(model: MedFusionNet, source: MedFusionNet, meta: dict[str, Any], p
             f"{package}: weights do not fit the network (missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
         raise ValueError(msg)
-    print(f"weights from {meta.get('name')} {meta.get('version')} ({package})")
+    print(f"weights from {meta.name} {meta.version} ({package})")
 
 
 def trainable_parameters(model: MedFusionNet, prefixes: list[str] | None) -> list[torch.nn.Parameter]:
@@ -75,15 +74,15 @@ def load_teacher(cfg: TrainConfig, device: torch.device) -> MedFusionNet:
     """
     assert cfg.distill_from
     teacher, meta = load_package(cfg.distill_from)
-    if list(meta.get("score_names", [])) != list(cfg.score_names):
-        msg = f"{cfg.distill_from}: its scores {meta.get('score_names')} are not {cfg.score_names}"
+    if list(meta.score_names) != list(cfg.score_names):
+        msg = f"{cfg.distill_from}: its scores {meta.score_names} are not {cfg.score_names}"
         raise ValueError(msg)
     teacher = teacher.to(device).eval()
     if cfg.channels_last:
         teacher = teacher.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
     for p in teacher.parameters():
         p.requires_grad_(False)
-    print(f"distilling the scores of {meta.get('name')} {meta.get('version')} ({cfg.distill_from})")
+    print(f"distilling the scores of {meta.name} {meta.version} ({cfg.distill_from})")
     return teacher
 
 

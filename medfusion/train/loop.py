@@ -26,7 +26,7 @@ from monai.utils import set_determinism
 
 from medfusion.io.atomic import write_json
 from medfusion.models.network import MedFusionNet
-from medfusion.package import load_package
+from medfusion.package import PackageMeta, load_package
 from medfusion.text.encoders import Vocabulary
 from medfusion.train import distributed, finetune, packaging
 from medfusion.train.batches import (
@@ -78,7 +78,7 @@ class Trainer:
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)
         torch.set_num_threads(max(1, cfg.threads))
-        self._source: tuple[MedFusionNet, dict[str, Any]] | None = None
+        self._source: tuple[MedFusionNet, PackageMeta] | None = None
 
     def log(self, rec: dict[str, Any]) -> None:
         """Append `rec` as one JSON line to OUT/train.jsonl (rank 0 only)."""
@@ -265,7 +265,7 @@ class Trainer:
             model, train, val, self.cfg, device=self.device, out=self.out, log=self._log_stage
         )
 
-    def _source_package(self) -> tuple[MedFusionNet, dict[str, Any]]:
+    def _source_package(self) -> tuple[MedFusionNet, PackageMeta]:
         """The `init_from` package, loaded once (word list and weights both come from it)."""
         if self._source is None:
             assert self.cfg.init_from
