@@ -1,5 +1,6 @@
 """Which torch device a process computes on: the one rule for `auto` and the one check that a
-requested device exists, shared by inference, training and the CLI."""
+requested device exists, shared by inference, training and the CLI; and SimpleITK's thread count,
+which inference and the training cache set alike (`repeatable_registration`)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,18 @@ def pick_device(requested: str = "auto") -> torch.device:
         msg = f"device {requested!r} requested but this machine has {n_gpus} CUDA device(s)"
         raise ValueError(msg)
     return dev
+
+
+def repeatable_registration() -> None:
+    """Run SimpleITK on one thread, process-wide, so that a seeded registration repeats bit for bit.
+
+    ITK's Mattes mutual information sums its joint histogram from several threads in whatever order
+    they finish: on 2 threads the same registration of one small synthetic pair moved by up to 0.12 mm
+    (0.0076 in a matrix entry) from one call to the next, on one thread not at all, for 1.25× its time
+    (benchmarks/registration_threads.py, RESULTS.md "Registration on one thread"). Inference
+    (`infer.predictor.deterministic_torch`) and the training cache (`train.data`) both call this, so
+    that a case is registered alike wherever it is prepared.
+    """
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)

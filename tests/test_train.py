@@ -256,6 +256,8 @@ def test_cache_keeps_registration_when_the_grid_changes_and_rereads_notes(
     folder); an edited note reaches the cache; a registration setting change registers again."""
     import shutil
 
+    import SimpleITK as sitk
+
     from medfusion.config import PreprocessConfig
     from medfusion.train.data import build_cache, load_cached
 
@@ -264,7 +266,11 @@ def test_cache_keeps_registration_when_the_grid_changes_and_rereads_notes(
     shutil.copytree(folder, work / folder.name)
     pid = folder.name
     a = PreprocessConfig.model_validate(_cfg(cohort, cache)["preprocess"])
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(2)
     first = build_cache([work / pid], cohort / "labels", a, tmp_path / "a", workers=1)[0]
+    # registered as inference registers, on one SimpleITK thread: two builds give the same transform
+    # bit for bit (on 2 threads it moved by up to 0.12 mm; benchmarks/registration_threads.py)
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == 1
 
     def registered(rec: dict) -> bool:  # a real registration takes seconds; a reused one, microseconds
         return rec["seconds"].get("register", 0.0) > 0.3

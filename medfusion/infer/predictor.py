@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medfusion.device import pick_device
+from medfusion.device import pick_device, repeatable_registration
 from medfusion.infer.postprocess import postprocess_labels
 from medfusion.infer.windowed import default_sw_batch_size, forward_case
 from medfusion.io.volume import LabelMap, Volume
@@ -82,20 +82,16 @@ class Prediction:
 
 def deterministic_torch(device: torch.device) -> None:
     """Ask for repeatable numbers (process-wide): torch's deterministic algorithms, cuDNN without
-    autotuning, cuBLAS with a fixed workspace (set before its first call); and SimpleITK on one thread.
-
-    ITK's Mattes mutual information accumulates its joint histogram from several threads in whatever
-    order they finish, so the same seeded registration moved by up to 0.014 in a matrix entry from one
-    call to the next on 2 threads (3 calls, one small synthetic pair) and not at all on one. The cost is
-    the registration's (and resampling's) parallelism."""
-    import SimpleITK as sitk
-
+    autotuning, cuBLAS with a fixed workspace (set before its first call); and SimpleITK on one thread
+    (`device.repeatable_registration`, which the training cache calls too: on 2 threads ITK's
+    multithreaded Mattes sums move the same seeded registration by up to 0.12 mm from call to call).
+    The cost is the registration's (and resampling's) parallelism: 1.25× on one small pair."""
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    repeatable_registration()
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """Training data: the labels table, the patient split, and a per-case preprocessing cache (each case is
-prepared once by `preprocess.prepare_case`, the entry point inference uses; the registration is reused
-while its settings hold). Augmentation and batches are in train/batches.py."""
+prepared once by `preprocess.prepare_case`, the entry point inference uses, with SimpleITK on one thread
+as inference runs it; the registration is reused while its settings hold). Augmentation and batches are
+in train/batches.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from medfusion.config import PreprocessConfig, RegistrationConfig, StrictModel, upgrade_registration
+from medfusion.device import repeatable_registration
 from medfusion.io.atomic import atomic_path, write_json
 from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
@@ -104,7 +106,9 @@ def _cache_one(
     intensity settings changed, the stored registration is reused rather than run again; so is one stored
     for the same case in `registration_from`: another cache folder (when its registration settings are
     the same) or a `medfusion run` output folder (its per-patient qc.json, read as
-    `run.result.QCRecord`; one that does not fit raises ValueError naming the file)."""
+    `run.result.QCRecord`; one that does not fit raises ValueError naming the file). SimpleITK runs on one
+    thread in this process from here on (`device.repeatable_registration`), as in inference."""
+    repeatable_registration()  # as inference registers: the same case gives the same transform
     cfg = PreprocessConfig.model_validate_json(cfg_json)
     pid = Path(folder).name
     target = Path(cache_dir) / f"{pid}.npz"
