@@ -751,7 +751,7 @@ def compare(
 
     Both runs need `medfusion evaluate` first (its per-case Dice is read back)."""
     from medfusion.evaluate.compare import compare as run_compare
-    from medfusion.io.atomic import write_json
+    from medfusion.evaluate.compare import write_comparison
 
     try:
         res = run_compare(pred, baseline, labels, bootstrap)
@@ -775,9 +775,7 @@ def compare(
             row(f"{m} {s}", r)
     stdout.print(t)
     stdout.print("Dice here counts a patient where both masks are empty as 1 (see evaluate/compare.py).")
-    target = out or pred / "evaluation" / "compare.json"
-    write_json(target, res)
-    stdout.print(f"written to {target}")
+    stdout.print(f"written to {write_comparison(res, pred, out)}")
 
 
 # --- calibrate ---

@@ -250,6 +250,8 @@ def test_compare_pairs_the_runs_over_patients(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--bootstrap", "200"])
     assert result.exit_code == 0, result.output
     assert json.loads((a / "evaluation" / "compare.json").read_text())["b"] == str(b)
+    result = CliRunner().invoke(app, [*args, "--bootstrap", "200", "--out", str(tmp_path / "c" / "ab.json")])
+    assert json.loads((tmp_path / "c" / "ab.json").read_text())["segmentation"]["core"]["n"] == n
     (b / "evaluation" / "metrics_per_case.csv").unlink()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and "medfusion evaluate" in result.output.replace("\n", "")

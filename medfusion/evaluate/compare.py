@@ -9,7 +9,8 @@ Segmentation: per patient and class, Dice from each run's `evaluation/metrics_pe
 `medfusion evaluate`); a patient where reference and prediction are both empty scores 1 here (the model
 agreed that there is nothing), so that a false positive in a lesion-free patient still counts against a
 model whose rival left it empty. Diagnosis: AUROC and Brier from each run's `scores.json` against the
-labels CSV. The p-value is two-sided: twice the share of resamples on the far side of zero.
+labels CSV. The p-value is two-sided: twice the share of resamples on the far side of zero. The result
+is written as `PRED/evaluation/compare.json` (`write_comparison`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from medfusion.evaluate.diagnosis import METRICS
+from medfusion.io.atomic import write_json
 from medfusion.io.errors import InputError
 from medfusion.io.labels_csv import labels_csv_path, read_labels_table
 from medfusion.run.result import SCORES, CaseResult
@@ -68,8 +70,21 @@ def _paired(rows: np.ndarray, diff: Any, n_boot: int, rng: np.random.Generator) 
 def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
     """Paired differences A − B (Dice per class, AUROC and Brier per score) over the common patients.
 
+    Args:
+        run_a, run_b: output folders of `medfusion run` (model A, model B), each evaluated.
+        labels: the labels folder (with labels.csv) or the labels CSV.
+        n_boot: bootstrap resamples over patients.
+        seed: seed of the resampling.
+
+    Returns:
+        {"a": run_a, "b": run_b, "segmentation": {class: {"delta", "ci_low", "ci_high", "p", "n", "a",
+        "b", "better", "worse"}}, "diagnosis": {score: {"auroc" | "brier": {"delta", "ci_low",
+        "ci_high", "p", "n", "a", "b"}}}}: Dice and AUROC in [0, 1], Brier in [0, 1], CI bounds of the
+        percentile bootstrap (95 %), p two-sided; `write_comparison` writes it.
+
     Raises:
-        InputError: the runs share no patient and class, or LABELS/labels.csv is missing.
+        InputError: a run has no evaluation/metrics_per_case.csv, the runs share no patient and class,
+            or LABELS/labels.csv is missing.
     """
     rng = np.random.default_rng(seed)
     out: dict[str, Any] = {"a": str(run_a), "b": str(run_b), "segmentation": {}, "diagnosis": {}}
@@ -116,3 +131,14 @@ def compare(run_a: Path, run_b: Path, labels: Path, n_boot: int = 2000, seed: in
                 "b": fn(rows[:, 0], rows[:, 2]),
             }
     return out
+
+
+def write_comparison(result: dict[str, Any], run_a: Path, out: Path | None = None) -> Path:
+    """Write `compare`'s `result` as JSON to `out`, by default `run_a`/evaluation/compare.json (the
+    folder is created if missing), atomically; returns the path written.
+
+    Raises:
+        OSError: the file cannot be written.
+    """
+    target = out or run_a / "evaluation" / "compare.json"
+    return write_json(target, result)
