@@ -1,4 +1,4 @@
-"""The diagnosis' label-map measurements (models/measures.py) against their floor and the report's own
+"""The diagnosis' label-map measurements (measure/features.py) against their floor and the report's own
 measurements, on the model grid (128 × 128 × 96, 1.6 × 1.6 × 2 mm), in one run.
 
 python benchmarks/measures.py [--repeats 7]
@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from medfusion.io.volume import Volume
-from medfusion.models.measures import lesion_features
+from medfusion.measure.features import lesion_features
 from medfusion.run.measure import measure
 
 NAMES = ["background", "tumour_core", "oedema", "calcification"]

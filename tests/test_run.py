@@ -20,7 +20,7 @@ from medfusion.io.case import load_case
 from medfusion.io.docpdf import read_encapsulated_pdf
 from medfusion.io.nifti import read_nifti
 from medfusion.io.seg import read_dicom_seg
-from medfusion.models.measures import FEATURES as MEASURE_FEATURES
+from medfusion.measure.features import FEATURES as MEASURE_FEATURES
 from medfusion.preprocess.resample import resample
 
 
