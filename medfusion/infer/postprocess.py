@@ -1,11 +1,13 @@
 """Label-map clean-up after the argmax.
 
-`drop_lesions_without_core`: every connected lesion (26-connected voxels of any foreground class)
-that holds no tumour-core voxel is set to background. Oedema surrounds a tumour and calcification
-sits inside one, so an oedema or calcification island with no core is a false positive by
-construction. On the 0.4.0 test cohort the network left 1-60 voxels (median 0.05 ml) of
-oedema in 17 of the 18 lesion-free patients; each turns a case with nothing to find into an oedema
-Dice of 0.
+`drop_lesions_without_core`: every foreground region (26-connected voxels of any foreground class)
+that holds no tumour-core voxel is set to background: step 1 of the one lesion definition
+(`measure.lesions.lesion_regions`; its entry point `measure.lesions.label_lesions` then splits each
+region with core between its separate cores), so the voxels dropped here are exactly those in no
+lesion. Oedema surrounds a tumour and calcification sits inside one, so an oedema or calcification
+island with no core is a false positive by construction. On the 0.4.0 test cohort the network left
+1-60 voxels (median 0.05 ml) of oedema in 17 of the 18 lesion-free patients; each turns a case with
+nothing to find into an oedema Dice of 0.
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ from medfusion.measure.lesions import lesion_regions
 
 def drop_lesions_without_core(labels: np.ndarray, core: int = 1) -> tuple[np.ndarray, int]:
     """`labels` (z, y, x class indices) with the foreground regions that hold no voxel of class `core`
-    set to background (`measure.lesions.lesion_regions`, the one lesion definition), and how many
-    voxels were removed. The input is not changed; it is returned as is when nothing is removed."""
+    set to background (`measure.lesions.lesion_regions`: step 1 of the lesion definition, whose
+    entry point is `measure.lesions.label_lesions`), and how many voxels were removed. The input is not changed; it is returned as is when nothing is removed."""
     lesion = labels > 0
     if not lesion.any():
         return labels, 0
