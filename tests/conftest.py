@@ -21,3 +21,26 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
     }
     generate_cohort(out, 3, seed=11, preset="small", workers=1, plan=plan)
     return out
+
+
+@pytest.fixture(scope="session")
+def no_registration_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The default pipeline with the shipped model's grid and intensities but registration skipped (the
+    MR taken where it lies) and no registration QC: for tests of the run's mechanics (interrupts,
+    resume, writers), where registration — tested on its own — would take most of the time."""
+    import json
+
+    import yaml
+
+    root = Path(__file__).parents[1]
+    stored = json.loads((root / "medfusion" / "weights" / "default" / "model.json").read_text())["preprocess"]
+    pipeline = yaml.safe_load((root / "pipelines" / "default.yaml").read_text())
+    pipeline["name"] = "default-no-registration"
+    pipeline["registration_consistency_check"] = False
+    pipeline["preprocess"] = {
+        **{k: stored[k] for k in ("target_spacing_mm", "target_size", "ct_windows", "mr_percentiles")},
+        "registration": {"mode": "skip", "consistency_check": False},
+    }
+    path = tmp_path_factory.mktemp("pipelines") / "no-registration.yaml"
+    path.write_text(yaml.safe_dump(pipeline))
+    return path

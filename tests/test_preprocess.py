@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from typer.testing import CliRunner
 
 from medfusion.cli import app
 from medfusion.config import PreprocessConfig, RegistrationConfig
+from medfusion.device import repeatable_registration
 from medfusion.io.case import load_case
 from medfusion.io.volume import LabelMap
 from medfusion.preprocess.intensity import ct_windows, mr_robust_z
@@ -32,11 +34,18 @@ def _truth(cohort: Path, pid: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def registered(cohort: Path) -> dict[str, object]:
+def registered(cohort: Path) -> Iterator[dict[str, object]]:
+    """Patient 0 registered as `medfusion run` registers: SimpleITK on one thread
+    (`device.repeatable_registration`); the thread count is restored after the module."""
+    import SimpleITK as sitk
+
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    repeatable_registration()
     pid = sorted(p.name for p in (cohort / "patients").iterdir())[0]
     case = load_case(cohort / "patients" / pid, labels_dir=cohort / "labels")
     res = register(case.ct, case.mr[0], RegistrationConfig())  # type: ignore[arg-type]
-    return {"case": case, "res": res, "truth": _truth(cohort, pid)}
+    yield {"case": case, "res": res, "truth": _truth(cohort, pid)}
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
 
 
 def test_registration_accuracy(registered: dict) -> None:
@@ -59,19 +68,12 @@ def test_polishing_pass_improves_accuracy(registered: dict) -> None:
 
 def test_registration_twice_gives_the_same_transform_and_qc(registered: dict) -> None:
     # the run-twice determinism of issue #25, for its one stage with random sampling (seeded metric
-    # sampling and QC point draws); the whole run twice is tests/test_domain.py's (registration skipped).
-    # Not bit for bit: ITK's multithreaded metric sums in a varying order, which moves the estimate by
-    # ~1e-5 mm (measured) — far below anything a label map or a score resolves
+    # sampling and QC point draws), bit for bit on one SimpleITK thread as a run registers (on two, ITK's
+    # threaded histogram sums move it by up to 0.12 mm); the whole run twice is tests/test_domain.py's
     case, res = registered["case"], registered["res"]
     again = register(case.ct, case.mr[0], RegistrationConfig())  # type: ignore[arg-type]
-    tre = target_registration_error(again.matrix, res.matrix, case.ct, n=50)
-    assert tre.max() < 1e-3, tre.max()
-    assert again.qc["passed"] == res.qc["passed"]
-    for name, check in res.qc["checks"].items():
-        other = again.qc["checks"][name]
-        assert other["passed"] == check["passed"], name
-        if isinstance(check["value"], float):
-            assert other["value"] == pytest.approx(check["value"], abs=1e-3), name
+    assert np.array_equal(again.matrix, res.matrix)
+    assert again.qc == res.qc
 
 
 def test_qc_fails_on_a_wrong_transform(registered: dict) -> None:

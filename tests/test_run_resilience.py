@@ -205,16 +205,24 @@ def test_a_folder_without_patients_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def two_patients(cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Two patients and their uninterrupted run (the reference every resumed run must equal)."""
+def two_patients(
+    cohort: Path, tmp_path_factory: pytest.TempPathFactory, no_registration_pipeline: Path
+) -> tuple[Path, Path]:
+    """Two patients and their uninterrupted run (the reference every resumed run must equal). All runs
+    on them skip registration (`no_registration_pipeline`, in `FAST`): these tests are about stopping,
+    resuming and writing, and registration would take most of their time."""
+    FAST[:] = ["--pipeline", str(no_registration_pipeline)]
     tmp = tmp_path_factory.mktemp("resilience")
     patients = tmp / "patients"
     for pid in sorted(p.name for p in (cohort / "patients").iterdir())[:2]:
         shutil.copytree(cohort / "patients" / pid, patients / pid)
     ref = tmp / "reference"
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(ref), "--device", "cpu"])
+    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(ref), "--device", "cpu", *FAST])
     assert res.exit_code == 0, res.output
     return patients, ref
+
+
+FAST: list[str] = []  # --pipeline of the two_patients fixture's runs
 
 
 def _table(out: Path) -> list[dict[str, str]]:
@@ -269,7 +277,7 @@ def _assert_nothing_half_written(out: Path) -> None:
 
 
 def _start(patients: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
-    cmd = [*MEDFUSION, "run", str(patients), "--out", str(out), "--device", "cpu", *extra]
+    cmd = [*MEDFUSION, "run", str(patients), "--out", str(out), "--device", "cpu", *FAST, *extra]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -301,7 +309,9 @@ def test_a_signal_stops_the_run_cleanly_and_says_how_to_resume(
     _assert_nothing_half_written(out)
     run = json.loads((out / "run.json").read_text())
     assert run["interrupted"] == sig.name and run["failures"] == []
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--resume"])
+    res = CliRunner().invoke(
+        app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--resume", *FAST]
+    )
     assert res.exit_code == 0, res.output
     _assert_same_outputs(out, ref)
 
@@ -322,7 +332,9 @@ def _kill_and_resume(patients: Path, ref: Path, out: Path, kills: int, seed: int
         _assert_nothing_half_written(out)
         if proc.returncode == 0:  # finished before the kill: start over to keep killing
             shutil.rmtree(out)
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--resume"])
+    res = CliRunner().invoke(
+        app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--resume", *FAST]
+    )
     assert res.exit_code == 0, res.output
     _assert_nothing_half_written(out)
     _assert_same_outputs(out, ref)
@@ -356,7 +368,9 @@ def _run_with_a_broken_writer(
 
     monkeypatch.setattr(module, name, broken)
     pid = sorted(p.name for p in patients.iterdir())[0]
-    res = CliRunner().invoke(app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid])
+    res = CliRunner().invoke(
+        app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid, *FAST]
+    )
     assert res.exit_code == 0, res.output
     return pid, json.loads((out / pid / "qc.json").read_text())
 
@@ -387,7 +401,7 @@ def test_a_failing_writer_costs_only_its_own_output(
     model = json.loads((d / "scores.json").read_text())["model"] | {"version": "0.0.1"}
     (old / "scores.json").write_text(json.dumps({"patient_id": "OLD0001", "model": model}))
     res = CliRunner().invoke(
-        app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid, "--overwrite"]
+        app, ["run", str(patients), "--out", str(out), "--device", "cpu", "--only", pid, "--overwrite", *FAST]
     )
     assert res.exit_code == 0, res.output
     assert "1 patient(s) in" in res.output and "OLD0001 (model version ('0.0.1' →" in res.output, res.output
