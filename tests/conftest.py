@@ -26,8 +26,9 @@ def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def no_registration_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The default pipeline with the shipped model's grid and intensities but registration skipped (the
-    MR taken where it lies) and no registration QC: for tests of the run's mechanics (interrupts,
-    resume, writers), where registration — tested on its own — would take most of the time."""
+    MR taken where it lies), no registration QC and no flip TTA: for tests of the run's mechanics
+    (interrupts, resume, writers), where registration and inference — tested on their own — would take
+    most of the time."""
     import json
 
     import yaml
@@ -37,6 +38,7 @@ def no_registration_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pipeline = yaml.safe_load((root / "pipelines" / "default.yaml").read_text())
     pipeline["name"] = "default-no-registration"
     pipeline["registration_consistency_check"] = False
+    pipeline["infer"]["tta"] = False
     pipeline["preprocess"] = {
         **{k: stored[k] for k in ("target_spacing_mm", "target_size", "ct_windows", "mr_percentiles")},
         "registration": {"mode": "skip", "consistency_check": False},

@@ -153,6 +153,7 @@ def test_fine_tune_trains_only_the_named_parts_and_distils_the_scores(
         )
 
 
+@pytest.mark.slow  # two torchrun processes: 22 s of make test's 10 minutes
 def test_ddp_two_processes_keep_parameters_identical(cohort: Path, cache: Path, tmp_path: Path) -> None:
     cfg_path = tmp_path / "ddp.yaml"
     # device cpu: gloo, also on a machine with one GPU (where NCCL would refuse two ranks on it); each rank
