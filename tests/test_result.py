@@ -267,3 +267,34 @@ def test_register_writes_a_contract_qc_json_keeping_its_flat_keys(tmp_path: Path
     raw = json.loads((tmp_path / "qc.json").read_text())
     assert raw["seconds"] == 0.0 and "metric_mattes_mi" in raw  # as `medfusion register` wrote them
     assert (tmp_path / "transform.json").exists() and (tmp_path / "mr_in_ct.nii.gz").exists()
+
+
+def test_a_result_that_does_not_fit_the_contract_is_not_done(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from medfusion.run.folders import is_done
+
+    _written(tmp_path / "P1")
+    assert is_done(tmp_path, "P1")
+    (tmp_path / "P1" / "scores.json").write_text('{"patient_id": "P1"')  # truncated
+    with caplog.at_level("WARNING", logger="medfusion.run"):
+        assert not is_done(tmp_path, "P1")  # --resume runs it again instead of keeping it
+    assert "P1/scores.json" in caplog.text and "\n" not in caplog.text.strip()
+    _written(tmp_path / "P2")
+    (tmp_path / "P2" / "qc.json").write_text('{"patient_id": "P2", "verdict": "maybe"}')
+    assert not is_done(tmp_path, "P2")
+    assert not is_done(tmp_path, "P3")  # no folder
+
+
+def test_an_unreadable_error_json_is_a_row_naming_the_file(tmp_path: Path) -> None:
+    from medfusion.run.folders import patient_row
+
+    (tmp_path / "P1").mkdir()
+    (tmp_path / "P1" / "error.json").write_text('{"stage": "load", "err')
+    row = patient_row(tmp_path / "P1")
+    assert row["status"] == "unreadable" and "\n" not in row["error"]
+    assert "P1/error.json: cannot read" in row["error"], row
+    (tmp_path / "P1" / "error.json").write_text("[1]")
+    assert "P1/error.json" in patient_row(tmp_path / "P1")["error"]
+    (tmp_path / "P1" / "error.json").write_text('{"stage": "load", "error": "boom"}')
+    assert patient_row(tmp_path / "P1")["status"] == "failed"

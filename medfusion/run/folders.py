@@ -7,12 +7,15 @@ does not exist: a patient is assembled in `OUT/.tmp-<patient_id>/` and renamed i
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
 
 from medfusion.io.atomic import write_json
 from medfusion.run.result import CaseResult
+
+log = logging.getLogger("medfusion.run")
 
 
 def record_failure(out: Path, pid: str, stage: str, reason: str, trace: str = "") -> dict[str, Any]:
@@ -38,14 +41,21 @@ def patient_row(folder: Path) -> dict[str, Any]:
     `run.result.CaseResult`, or error.json), so that a resumed patient's row is the same as a freshly
     run one's.
 
-    A folder whose scores.json or qc.json is unreadable or does not fit the output contract (one
-    made by an older medfusion, or edited by hand) gets a row with status "unreadable" and the one-line
-    reason: the summary of the rest of the folder is still written.
+    A folder whose scores.json, qc.json or error.json is unreadable or does not fit the output
+    contract (one made by an older medfusion, or edited by hand) gets a row with status "unreadable"
+    and the one-line reason naming the file: the summary of the rest of the folder is still written.
     """
     pid = folder.name
     err = folder / "error.json"
     if err.exists() and not (folder / "scores.json").exists():
-        e = json.loads(err.read_text())
+        try:
+            e = json.loads(err.read_text())
+            if not isinstance(e, dict):
+                msg = f"expected a JSON object, got {type(e).__name__}"
+                raise ValueError(msg)
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+            reason = f"{err}: cannot read ({exc})".splitlines()[0]
+            return {"patient_id": pid, "status": "unreadable", "qc_verdict": "", "error": reason, "stage": ""}
         return {
             "patient_id": pid,
             "status": "failed",
@@ -94,8 +104,21 @@ def publish(tmp: Path, final: Path) -> None:
 
 
 def is_done(out: Path, pid: str) -> bool:
-    """True when `OUT/<pid>/` holds a complete result (scores.json is written last)."""
-    return (out / pid / "scores.json").exists()
+    """True when `OUT/<pid>/` holds a complete result that fits the output contract: scores.json
+    (written last) and qc.json read through `CaseResult.load`.
+
+    A folder whose scores.json or qc.json does not fit (truncated, edited by hand, an older
+    medfusion's) is not done: `--resume` runs the patient again, and a one-line warning names the file.
+    """
+    folder = out / pid
+    if not (folder / "scores.json").exists():
+        return False
+    try:
+        CaseResult.load(folder)
+    except ValueError as exc:
+        log.warning("--resume: running %s again: its result is unreadable: %s", pid, str(exc).splitlines()[0])
+        return False
+    return True
 
 
 def output_patients(out: Path) -> list[str]:
