@@ -433,3 +433,19 @@ def test_evaluate_numbers_classes_without_segmentation_json(cohort: Path, tmp_pa
     assert res.exit_code == 0, res.output
     named = json.loads((tmp_path / "e" / "metrics_summary.json").read_text())
     assert named["segmentation"]["core"]["dice"]["mean"] == summary["segmentation"]["1"]["dice"]["mean"]
+
+
+def test_evaluate_refuses_a_segmentation_json_without_labels_in_one_line(
+    cohort: Path, tmp_path: Path
+) -> None:
+    cohort = _with_positives(cohort, tmp_path)
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    bad = sorted(run.glob("*/segmentation.json"))[0]
+    for text in ("{}", "[1]", '{"labels": {"1": "core"}}', "{"):
+        bad.write_text(text)
+        res = _eval("--pred", str(run), "--labels", str(cohort / "labels"))
+        assert res.exit_code == 2, res.output
+        assert "Traceback" not in res.output and f"{bad.parent.name}/segmentation.json" in res.output
+        assert len([line for line in res.output.splitlines() if "error" in line.lower()]) == 1, res.output
+    assert not (run / "evaluation").exists()

@@ -105,6 +105,28 @@ def evaluated_run(pairing: Pairing) -> dict[str, str]:
     return {"run": str(pairing.pred_dir.resolve()), "model": name}
 
 
+def read_class_names(path: Path) -> list[str]:
+    """The class names of a segmentation.json (what `medfusion run` writes: ``{"labels": {"0":
+    "background", "1": …}}``), in label order.
+
+    Raises:
+        InputError: one line naming `path`: not JSON, not an object, no "labels" object, or labels
+            that are not the names of the values 0, 1, … n-1.
+    """
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(path, f"cannot read ({exc})") from exc
+    labels = data.get("labels") if isinstance(data, dict) else None
+    if not isinstance(labels, dict) or not labels:
+        raise InputError(path, 'expected a JSON object with a "labels" object ({"0": "background", …})')
+    if sorted(labels) != sorted(str(k) for k in range(len(labels))) or not all(
+        isinstance(v, str) for v in labels.values()
+    ):
+        raise InputError(path, '"labels" must name each of the values 0 … n-1 with a string')
+    return [labels[str(k)] for k in range(len(labels))]
+
+
 def evaluate(
     pred_dir: Path,
     labels: Path,
@@ -148,7 +170,7 @@ def evaluate(
         if classes:
             class_names = classes
         elif names_file.exists():
-            class_names = list(json.loads(names_file.read_text())["labels"].values())
+            class_names = read_class_names(names_file)
         else:
             top = int(max(pred.array.max(), ref.array.max(), 0))
             class_names = ["background", *(str(k) for k in range(1, top + 1))]
