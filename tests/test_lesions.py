@@ -139,6 +139,12 @@ def test_ct_density_and_mr_enhancement() -> None:
     assert lesion.mr_enhancement_ratio == pytest.approx(2.5, abs=0.05)
     with pytest.raises(ValueError, match="not on the label map's grid"):
         find_lesions(vol, NAMES, ct=Volume(np.zeros((2, 2, 2)), modality="CT"))
+    # the same shape on another grid (a CT not resampled to the label map) is refused too
+    moved = Volume(ct, (1.0, 1.0, 1.0), (5.0, 0.0, 0.0), modality="CT")
+    with pytest.raises(ValueError, match="not on the label map's grid"):
+        find_lesions(vol, NAMES, ct=moved)
+    with pytest.raises(ValueError, match="mr is not on the label map's grid"):
+        find_lesions(vol, NAMES, mr=Volume(mr, (1.0, 1.0, 2.0), modality="MR"))
 
 
 def test_bidimensional_diameters_of_a_rectangle() -> None:

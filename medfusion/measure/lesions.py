@@ -341,11 +341,15 @@ def find_lesions(
         One `Lesion` per lesion, numbered from 1; an empty list when there is none.
 
     Raises:
-        ValueError: `ct` or `mr` is not on the grid of `labels`.
+        ValueError: `ct` or `mr` is not on the grid of `labels` (shape, spacing, origin and
+            direction, `Grid.same_as`).
     """
     for name, other in (("ct", ct), ("mr", mr)):
-        if other is not None and other.shape != labels.shape:
-            msg = f"{name} of shape {other.shape} is not on the label map's grid {labels.shape}"
+        if other is not None and not other.grid.same_as(labels.grid):
+            msg = (
+                f"{name} is not on the label map's grid: {_describe(other.grid)} vs "
+                f"{_describe(labels.grid)} (resample it to the label map's grid first)"
+            )
             raise ValueError(msg)
     arr = labels.array
     core_k, _ = class_roles(class_names)
@@ -393,6 +397,15 @@ def find_lesions(
             lesion.mr_enhancement_ratio = _enhancement(mr, arr, comp, k, core, box, spacing_zyx)
         out.append(lesion)
     return out
+
+
+def _describe(grid: Grid) -> str:
+    """A grid in one line: shape (z, y, x), spacing and origin (mm, x y z), direction's diagonal."""
+    return (
+        f"shape {grid.shape}, spacing {tuple(round(v, 4) for v in grid.spacing)}, origin "
+        f"{tuple(round(v, 3) for v in grid.origin)}, direction diagonal "
+        f"{tuple(round(float(v), 3) for v in np.diag(grid.direction))}"
+    )
 
 
 def _body_mask(ct: Volume | None) -> np.ndarray | None:
