@@ -243,3 +243,20 @@ def test_no_lesion() -> None:
     m = measure(vol, NAMES)
     assert m.lesion_count == 0 and m.largest_diameter_mm == 0.0 and m.lesions == []
     assert _features(vol.array, (1.0, 1.0, 1.0))["lesion_count"] == 0
+
+
+def test_the_midline_is_the_body_masks_not_a_head_rest_beside_it() -> None:
+    """The side is read against the CT body mask the domain guard uses (> −500 HU, largest component,
+    holes filled): a head rest apart from the head does not move the midline."""
+    ct = np.full((6, 40, 60), -1000.0, np.float32)  # (z, y, x) of 2 mm: LPS +x (index +) is left
+    ct[:, :, 5:36] = 40.0  # the head, x index 5 … 35: midline at index 20
+    ct[:, 20:, 44:58] = 300.0  # a head rest 8 voxels (16 mm) to the side, not touching the head
+    lab = np.zeros(ct.shape, np.int16)
+    lab[2:4, 10:14, 26:29] = 1  # centred at x index 27: 14 mm left of the head's midline
+    vol = Volume(lab, (2.0, 2.0, 2.0))
+    (lesion,) = find_lesions(vol, NAMES, ct=vol.with_array(ct, "CT"))
+    assert lesion.side == "left", lesion  # with the head rest in the mask the midline moves 11 mm left
+    head = ct.copy()
+    head[:, 20:, 44:58] = -1000.0
+    (alone,) = find_lesions(vol, NAMES, ct=vol.with_array(head, "CT"))
+    assert alone.side == lesion.side and alone.region == lesion.region

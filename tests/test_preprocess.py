@@ -167,6 +167,29 @@ def test_one_mr_head_threshold_for_registration_and_normalisation(monkeypatch: p
     assert _sitk_count(head_mask(mr)) < both[0]  # registration moved with it: one definition
 
 
+def test_one_ct_body_threshold_for_registration_the_domain_guard_and_the_midline() -> None:
+    """Registration's CT head mask and `ct_body_mask` (the domain guard's and the lesions' midline)
+    both cut at `CT_BODY_HU` (−500 HU); `ct_body_mask` also drops what lies apart from the body."""
+    from medfusion.io.volume import Volume
+    from medfusion.models.domain import ct_facts
+    from medfusion.preprocess import intensity
+    from medfusion.preprocess.registration import head_mask
+
+    zz, yy, xx = np.mgrid[:24, :24, :24] - 11.5
+    r = np.sqrt(zz**2 + yy**2 + xx**2)
+    hu = np.where(r < 6, 40.0, np.where(r < 10, -450.0, -1000.0)).astype(np.float32)  # head, −450 HU skin
+    assert intensity.CT_BODY_HU == -500.0
+    body = intensity.ct_body_mask(hu)
+    assert int(body.sum()) == int((r < 10).sum())  # −450 HU is body, −1000 HU air
+    assert _sitk_count(head_mask(Volume(hu, modality="CT"))) >= int((r < 10).sum())
+    hu[0, 0, :3] = 40.0  # a voxel row apart from the head: not the body
+    assert int(intensity.ct_body_mask(hu).sum()) == int((r < 10).sum())
+    assert ct_facts(Volume(hu, (4.0, 4.0, 4.0), modality="CT"))["body_fraction"] == pytest.approx(
+        round(float((r < 10).mean()), 4)
+    )
+    assert not intensity.ct_body_mask(np.full((3, 3, 3), -1000.0)).any()
+
+
 def _sitk_count(mask: object) -> int:
     import SimpleITK as sitk
 

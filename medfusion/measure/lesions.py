@@ -24,9 +24,10 @@ Findings per lesion (`Lesion`), in the patient's own geometry:
   the most core: the longest in-plane diameter and the largest extent perpendicular to it. On a grid
   whose slices are not axial (sagittal or coronal acquisition, gantry tilt) the lesion's box is first
   resampled, nearest-neighbour, onto an LPS-aligned grid (`axial_diameters_mm`);
-- the centroid (LPS mm), the side relative to the head's midline (the body mask's centroid: "left",
-  "right" or "midline" within 5 mm) and the coarse region (anterior/posterior, superior/inferior
-  half of the head);
+- the centroid (LPS mm), the side relative to the head's midline (the x of the CT body mask's
+  centroid — `preprocess/intensity.ct_body_mask`, the domain guard's: > −500 HU, largest component,
+  holes filled — else the grid's centre: "left", "right" or "midline" within 5 mm) and the coarse
+  region (anterior/posterior, superior/inferior half of the head, about the same centroid);
 - the mean CT density of the core (HU) and, with an MR on the CT's grid, the enhancement ratio: mean
   MR signal in the core over that in a 3 mm shell of non-lesion tissue around the lesion.
 
@@ -49,9 +50,11 @@ from scipy import ndimage
 from scipy.spatial.distance import pdist
 
 from medfusion.io.volume import Grid, LabelMap, Volume
+from medfusion.preprocess.intensity import ct_body_mask
 
 CONNECTIVITY = np.ones((3, 3, 3), bool)  # 26-connectivity
 MIDLINE_MM = 5.0
+BODY_STEP_MM = 4.0  # the CT is subsampled to about this voxel size for its body mask (a centroid)
 SHELL_MM = 3.0
 AXIAL_TOLERANCE = 1e-6  # |cos| of the slice axis to LPS z below 1 - this: slices are not axial
 
@@ -361,8 +364,8 @@ def find_lesions(
     ml = labels.voxel_volume_ml
     boxes = found.boxes()
     grid = labels.grid
-    midline = _midline_x(ct, labels)
-    centre = _head_centre(ct, labels)
+    centre = _head_centre(*_body_grid(ct, labels))  # its x is the head's midline
+    midline = float(centre[0])
     out: list[Lesion] = []
     for number, k in enumerate(found.ids.tolist(), start=1):
         box = boxes[k - 1]
@@ -408,28 +411,20 @@ def _describe(grid: Grid) -> str:
     )
 
 
-def _body_mask(ct: Volume | None) -> np.ndarray | None:
+def _body_grid(ct: Volume | None, labels: Volume) -> tuple[np.ndarray | None, np.ndarray, Volume]:
+    """The CT's body mask (`preprocess/intensity.ct_body_mask`, the domain guard's) on the CT
+    subsampled to about `BODY_STEP_MM` voxels, the subsampling step (z, y, x), and the grid the
+    mask's indices refer to (the CT's, else the label map's, with no mask)."""
     if ct is None:
-        return None
-    return np.asarray(ct.array[::2, ::2, ::2] > -300)
+        return None, np.ones(3), labels
+    step = np.maximum(1, np.floor(BODY_STEP_MM / np.asarray(ct.spacing_zyx, float))).astype(int)
+    return ct_body_mask(ct.array[:: step[0], :: step[1], :: step[2]]), step, ct
 
 
-def _midline_x(ct: Volume | None, labels: Volume) -> float:
-    """LPS x (mm) of the head's midline: the body mask's centroid, else the grid's centre."""
-    body = _body_mask(ct)
-    grid = ct if ct is not None else labels
+def _head_centre(body: np.ndarray | None, step: np.ndarray, grid: Volume) -> np.ndarray:
+    """LPS (mm) of the body mask's centroid, else of the grid's centre."""
     if body is not None and body.any():
-        k, j, i = (np.asarray(c) * 2 for c in ndimage.center_of_mass(body))
-        return float(grid.index_to_world(np.array([i, j, k]))[0][0])
-    nz, ny, nx = grid.shape
-    return float(grid.index_to_world(np.array([(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2]))[0][0])
-
-
-def _head_centre(ct: Volume | None, labels: Volume) -> np.ndarray:
-    body = _body_mask(ct)
-    grid = ct if ct is not None else labels
-    if body is not None and body.any():
-        k, j, i = (np.asarray(c) * 2 for c in ndimage.center_of_mass(body))
+        k, j, i = np.asarray(ndimage.center_of_mass(body)) * step
         return grid.index_to_world(np.array([i, j, k]))[0]
     nz, ny, nx = grid.shape
     return grid.index_to_world(np.array([(nx - 1) / 2, (ny - 1) / 2, (nz - 1) / 2]))[0]

@@ -38,6 +38,7 @@ from scipy import ndimage
 
 from medfusion.io.volume import Volume
 from medfusion.models.network import MedFusionNet
+from medfusion.preprocess.intensity import CT_BODY_HU, ct_body_mask
 
 DOMAIN_FORMAT = "medfusion-domain/1"
 SIDECAR = "domain.safetensors"
@@ -121,16 +122,15 @@ def _largest(mask: np.ndarray) -> np.ndarray:
 
 
 def ct_facts(vol: Volume) -> dict[str, Any]:
-    """Facts of a CT volume (HU): body mask (> −500 HU, largest component, holes filled), its extent
-    (x, y, z mm), HU percentiles inside it, the fraction of voxels below −500 HU, CT noise (HU: the
-    median absolute difference of neighbouring soft-tissue voxels along x, /√2 × 1.4826), and the bone
+    """Facts of a CT volume (HU): body mask (`preprocess/intensity.ct_body_mask`: > −500 HU, largest
+    component, holes filled), its extent (x, y, z mm), HU percentiles inside it, the fraction of
+    voxels below −500 HU, CT noise (HU: the median absolute difference of neighbouring soft-tissue voxels along x, /√2 × 1.4826), and the bone
     fraction (> 300 HU) of the body's outer 12 mm shell, which a head's skull ring makes large."""
     arr, sp = _stride(vol)
-    body = _largest(arr > -500)
-    body = ndimage.binary_fill_holes(body) if body.any() else body
+    body = ct_body_mask(arr)
     facts: dict[str, Any] = {
         "spacing_mm": [round(float(s), 4) for s in vol.spacing],
-        "low_fraction": round(float((arr < -500).mean()), 4),
+        "low_fraction": round(float((arr < CT_BODY_HU).mean()), 4),
         "min_hu": round(float(vol.array.min()), 1),
     }
     if not body.any():
@@ -165,7 +165,7 @@ def mr_facts(vol: Volume) -> dict[str, Any]:
     p99 = float(np.percentile(arr, 99))
     facts: dict[str, Any] = {
         "spacing_mm": [round(float(s), 4) for s in vol.spacing],
-        "low_fraction": round(float((arr < -500).mean()), 4),
+        "low_fraction": round(float((arr < CT_BODY_HU).mean()), 4),
     }
     body = _largest(arr > 0.1 * p99) if p99 > 0 else np.zeros_like(arr, bool)
     if not body.any():
@@ -249,7 +249,7 @@ HEAD_MAX_EXTENT_MM = 260.0
 def hounsfield_reasons(ct: dict[str, Any]) -> list[str]:
     """Why a volume given as CT does not hold Hounsfield units (no training needed): no voxel near
     air (−1000 HU) — an MR given as CT, or a CT whose rescale was lost."""
-    if ct.get("min_hu", -1000.0) > -500.0:
+    if ct.get("min_hu", -1000.0) > CT_BODY_HU:
         return [
             f"CT intensities are not Hounsfield units (minimum {ct['min_hu']:g}, no air near −1000 HU; an MR given as CT?)"
         ]

@@ -1,9 +1,14 @@
-"""Intensity preparation: CT windows scaled to [0, 1]; the MR head threshold; MR robust z-score inside
-the head mask."""
+"""Intensity preparation: CT windows scaled to [0, 1]; the CT body and MR head thresholds and masks;
+MR robust z-score inside the head mask."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import ndimage
+
+CT_BODY_HU = -500.0
+"""A CT voxel is body (not air) above this many HU: medfusion's one CT body/air threshold (registration's
+CT head mask, `ct_body_mask`; air is ≈ −1000 HU, fat ≈ −100 HU, so −500 HU splits them with margin)."""
 
 MR_HEAD_FRACTION = 0.1
 """An MR voxel is head (not air) above this fraction of the image's 99th percentile (`mr_head_threshold`)."""
@@ -27,6 +32,34 @@ def mr_head_threshold(mr: np.ndarray) -> float:
 def mr_head_mask(mr: np.ndarray) -> np.ndarray:
     """Boolean mask of `mr` (any shape), True above `mr_head_threshold` (compared in float64)."""
     return mr > np.float64(mr_head_threshold(mr))
+
+
+def ct_body_mask(hu: np.ndarray) -> np.ndarray:
+    """The body of a CT: voxels above `CT_BODY_HU` (−500 HU), the largest connected component (face
+    connectivity, `scipy.ndimage.label`) with its holes filled (`scipy.ndimage.binary_fill_holes`), so
+    that a head rest, the table or a detached blanket apart from the body is left out.
+
+    Args:
+        hu: a 3D CT array (z, y, x) in Hounsfield units, any spacing (callers subsample it first).
+
+    Returns:
+        A boolean array of `hu`'s shape; all False when no voxel is above the threshold.
+
+    Used by the domain guard's CT facts (`models/domain.ct_facts`) and the lesions' midline and head
+    centre (`measure/lesions.find_lesions`). Registration's working-image head mask uses the same
+    threshold (`CT_BODY_HU`) in SimpleITK (`preprocess/registration.head_mask`).
+
+    Examples:
+        >>> hu = np.full((1, 1, 7), -1000.0); hu[0, 0, [1, 2, 3, 5]] = 40.0
+        >>> ct_body_mask(hu).astype(int).ravel().tolist()
+        [0, 1, 1, 1, 0, 0, 0]
+    """
+    comp, n = ndimage.label(np.asarray(hu) > CT_BODY_HU)
+    if n == 0:
+        return np.zeros(np.shape(hu), bool)
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    return np.asarray(ndimage.binary_fill_holes(comp == int(sizes.argmax())), bool)
 
 
 def ct_windows(hu: np.ndarray, windows: list[list[float]]) -> np.ndarray:

@@ -33,7 +33,7 @@ import SimpleITK as sitk
 from medfusion.config import RegistrationConfig
 from medfusion.io.errors import InputError
 from medfusion.io.volume import Volume, matrix_to_sitk, sitk_to_matrix
-from medfusion.preprocess.intensity import mr_head_threshold
+from medfusion.preprocess.intensity import CT_BODY_HU, mr_head_threshold
 
 # --- Types ---
 
@@ -118,7 +118,7 @@ def working_image(vol: Volume, spacing_mm: float) -> sitk.Image:
 def _foreground(img: sitk.Image, modality: str) -> sitk.Image:
     """Head/body mask of a float image: a threshold, the largest component, holes filled (uint8)."""
     if modality == "CT":
-        mask = img > -500
+        mask = img > CT_BODY_HU
     else:
         mask = img > mr_head_threshold(sitk.GetArrayViewFromImage(img))
     cc = sitk.ConnectedComponent(mask)
@@ -130,7 +130,7 @@ def _foreground(img: sitk.Image, modality: str) -> sitk.Image:
 def head_mask(vol: Volume, spacing_mm: float = 0.0) -> sitk.Image:
     """Foreground (head/body) mask on `vol`'s grid (or its working grid of `spacing_mm`), uint8.
 
-    CT: above −500 HU. MR: above `mr_head_threshold` (10 % of the 99th percentile; Otsu would keep
+    CT: above `preprocess/intensity.CT_BODY_HU` (−500 HU). MR: above `mr_head_threshold` (10 % of the 99th percentile; Otsu would keep
     only the bright tissues of a T1 image and lose the skull and CSF inside the scalp).
     """
     return _foreground(working_image(vol, spacing_mm), vol.modality)
