@@ -298,3 +298,28 @@ def test_an_unreadable_error_json_is_a_row_naming_the_file(tmp_path: Path) -> No
     assert "P1/error.json" in patient_row(tmp_path / "P1")["error"]
     (tmp_path / "P1" / "error.json").write_text('{"stage": "load", "error": "boom"}')
     assert patient_row(tmp_path / "P1")["status"] == "failed"
+
+
+def test_a_nifti_input_is_recorded_with_the_sha256_of_its_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from types import SimpleNamespace
+
+    from medfusion.hashing import sha256_of
+    from medfusion.run import pipeline
+
+    src = tmp_path / "ct.nii.gz"
+    src.write_bytes(b"not really a NIfTI")
+    ct = SimpleNamespace(modality="CT", meta={"format": "nifti", "source": str(src)})
+    case = SimpleNamespace(ct=ct, mr=[], note_path=None)
+    inputs = pipeline._provenance(case)  # type: ignore[arg-type]
+    assert inputs["ct"] == {
+        "modality": "CT",
+        "format": "nifti",
+        "series_description": "",
+        "file": "ct.nii.gz",
+        "sha256": sha256_of(src),
+    }
+    # through medfusion's one file hasher (chunked), not a copy of the file in memory
+    monkeypatch.setattr(pipeline, "sha256_of", lambda path: "hashed by sha256_of")
+    assert pipeline._provenance(case)["ct"]["sha256"] == "hashed by sha256_of"  # type: ignore[arg-type]

@@ -12,7 +12,6 @@ output folder exactly as an uninterrupted one does.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import shutil
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfusion.config import PipelineConfig, PreprocessConfig, RegistrationConfig
+from medfusion.hashing import sha256_of
 from medfusion.io.case import Case, load_case
 from medfusion.io.errors import InputError
 from medfusion.io.volume import Volume
@@ -86,7 +86,7 @@ def _provenance(case: Case) -> dict[str, Any]:
         else:
             src = Path(v.meta["source"])
             info["file"] = src.name
-            info["sha256"] = hashlib.sha256(src.read_bytes()).hexdigest()
+            info["sha256"] = sha256_of(src)
         return info
 
     return {
