@@ -44,7 +44,7 @@ from medfusion.io.atomic import write_json
 from medfusion.io.case import Case, load_case
 from medfusion.io.volume import Volume
 from medfusion.models.domain import assess, case_facts
-from medfusion.preprocess.prepare import CaseTensors, prepare_case
+from medfusion.preprocess.prepare import ModelInputs, prepare_case
 from medfusion.preprocess.resample import resample
 from medfusion.run.pipeline import run_preprocess_config
 
@@ -56,7 +56,7 @@ HELD_OUT = "held-out in-domain"
 WITHOUT = {"CT+note": "MR", "CT+MR": "note"}
 
 
-def _predict(predictor: Predictor, tensors: CaseTensors) -> dict[str, Any]:
+def _predict(predictor: Predictor, tensors: ModelInputs) -> dict[str, Any]:
     t0 = time.perf_counter()
     pred = predictor.predict(tensors)
     return {

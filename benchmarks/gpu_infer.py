@@ -26,13 +26,13 @@ from medfusion.evaluate.segmentation import dice
 from medfusion.infer.predictor import Prediction, Predictor
 from medfusion.io.case import find_patient_folders, load_case
 from medfusion.io.nifti import read_nifti
-from medfusion.preprocess.prepare import CaseTensors, prepare_case
+from medfusion.preprocess.prepare import ModelInputs, prepare_case
 from medfusion.run.pipeline import run_preprocess_config
 
 WAYS = "cpu:fp32:1,cuda:fp32:1,cuda:fp32:4,cuda:fp32:8,cuda:bf16:4"
 
 
-def timed(pred: Predictor, t: CaseTensors) -> tuple[Prediction, float]:
+def timed(pred: Predictor, t: ModelInputs) -> tuple[Prediction, float]:
     if pred.device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()

@@ -342,7 +342,8 @@ def train(
     import subprocess
 
     from medfusion.config import load_yaml_model
-    from medfusion.train.loop import TrainConfig, process_device
+    from medfusion.train.config import TrainConfig
+    from medfusion.train.distributed import process_device
     from medfusion.train.loop import train as run_training
 
     try:

@@ -30,7 +30,8 @@ from medfusion.models.domain import (
     summarise_facts,
 )
 from medfusion.package import load_domain_guard, read_meta, save_domain_guard
-from medfusion.train.loop import TrainConfig, train
+from medfusion.train.config import TrainConfig
+from medfusion.train.loop import train
 
 
 def _vol(arr: np.ndarray, modality: str, spacing: tuple[float, float, float] = (2.0, 2.0, 3.0)) -> Volume:

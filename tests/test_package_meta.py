@@ -148,3 +148,22 @@ def test_the_model_layer_writes_no_files() -> None:
         }
         assert not imported & {"medfusion.io.atomic", "medfusion.package", "safetensors.torch"}, path.name
         assert not imported & {"safetensors.numpy", "medfusion.package.store"}, path.name
+
+
+def test_names_are_imported_from_their_homes_not_old_forwards() -> None:
+    """#29's moves are finished where nothing needs the old name: `CaseTensors` is gone (it is
+    `preprocess/prepare.ModelInputs`) and medfusion imports `TrainConfig` and `process_device` from
+    train/config.py and train/distributed.py, not from train/loop.py's namespace."""
+    import medfusion.preprocess.prepare as prepare
+    import medfusion.train.loop as loop
+
+    assert not hasattr(prepare, "CaseTensors")
+    assert not {"TrainConfig", "process_device"} & set(loop.__all__)
+    root = Path(__file__).resolve().parent.parent
+    for path in [*sorted((root / "medfusion").rglob("*.py")), *sorted((root / "benchmarks").glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "medfusion.train.loop":
+                names = {a.name for a in node.names}
+                assert not names & {"TrainConfig", "process_device"}, f"{path.name}:{node.lineno}"
+            if isinstance(node, ast.ImportFrom) and node.module == "medfusion.preprocess.prepare":
+                assert "CaseTensors" not in {a.name for a in node.names}, f"{path.name}:{node.lineno}"

@@ -91,9 +91,6 @@ class ModelInputs:
         return Volume.on(self.ct_volume.grid, out, "PROB", self.ct_volume.meta)
 
 
-CaseTensors = ModelInputs  # the name before 0.9; training code still imports it
-
-
 def prepare_case(
     case: Case, cfg: PreprocessConfig, registration: RegistrationResult | None = None
 ) -> ModelInputs:

@@ -44,16 +44,15 @@ from medfusion.train.distributed import process_device, rank, world_size
 from medfusion.train.losses import segmentation_loss
 from medfusion.train.validate import ARRAYS, dice_per_class, selection_score, validate
 
-# `medfusion.cli` imports these from here. ARRAYS, dice_per_class (now train/validate.py) and
-# LATE_FUSION_KEYS (now train/checkpoint.py) are re-exported from their old home while a training run
-# started before the split (#29) may still import them from here; drop them when the lead says so
+# ARRAYS, dice_per_class (now train/validate.py) and LATE_FUSION_KEYS (now train/checkpoint.py) are
+# re-exported from their old home while a training run started before the split (#29) may still
+# import them from here; drop them when the lead says so. TrainConfig and process_device are imported
+# from their homes (train/config.py, train/distributed.py).
 __all__ = [
     "ARRAYS",
     "LATE_FUSION_KEYS",
-    "TrainConfig",
     "Trainer",
     "dice_per_class",
-    "process_device",
     "train",
 ]
 
