@@ -260,8 +260,8 @@ def test_register_writes_a_contract_qc_json_keeping_its_flat_keys(tmp_path: Path
     pid, res = register_patient(patient, tmp_path, cfg)
     qc = CaseResult.load_qc(tmp_path)
     assert pid == patient.name == qc.patient_id and res.mode == "skip"
-    assert qc.registration["mode"] == "skip" and qc.registration["settings_from"] == "command line"
-    assert qc.registration["settings"] == cfg.model_dump(mode="json")
+    assert qc.registration.mode == "skip" and qc.registration.settings_from == "command line"
+    assert qc.registration.settings == cfg.model_dump(mode="json")
     assert qc.inputs["ct"]["modality"] == "CT" and len(qc.inputs["mr"]) >= 1
     assert qc.verdict is Verdict.PASS and qc.mr_used_by_model
     raw = json.loads((tmp_path / "qc.json").read_text())
@@ -323,3 +323,59 @@ def test_a_nifti_input_is_recorded_with_the_sha256_of_its_file(
     # through medfusion's one file hasher (chunked), not a copy of the file in memory
     monkeypatch.setattr(pipeline, "sha256_of", lambda path: "hashed by sha256_of")
     assert pipeline._provenance(case)["ct"]["sha256"] == "hashed by sha256_of"  # type: ignore[arg-type]
+
+
+REGISTRATION = {  # qc.json "registration" as `RegistrationResult.to_json` and run/qc.py write it
+    "matrix_lps": [[1.0, 0.0, 0.0, 2.5], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]],
+    "convention": "ITK: maps a CT (fixed) point in LPS mm to the corresponding MR (moving) point",
+    "metric_mattes_mi": -0.61,
+    "iterations": 120,
+    "seconds": 3.2,
+    "mode": "auto",
+    "qc": {"passed": True},
+    "settings_from": "library",
+    "later_key": 1,
+}
+
+
+def test_registration_record_is_typed_and_a_truncated_one_names_its_file(tmp_path: Path) -> None:
+    (tmp_path / "qc.json").write_text(json.dumps({"patient_id": "P1", "registration": REGISTRATION}))
+    reg = CaseResult.load_qc(tmp_path).registration
+    assert reg.matrix_lps is not None and reg.matrix_lps[0][3] == 2.5 and reg.iterations == 120
+    assert reg.ran and reg.qc == {"passed": True}
+    assert reg.model_dump(exclude_unset=True) == REGISTRATION  # unknown keys kept, nothing added
+    assert not QCRecord(
+        patient_id="P1", registration={"mode": "none", "reason": "no MR volume"}
+    ).registration.ran
+    for drop in ("matrix_lps", "iterations"):
+        truncated = {k: v for k, v in REGISTRATION.items() if k != drop}
+        (tmp_path / "qc.json").write_text(json.dumps({"patient_id": "P1", "registration": truncated}))
+        with pytest.raises(
+            ValueError, match=rf"^{re.escape(str(tmp_path / 'qc.json'))}: .*lacks {drop}"
+        ) as exc:
+            CaseResult.load_qc(tmp_path)
+        assert "\n" not in str(exc.value)
+
+
+def test_training_cache_refuses_a_qc_json_donor_without_its_registration(tmp_path: Path) -> None:
+    """`--registration-from` a run folder whose qc.json lacks the registration's keys: one line naming
+    the file, not a KeyError (the check runs before the patient folder is read)."""
+    import SimpleITK as sitk
+
+    from medfusion.config import PreprocessConfig
+    from medfusion.train.data import _cache_one
+
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    run = tmp_path / "run"
+    (run / "P1").mkdir(parents=True)
+    qc_path = run / "P1" / "qc.json"
+    cfg = PreprocessConfig().model_dump_json()
+    args = (str(tmp_path / "P1"), str(tmp_path / "labels"), cfg, str(tmp_path / "cache"), str(run))
+    try:
+        for registration in ({"mode": "auto", "iterations": 3}, {}):
+            qc_path.write_text(json.dumps({"patient_id": "P1", "registration": registration}))
+            with pytest.raises(ValueError, match=rf"^{re.escape(str(qc_path))}: ") as exc:
+                _cache_one(*args)
+            assert "\n" not in str(exc.value)
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)

@@ -436,10 +436,9 @@ def write_report(
         )
     story.append(Paragraph("Quality checks", styles["Heading2"]))
     reg = qc.registration
-    reg_line = f"Registration: {reg.get('mode')}"
-    if reg.get("qc"):
-        q = reg["qc"]
-        reg_line += ", " + qc_summary(q)
+    reg_line = f"Registration: {reg.mode}"
+    if reg.qc:
+        reg_line += ", " + qc_summary(reg.qc)
     story.append(Paragraph(escape(reg_line), small))
     story.append(Paragraph(f"Overall input verdict: {qc.verdict}. {verdict_inputs_line(domain)}", small))
     input_warnings = [

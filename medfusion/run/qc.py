@@ -16,7 +16,7 @@ from medfusion.config import RegistrationConfig
 from medfusion.io.atomic import write_json
 from medfusion.io.case import Case, load_case
 from medfusion.io.errors import InputError
-from medfusion.run.result import QCRecord, Verdict, write_qc
+from medfusion.run.result import QCRecord, RegistrationRecord, Verdict, write_qc
 
 if TYPE_CHECKING:  # SimpleITK and nibabel load only when a registration runs
     from medfusion.preprocess.registration import RegistrationResult
@@ -79,7 +79,7 @@ def case_qc(
     return QCRecord(
         patient_id=case.patient_id,
         inputs=input_record(case),
-        registration=registration_record(reg, settings, settings_from),
+        registration=RegistrationRecord.model_validate(registration_record(reg, settings, settings_from)),
         mr_used_by_model=mr_used,
         verdict=input_verdict(case, reg),
         **extra,

@@ -219,13 +219,77 @@ class OutputsRecord(_Record):
     notes: list[str] = Field(default_factory=list)
 
 
+RAN = ("auto", "skip", "file")  # registration modes whose record holds a transform
+
+
+class RegistrationRecord(_Record):
+    """qc.json "registration" (and the training cache's): the fields `RegistrationResult.to_json`
+    writes (preprocess/registration.py), or ``{"mode": "none", "reason": …}`` without an MR, plus the
+    settings used (run/qc.py `registration_record`). Other keys are kept as they are.
+
+    Attributes:
+        mode: "auto", "skip" or "file" (a registration ran or was read), "none" (no MR volume); None
+            when the file holds no registration record.
+        matrix_lps: 4 × 4 homogeneous transform, nested lists, mapping a CT (fixed) point in LPS mm to
+            the MR (moving) point (ITK's convention).
+        convention: that convention in words.
+        metric_mattes_mi: Mattes mutual information at the end (negative, lower is better; NaN for
+            "skip" and "file").
+        iterations: optimiser iterations over all levels and candidates (≥ 0).
+        seconds: wall time of the registration and its QC, in s.
+        qc: `quality_check`'s record {"passed", "reasons", "warnings", "checks"}; {} when none ran.
+        reason: why no registration ran (mode "none").
+        settings_from: where the settings came from ("library", "package", "pipeline", "command line").
+        settings: the `RegistrationConfig` used, as JSON.
+
+    Raises:
+        ValueError (pydantic's ValidationError) on validation: mode "auto", "skip" or "file" without
+            one of matrix_lps, metric_mattes_mi, iterations, seconds, or a matrix that is not 4 × 4
+            (`read_record` turns it into one line naming the file).
+    """
+
+    mode: str | None = None
+    matrix_lps: list[list[float]] | None = None
+    convention: str | None = None
+    metric_mattes_mi: float | None = None
+    iterations: int | None = None
+    seconds: float | None = None
+    qc: dict[str, Any] = Field(default_factory=dict)
+    reason: str | None = None
+    settings_from: str | None = None
+    settings: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _a_registration_is_complete(self) -> RegistrationRecord:
+        """A record of a registration ("auto", "skip", "file") carries its transform and figures."""
+        if self.mode in RAN:
+            missing = [
+                k
+                for k in ("matrix_lps", "metric_mattes_mi", "iterations", "seconds")
+                if getattr(self, k) is None
+            ]
+            if missing:
+                msg = f"registration mode {self.mode!r} lacks {', '.join(missing)}"
+                raise ValueError(msg)
+        m = self.matrix_lps
+        if m is not None and (len(m) != 4 or any(len(row) != 4 for row in m)):
+            msg = f"registration matrix_lps is not 4 × 4 (got {len(m)} rows)"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def ran(self) -> bool:
+        """Whether the record holds a registration (mode "auto", "skip" or "file")."""
+        return self.mode in RAN
+
+
 class QCRecord(_Record):
     """The schema of qc.json.
 
     Attributes:
         inputs: the input volumes' summaries, unreadable files, skipped objects and series choices.
-        registration: the registration record (`RegistrationResult.to_json`, with its QC), or
-            {"mode": "none", "reason": …} without an MR; plus the settings used.
+        registration: the registration record (`RegistrationRecord`: `RegistrationResult.to_json`,
+            with its QC, or {"mode": "none", "reason": …} without an MR; plus the settings used).
         mr_used_by_model: whether the MR reached the model (`ModelInputs.has_mr`).
         verdict: "pass", "warn" (input warnings or unreadable files) or "fail" (registration QC failed).
         outputs: the writers' record (absent until the outputs are written).
@@ -233,7 +297,7 @@ class QCRecord(_Record):
 
     patient_id: str
     inputs: dict[str, Any] = Field(default_factory=dict)
-    registration: dict[str, Any] = Field(default_factory=dict)
+    registration: RegistrationRecord = Field(default_factory=RegistrationRecord)
     mr_used_by_model: bool = True
     verdict: Verdict = Verdict.PASS
     outputs: OutputsRecord | None = None

@@ -19,7 +19,7 @@ from medfusion.io.case import load_case, read_note
 from medfusion.io.errors import InputError
 from medfusion.preprocess.prepare import prepare_case
 from medfusion.preprocess.registration import RegistrationResult
-from medfusion.run.result import CaseResult
+from medfusion.run.result import QC, CaseResult, RegistrationRecord, validated
 
 
 def read_labels_csv(path: str | Path, score_names: list[str]) -> dict[str, dict[str, int]]:
@@ -99,6 +99,24 @@ def _same(
         return False
 
 
+def _registration_of(record: RegistrationRecord | dict[str, Any], path: Path) -> RegistrationResult:
+    """The stored registration `record` (a cache record's or a qc.json's "registration") to reuse.
+
+    Raises:
+        ValueError: one line naming `path`: the record does not fit `run.result.RegistrationRecord`,
+            or holds no registration (mode other than "auto", "skip", "file").
+    """
+    r = record if isinstance(record, RegistrationRecord) else validated(RegistrationRecord, record, path)
+    if not r.ran:
+        msg = f"{path}: its registration record holds no registration (mode {r.mode!r})"
+        raise ValueError(msg)
+    assert r.matrix_lps is not None and r.metric_mattes_mi is not None  # RegistrationRecord's check
+    assert r.iterations is not None and r.seconds is not None and r.mode is not None
+    return RegistrationResult(
+        np.asarray(r.matrix_lps, float), r.metric_mattes_mi, r.iterations, r.seconds, r.mode, r.qc
+    )
+
+
 def _cache_one(
     folder: str, labels_dir: str, cfg_json: str, cache_dir: str, registration_from: str | None = None
 ) -> dict[str, Any]:
@@ -106,7 +124,8 @@ def _cache_one(
     intensity settings changed, the stored registration is reused rather than run again; so is one stored
     for the same case in `registration_from`: another cache folder (when its registration settings are
     the same) or a `medfusion run` output folder (its per-patient qc.json, read as
-    `run.result.QCRecord`; one that does not fit raises ValueError naming the file). SimpleITK runs on one
+    `run.result.QCRecord`, its "registration" a `RegistrationRecord`; one that does not fit, or holds no
+    registration record, raises ValueError naming the file). SimpleITK runs on one
     thread in this process from here on (`device.repeatable_registration`), as in inference."""
     repeatable_registration()  # as inference registers: the same case gives the same transform
     cfg = PreprocessConfig.model_validate_json(cfg_json)
@@ -126,19 +145,25 @@ def _cache_one(
             write_json(meta_path, old)
         return old
     reuse = None
-    donors = [old]
+    donors = [(old, meta_path)]
     if registration_from and (Path(registration_from) / f"{pid}.json").exists():
-        donors.append(json.loads((Path(registration_from) / f"{pid}.json").read_text()))
-    elif registration_from and (Path(registration_from) / pid / "qc.json").exists():
+        path = Path(registration_from) / f"{pid}.json"
+        donors.append((json.loads(path.read_text()), path))
+    elif registration_from and (Path(registration_from) / pid / QC).exists():
         # a `medfusion run` output folder: its qc.json holds the registration it used; asking for it
         # by name is taken as saying its settings are the ones wanted
         registration = CaseResult.load_qc(Path(registration_from) / pid).registration
-        if registration.get("mode") == "auto":
-            donors.append({"registration": registration, "preprocess": key})
+        if registration.mode is None:
+            msg = f'{Path(registration_from) / pid / QC}: holds no registration record (no "mode")'
+            raise ValueError(msg)
+        if registration.mode == "auto":
+            donors.append(
+                ({"registration": registration, "preprocess": key}, Path(registration_from) / pid / QC)
+            )
     donor = next(
         (
-            d
-            for d in donors
+            (d, path)
+            for d, path in donors
             if d is not None
             and d.get("registration")
             and d.get("preprocess")
@@ -147,15 +172,7 @@ def _cache_one(
         None,
     )
     if donor is not None:
-        r = donor["registration"]
-        reuse = RegistrationResult(
-            np.asarray(r["matrix_lps"], float),
-            r["metric_mattes_mi"],
-            r["iterations"],
-            r["seconds"],
-            r["mode"],
-            r.get("qc", {}),
-        )
+        reuse = _registration_of(donor[0]["registration"], donor[1])
     try:
         case = load_case(folder, labels_dir=labels_dir)
         ct = prepare_case(case, cfg, registration=reuse)
