@@ -63,7 +63,7 @@ def _predict(predictor: Predictor, tensors: ModelInputs) -> dict[str, Any]:
         "features": pred.domain_features.tolist() if pred.domain_features is not None else None,
         "scores": pred.scores,
         "uncertainty": pred.uncertainty,
-        "lesion_voxels": int((pred.labels_ct > 0).sum()),
+        "lesion_voxels": int((pred.labels.array > 0).sum()),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 

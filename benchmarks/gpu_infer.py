@@ -80,10 +80,10 @@ def main() -> None:
             secs[w].append(s)
         base = outs[ways[0]]
         for w, o in outs.items():
-            agree[w].append([dice(o.labels_ct == k, base.labels_ct == k) for k in range(1, len(names))])
+            agree[w].append([dice(o.labels.array == k, base.labels.array == k) for k in range(1, len(names))])
             dscore[w].append(max(abs(o.scores[n] - base.scores[n]) for n in o.scores))
             if ref is not None:
-                truth[w].append([dice(o.labels_ct == k, ref == k) for k in range(1, len(names))])
+                truth[w].append([dice(o.labels.array == k, ref == k) for k in range(1, len(names))])
         print(f"  {folder.name}: " + "  ".join(f"{w} {secs[w][-1]:.2f} s" for w in ways), flush=True)
     cpu = statistics.median(secs[ways[0]])
     print(f"\n{len(folders)} patients; classes {', '.join(names[1:])}")

@@ -62,23 +62,6 @@ class Prediction:
     model_probabilities: Volume | None = None
     domain_features: np.ndarray | None = None
 
-    # --- the names before 0.9, for callers not yet switched (benchmarks) ---
-
-    @property
-    def labels_ct(self) -> np.ndarray:
-        """`labels.array`."""
-        return self.labels.array
-
-    @property
-    def probs_ct(self) -> np.ndarray:
-        """`probabilities.array`."""
-        return self.probabilities.array
-
-    @property
-    def score_features(self) -> dict[str, float]:
-        """`features`."""
-        return self.features
-
 
 def deterministic_torch(device: torch.device) -> None:
     """Ask for repeatable numbers (process-wide): torch's deterministic algorithms, cuDNN without
