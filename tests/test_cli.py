@@ -162,7 +162,29 @@ def _earlier_run(out: Path, *, version: str | None = None, config: PipelineConfi
         model["version"] = version
     d = out / "SYN20260001"
     d.mkdir(parents=True)
-    (d / "scores.json").write_text(json.dumps({"patient_id": d.name, "model": model}))
+    # a complete result (the output contract; --resume runs a patient whose result does not fit it again)
+    from medfusion.run.result import CaseResult, QCRecord, Scores
+
+    scores = {
+        "patient_id": d.name,
+        "probabilities": {"malignant": 0.2},
+        "predicted": {"malignant": False},
+        "threshold": 0.5,
+        "uncertainty": {"malignant": 0.01},
+        "domain": {"in_domain": True, "reasons": []},
+        "measurements": {
+            "volumes_ml": {},
+            "lesion_count": 0,
+            "largest_diameter_mm": 0.0,
+            "lesion_diameters_mm": [],
+            "lesions": [],
+        },
+        "model": model,
+        "qc_verdict": "pass",
+    }
+    result = CaseResult(scores=Scores.model_validate(scores), qc=QCRecord(patient_id=d.name))
+    result.write_qc(d)
+    result.write_scores(d)
     cfg = config or PipelineConfig()
     (out / "run.json").write_text(json.dumps({"config": cfg.model_dump(mode="json"), "model": model}))
 
