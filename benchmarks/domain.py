@@ -42,10 +42,9 @@ from medfusion.config import PipelineConfig
 from medfusion.infer.predictor import Predictor
 from medfusion.io.atomic import write_json
 from medfusion.io.case import Case, load_case
-from medfusion.io.volume import Volume
+from medfusion.io.volume import Grid, Volume
 from medfusion.models.domain import assess, case_facts
 from medfusion.preprocess.prepare import ModelInputs, prepare_case
-from medfusion.preprocess.resample import resample
 from medfusion.run.pipeline import run_preprocess_config
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "real-data"
@@ -114,14 +113,8 @@ def _thick(case: Case, mm: float = 5.0) -> Case:
     ct = case.ct
     assert ct is not None
     nz = max(1, int(round(ct.shape[0] * ct.spacing[2] / mm)))
-    grid = Volume(
-        np.zeros((nz, *ct.shape[1:]), np.float32),
-        (ct.spacing[0], ct.spacing[1], mm),
-        ct.origin,
-        ct.direction,
-        "GRID",
-    )
-    thick = resample(ct, grid, default=-1024.0)
+    grid = Grid((nz, *ct.shape[1:]), (ct.spacing[0], ct.spacing[1], mm), ct.origin, ct.direction)
+    thick = ct.resample_to(grid, default=-1024.0)
     return dataclasses.replace(
         case, ct=Volume(thick.array, thick.spacing, thick.origin, thick.direction, "CT", ct.meta)
     )

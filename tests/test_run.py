@@ -21,7 +21,6 @@ from medfusion.io.docpdf import read_encapsulated_pdf
 from medfusion.io.nifti import read_nifti
 from medfusion.io.seg import read_dicom_seg
 from medfusion.measure.features import FEATURES as MEASURE_FEATURES
-from medfusion.preprocess.resample import resample
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +92,7 @@ def test_outputs_are_in_the_ct_geometry_and_seg_matches(run_out: tuple) -> None:
     assert ds.SegmentationType == "BINARY"
     assert ds.ReferencedSeriesSequence[0].SeriesInstanceUID == ct.meta["series_uid"]
     if seg.array.any():
-        back = resample(read_dicom_seg(out / pid / "segmentation.dcm"), ct, label=True)
+        back = read_dicom_seg(out / pid / "segmentation.dcm").resample_to(ct)
         assert np.array_equal(back.array, seg.array)
     # the DICOM CT also gets the SR (one volumetric group per lesion) and the report as DICOM PDF
     sr = hd.sr.srread(str(out / pid / "segmentation_sr.dcm"))

@@ -4,7 +4,7 @@ Cost is set in millimetres, not voxels: each image is first reduced (block avera
 resampling) to a working grid of `working_spacing_mm` — or its own spacing where that is coarser —
 and every metric evaluation, mask and pyramid level works there, so a 512 × 512 CT costs about what
 a 128 × 128 one does. The transform found is applied once, at full resolution, by the caller
-(`preprocess.resample`).
+(`Volume.resample_to`).
 
 Recipe: head masks; moments-centred start; an exhaustive coarse rotation search (so that ±15°
 starts converge); then Mattes mutual information over a multi-resolution pyramid, optimised by
