@@ -12,7 +12,9 @@ printed at the end.
 Cases:
 - held-out in-domain: a synthetic cohort of a seed used neither in training nor in fitting the guard
   (generated, or extended, to --n patients), labels from each patient's truth.json;
-- real abdomen CT (NIfTI, and the DICOM series) and the real GE head CT (`../shared/real-data/`);
+- real abdomen CT (NIfTI, and the DICOM series) and the real GE head CT (`../shared/real-data/`), the
+  head CT also with an MR built from nilearn's MNI152 (`benchmarks/real_head_mr.py`; skipped without
+  nilearn);
 - synthetic patients with CT and MR swapped; an MR given as CT (no MR); the CT resampled to 5 mm
   slices; the CT with 5× its noise (--variants patients each).
 
@@ -221,6 +223,13 @@ def main() -> None:
     nifti.mkdir(exist_ok=True)
     if not (nifti / "ct.nii.gz").exists():
         (nifti / "ct.nii.gz").symlink_to(REAL / "abdomen-ct" / "example_ct.nii.gz")
+    from real_head_mr import build  # benchmarks/real_head_mr.py
+
+    from tests.mni_anatomy import mni_dir
+
+    def real_head_mr() -> Case:  # built by the process that measures it, once
+        return load_case(build(args.work / "real-head-mr"))
+
     # interleaved, so that a run stopped early has measured every kind of case
     for i, f in enumerate(folders):
         record(HELD_OUT, f.name, loader(f), truth_label(cohort, f.name))
@@ -233,6 +242,10 @@ def main() -> None:
             record("real abdomen CT", "example_ct.nii.gz", loader(nifti))
             record("real abdomen CT", "dicom", loader(REAL / "abdomen-ct" / "dicom"))
             record("real head CT", "ge-head-ct", loader(REAL / "ge-head-ct"))
+            if mni_dir() is not None:  # nilearn's wheel carries the template
+                record("real head CT + MNI MR", "ge-head-ct+mni152", real_head_mr)
+            else:
+                print("real head CT + MNI MR skipped: nilearn is not installed")
     if args.measure_only:
         return
     for path in sorted(cache.glob("ct-only__*.json")):  # benchmarks/missing_inputs.py --ct-only
