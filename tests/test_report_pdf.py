@@ -187,3 +187,20 @@ def test_findings_header_words_fit_their_columns() -> None:
                 word,
                 width,
             )
+
+
+def test_inputs_line_gives_the_feature_distance_and_its_threshold() -> None:
+    dom = DomainRecord(
+        in_domain=True,
+        distance=9.02,
+        threshold=17.2,
+        situation="CT+MR+note",
+        calibrated_for_situation=True,
+        guard_fitted=True,
+    )
+    line = pdf.verdict_inputs_line(dom)
+    assert "calibration measured" in line
+    assert "distance 9.0 to the training cases (out of domain above 17.2)" in line
+    no_guard = DomainRecord(in_domain=True, situation="CT+note", guard_fitted=False)
+    assert "distance" not in pdf.verdict_inputs_line(no_guard)
+    assert "(no MR)" in pdf.verdict_inputs_line(no_guard)

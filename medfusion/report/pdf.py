@@ -97,8 +97,10 @@ def not_assessed_banner(scores: Scores, styles: Any) -> list[Any]:
 
 
 def verdict_inputs_line(domain: DomainRecord) -> str:
-    """Which inputs the scores above were computed from, and whether their calibration was measured
-    for exactly those inputs (models/domain.py)."""
+    """Which inputs the scores above were computed from, whether their calibration was measured for
+    exactly those inputs, and how far the case's encoder features lie from the training cases (the
+    domain guard's Mahalanobis distance and its threshold, models/domain.py): how usual the input is,
+    beside the MC-dropout s.d., which does not grow out of domain (benchmarks/RESULTS.md, #25)."""
     sit = domain.situation
     if not sit:
         return "Inputs: not recorded."
@@ -107,7 +109,13 @@ def verdict_inputs_line(domain: DomainRecord) -> str:
     if not domain.guard_fitted:
         return f"Inputs: {sit}{lacking}; this model package has no fitted domain guard."
     how = "measured" if domain.calibrated_for_situation else "NOT measured"
-    return f"Inputs: {sit}{lacking}; calibration {how} for these inputs."
+    line = f"Inputs: {sit}{lacking}; calibration {how} for these inputs."
+    if domain.distance is not None and domain.threshold is not None:
+        line += (
+            f" Image features: distance {domain.distance:.1f} to the training cases "
+            f"(out of domain above {domain.threshold:.1f})."
+        )
+    return line
 
 
 # --- Header facts ---
