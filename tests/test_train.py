@@ -479,6 +479,51 @@ def test_present_only_dice_leaves_an_absent_class_to_the_cross_entropy() -> None
     assert torch.isfinite(per_crop) and not torch.allclose(per_crop, ours)
 
 
+def test_empty_crop_term_charges_the_worst_voxels_of_crops_without_foreground() -> None:
+    from medfusion.train.losses import EmptyCropTopK, PresentDiceCELoss
+
+    base = PresentDiceCELoss(batch=True, smooth=1.0, weight=None)
+    logits = torch.zeros(2, 4, 8, 8, 8)
+    logits[:, 0] = 6.0  # background everywhere, confidently
+    label = torch.zeros(2, 1, 8, 8, 8, dtype=torch.long)
+    label[0, 0, :2, :2, :2] = 1  # crop 0 holds a lesion, crop 1 is empty
+    logits[0, 1, :2, :2, :2] = 12.0
+    loss = EmptyCropTopK(base, weight=1.0, k=8)
+    clean = float(loss(logits, label) - base(logits, label))
+    assert 0 < clean < 0.01  # nothing foreground-looking in the empty crop: −log p_bg ≈ 0.007
+    # eight confident false-positive voxels in the empty crop: charged in full (≈ 6 nats each), where
+    # the mean cross-entropy over the crop's 512 voxels sees a sixty-fourth of it
+    fp = logits.clone()
+    fp[1, 1, 4:6, 4:6, 4:6] = 12.0
+    term = float(loss(fp, label) - base(fp, label))
+    ce_share = float(base(fp, label) - base(logits, label))
+    assert term > 5.5 and term > 20 * ce_share
+    # the same voxels in the crop that has a lesion are not its business
+    fp0 = logits.clone()
+    fp0[0, 1, 4:6, 4:6, 4:6] = 12.0
+    assert float(loss(fp0, label) - base(fp0, label)) == pytest.approx(clean, abs=1e-6)
+    # its gradient lowers the false-positive logits; weight 0 and a batch without empty crops add nothing
+    fp.requires_grad_(True)
+    grad = torch.autograd.grad(loss(fp, label), fp)[0]
+    assert float(grad[1, 1, 4:6, 4:6, 4:6].min()) > 0
+    fp = fp.detach()
+    assert float(EmptyCropTopK(base, 0.0, 8)(fp, label)) == pytest.approx(float(base(fp, label)))
+    full = label.clone()
+    full[1, 0, 0, 0, 0] = 2
+    assert float(loss(logits, full)) == pytest.approx(float(base(logits, full)))
+
+
+def test_the_config_turns_the_empty_crop_term_on() -> None:
+    from medfusion.train.losses import EmptyCropTopK, segmentation_loss
+
+    data = {"patients": "p", "labels": "l"}
+    off = TrainConfig.model_validate({"data": data})
+    on = TrainConfig.model_validate({"data": data, "empty_topk_weight": 0.5, "empty_topk_voxels": 32})
+    assert not isinstance(segmentation_loss(off, torch.device("cpu")), EmptyCropTopK)
+    wrapped = segmentation_loss(on, torch.device("cpu"))
+    assert isinstance(wrapped, EmptyCropTopK) and (wrapped.weight, wrapped.k) == (0.5, 32)
+
+
 @pytest.mark.parametrize(
     "name",
     [

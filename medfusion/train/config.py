@@ -180,6 +180,12 @@ class TrainConfig(StrictModel):
             read the same inputs (preprocessing).
         distill_weight: weight of that term, ≥ 0; > 0 needs `distill_from`.
         ce_class_weights: cross-entropy weight per class (background first); None: equal.
+        empty_topk_weight: weight of a false-positive term on crops whose reference has no foreground
+            (train/losses.EmptyCropTopK: the cross-entropy of their `empty_topk_voxels` most foreground-
+            looking voxels), ≥ 0; 0: off, as every shipped model was trained. Dice sees nothing on an
+            empty reference and the mean cross-entropy dilutes a few bright voxels among 110 k, so
+            normal anatomy that looks like a lesion is otherwise barely charged (#26).
+        empty_topk_voxels: how many voxels per empty crop that term reads, ≥ 1.
         score_weight: weight of the diagnosis BCE loss.
         patience: epochs without a better selection score before stopping.
         selection: which epoch is packaged: the best by the validation selection score (mean Dice +
@@ -228,6 +234,8 @@ class TrainConfig(StrictModel):
     distill_from: str | None = None
     distill_weight: float = Field(default=0.0, ge=0)
     ce_class_weights: list[float] | None = None
+    empty_topk_weight: float = Field(default=0.0, ge=0)
+    empty_topk_voxels: int = Field(default=64, ge=1)
     score_weight: float = 0.5
     patience: int = 8
     selection: Literal["best", "last"] = "best"
