@@ -155,6 +155,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20, help="held-out in-domain patients")
     ap.add_argument("--seed", type=int, default=13013, help="seed of the held-out cohort (never trained on)")
     ap.add_argument("--variants", type=int, default=3, help="patients per synthetic out-of-domain variant")
+    ap.add_argument(
+        "--swapped",
+        type=int,
+        default=None,
+        help="patients for the swapped CT/MR variant (default: --variants; each registers for minutes)",
+    )
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
     ap.add_argument("--measure-only", action="store_true", help="measure the cases, check nothing yet")
@@ -233,8 +239,9 @@ def main() -> None:
     # interleaved, so that a run stopped early has measured every kind of case
     for i, f in enumerate(folders):
         record(HELD_OUT, f.name, loader(f), truth_label(cohort, f.name))
-        if i < args.variants:
+        if i < (args.variants if args.swapped is None else args.swapped):
             record("swapped CT/MR", f.name, loader(f, _swapped))
+        if i < args.variants:
             record("MR given as CT", f.name, loader(f, _mr_as_ct))
             record("5 mm slices", f.name, loader(f, _thick))
             record("noise x5", f.name, loader(f, _noisy))
