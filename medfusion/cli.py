@@ -714,6 +714,20 @@ def evaluate(
                     f"95th pct {z['p95']:.3f} (p = {z['p_value']:.2f})"
                 )
             out_c.print(line)
+    dom = summary.get("domain") or {}
+    if dom.get("n_flagged"):
+        out_c.print(
+            f"domain guard: {dom['n_flagged']} of {summary['n_patients_predicted']} patients flagged "
+            "(outside the model's training domain, no decision given); the metrics above count them"
+        )
+        inside = (summary.get("diagnosis") or {}).get("in_domain")
+        if inside:
+            vals = ", ".join(
+                f"{k} {inside[k]['value']:.3f}" for k in ("auroc", "ece") if inside[k]["value"] is not None
+            )
+            out_c.print(
+                f"in domain only: n = {inside['n']} ({inside['n_positive']} positive){': ' + vals if vals else ''}"
+            )
     out_c.print(f"written to {out or pred / 'evaluation'}")
     if refused:
         from medfusion.evaluate.diagnosis import MIN_CASES
@@ -887,7 +901,10 @@ def domain_fit(
         typer.Option(help="In-domain patients never fitted on, for calibrating the threshold too."),
     ] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N fitting patients.")] = None,
-    flag_rate: Annotated[float, typer.Option(help="Share of in-domain cases the threshold flags.")] = 0.015,
+    flag_rate: Annotated[
+        float,
+        typer.Option(min=0.0, max=0.5, help="Share of in-domain cases the threshold flags, in [0, 0.5]."),
+    ] = 0.015,
     calibration: Annotated[
         str | None,
         typer.Option(
@@ -901,11 +918,12 @@ def domain_fit(
     features (Ledoit-Wolf; Lee et al. 2018) per input situation, thresholded to flag ≈ --flag-rate of
     held-out in-domain cases. Written to model.json ("domain") and domain.safetensors."""
     from medfusion.io.case import find_patient_folders
+    from medfusion.models.domain import check_calibration
     from medfusion.package import PackageError
     from medfusion.train.domain import fit_package_domain
 
     try:
-        cal = json.loads(calibration) if calibration else None
+        cal = check_calibration(json.loads(calibration)) if calibration else None
         fit_folders = find_patient_folders(patients)[:limit]
         held = find_patient_folders(heldout) if heldout else []
         block = fit_package_domain(

@@ -23,6 +23,7 @@ from medfusion.models.domain import (
     DomainGuard,
     FeatureDensity,
     assess,
+    check_calibration,
     ct_facts,
     fact_reasons,
     mr_facts,
@@ -59,6 +60,31 @@ def test_rules_catch_an_mr_given_as_ct_and_a_ct_given_as_mr() -> None:
         {"situation": "CT+MR", "ct": ct_facts(_vol(mr.array, "CT")), "mr": mr_facts(ct)}, None
     )
     assert any("not Hounsfield" in r for r in swapped) and any("CT given as MR" in r for r in swapped)
+
+
+def test_a_package_without_a_guard_never_answers() -> None:
+    facts = {"situation": "CT+MR+note", "ct": ct_facts(_vol(_head_ct(), "CT"))}
+    verdict = assess(None, facts, None)
+    assert not verdict.in_domain and not verdict.fitted
+    assert any("no fitted domain guard" in r for r in verdict.reasons)
+
+
+def test_calibration_records_are_checked_before_they_are_stored() -> None:
+    good = {"CT+MR+note": {"n": 100, "auroc": 0.87, "ece": 0.077, "source": "model card"}}
+    assert check_calibration(good) == good
+    for bad in (
+        {"CT+MR+note": 3},
+        {"CT+MRI": {"ece": 0.05}},
+        {"CT+note": {"ece": 1.5}},
+        [1],
+        {"CT": {"n": 0, "ece": 0.1}},
+    ):
+        with pytest.raises(ValueError, match="calibration"):
+            check_calibration(bad)
+    res = CliRunner().invoke(app, ["domain", "fit", ".", "--calibration", '{"CT+MR+note": 3}'])
+    assert res.exit_code != 0 and "numeric 'ece'" in res.output
+    res = CliRunner().invoke(app, ["domain", "fit", ".", "--flag-rate", "1.5"])
+    assert res.exit_code != 0
 
 
 def test_head_facts_see_the_skull_ring() -> None:

@@ -410,6 +410,38 @@ def test_evaluate_reports_sensitivity_at_the_threshold(cohort: Path, tmp_path: P
     assert f"n = {len(labels)}" in res.output
 
 
+def test_evaluate_counts_the_flagged_and_scores_the_in_domain_cases_apart(
+    cohort: Path, tmp_path: Path
+) -> None:
+    cohort = _with_positives(cohort, tmp_path)
+    run = tmp_path / "run"
+    _fake_run(cohort, run)
+    pids = sorted(p.name for p in run.iterdir())
+    # the last patient flagged with a confident wrong answer: it counts in "all", not "in domain"
+    flagged = pids[-1]
+    sc = json.loads((run / flagged / "scores.json").read_text())
+    sc["probabilities"]["malignant"] = 0.99
+    sc["domain"] = {"in_domain": False, "reasons": ["no skull ring"]}
+    (run / flagged / "scores.json").write_text(json.dumps(sc))
+    for pid in pids[:-1]:
+        sc = json.loads((run / pid / "scores.json").read_text())
+        sc["domain"] = {"in_domain": True, "reasons": []}
+        (run / pid / "scores.json").write_text(json.dumps(sc))
+    res = _eval("--pred", str(run), "--labels", str(cohort / "labels"), "--bootstrap", "50")
+    assert res.exit_code == 0, res.output
+    summary = json.loads((run / "evaluation" / "metrics_summary.json").read_text())
+    dom = summary["domain"]
+    assert (dom["n_flagged"], dom["n_in_domain"], dom["flagged"]) == (1, len(pids) - 1, [flagged])
+    diag = summary["diagnosis"]
+    assert diag["n"] == len(pids) and diag["in_domain"]["n"] == len(pids) - 1
+    assert diag["confusion"]["fp"] == 1 and diag["in_domain"]["confusion"]["fp"] == 0
+    assert (
+        "1 of" in res.output
+        and "flagged" in res.output
+        and f"in domain only: n = {len(pids) - 1}" in res.output
+    )
+
+
 def test_evaluate_numbers_classes_without_segmentation_json(cohort: Path, tmp_path: Path) -> None:
     cohort = _with_positives(cohort, tmp_path)
     run = tmp_path / "run"

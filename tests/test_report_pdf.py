@@ -204,3 +204,12 @@ def test_inputs_line_gives_the_feature_distance_and_its_threshold() -> None:
     no_guard = DomainRecord(in_domain=True, situation="CT+note", guard_fitted=False)
     assert "distance" not in pdf.verdict_inputs_line(no_guard)
     assert "(no MR)" in pdf.verdict_inputs_line(no_guard)
+
+
+def test_out_of_domain_score_bars_carry_no_plus_minus() -> None:
+    from medfusion.report import figures
+
+    assert figures.bar_labels([0.43], [0.012]) == ["0.43 ± 0.01"]
+    assert figures.bar_labels([1.0, 0.98], None) == ["1.00 (not assessed)", "0.98 (not assessed)"]
+    png = figures.score_bars({"malignant": 1.0}, {"malignant": 0.0}, 0.5, (0.4, 0.6), assessed=False)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"

@@ -226,6 +226,15 @@ def evaluate(
             "sensitivity": tp / (tp + fn) if tp + fn else None,
         }
         summary["segmentation"][cname] = block
+    flagged = [p for p in patients if scores[p].in_domain is False]
+    summary["domain"] = {
+        "n_in_domain": sum(scores[p].in_domain is True for p in patients),
+        "n_flagged": len(flagged),
+        "n_not_recorded": sum(scores[p].in_domain is None for p in patients),
+        "flagged": flagged,
+        "note": "flagged: outside the model's training domain (scores.json domain.in_domain false), no "
+        "decision given; diagnosis metrics are over all cases, and again over the others under 'in_domain'",
+    }
     score_names = sorted({k for sc in scores.values() for k in sc.probabilities} & set(fields))
     diag: dict[str, Any] = {}
     pairs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -241,6 +250,9 @@ def evaluate(
         if threshold is not None:
             ths["chosen"] = threshold
         diag[s] = diagnosis_metrics(y, pr, ths, n_boot)
+        keep = np.array([scores[p].in_domain is not False for p in ids])
+        if not keep.all() and keep.any():
+            diag[s]["in_domain"] = diagnosis_metrics(y[keep], pr[keep], ths, n_boot)
         pairs[s] = (y, pr)
         for col in subgroups or []:
             groups = {}
@@ -260,6 +272,15 @@ def evaluate(
             "confusion": first["confusion"]["model"],
             "per_score": diag,
         }
+        if "in_domain" in first:
+            inside = first["in_domain"]
+            summary["diagnosis"]["in_domain"] = {
+                "n": inside["n"],
+                "n_positive": inside["n_positive"],
+                **{k: inside[k] for k in HEADLINE},
+                **{k: inside[f"{k}@model"] for k in ("sensitivity", "specificity")},
+                "confusion": inside["confusion"]["model"],
+            }
     _write_per_case(out / "metrics_per_case.csv", rows)
     write_json(out / "metrics_summary.json", summary)
     from medfusion.evaluate.plots import write_plots_and_pdf

@@ -116,6 +116,7 @@ def write_plots_and_pdf(
             f"{summary.get('n_patients_labelled', '—')} labelled. "
             + (f"Run: {run}. " if run else "")
             + (f"Model: {model}. " if model else "")
+            + _domain_sentence(summary)
             + "Each metric states how many cases it averages (n).",
             styles["Normal"],
         ),
@@ -154,7 +155,11 @@ def write_plots_and_pdf(
     ]
     if "diagnosis" in summary:
         drows = [["score", "metric", "value", "95 % CI"]]
-        for s, d in summary["diagnosis"]["per_score"].items():
+        per_score = dict(summary["diagnosis"]["per_score"])
+        for s, d in list(per_score.items()):
+            if "in_domain" in d:
+                per_score[f"{s} (in domain)"] = d["in_domain"]
+        for s, d in per_score.items():
             for m in (*HEADLINE, "accuracy@model", "sensitivity@model", "specificity@model"):
                 v = d[m]
                 drows.append(
@@ -183,3 +188,15 @@ def write_plots_and_pdf(
     with atomic_path(out / "evaluation.pdf") as tmp:
         SimpleDocTemplate(str(tmp), pagesize=A4, leftMargin=14 * mm, rightMargin=14 * mm).build(story)
     return paths
+
+
+def _domain_sentence(summary: dict[str, Any]) -> str:
+    """How many evaluated patients the domain guard flagged, for the evaluation PDF's first paragraph."""
+    dom = summary.get("domain") or {}
+    if not dom.get("n_flagged"):
+        return ""
+    return (
+        f"Domain guard: {dom['n_flagged']} patients flagged (outside the model's training domain, no "
+        f"decision given); the diagnosis table gives each score over all cases and again over the "
+        f"{dom['n_in_domain'] + dom['n_not_recorded']} others ('in domain'). "
+    )

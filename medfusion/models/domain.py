@@ -72,6 +72,10 @@ _REGIONS: dict[str, tuple[str, ...]] = {
 # --- Input facts of one case ---
 
 
+# every input situation a case can be in (`situation`)
+SITUATIONS = ("CT+MR+note", "CT+note", "CT+MR", "CT")
+
+
 def situation(has_mr: bool, has_note: bool) -> str:
     """The name of an input situation: "CT", then "+MR" and "+note" for what the model received."""
     return "CT" + ("+MR" if has_mr else "") + ("+note" if has_note else "")
@@ -540,7 +544,7 @@ class DomainGuard:
         return cls(
             block.get("facts", {}),
             densities,
-            block.get("calibration", {}),
+            check_calibration(block.get("calibration", {})),
             float(block.get("flag_rate", DEFAULT_FLAG_RATE)),
             block.get("fitted_on", {}),
             float(block.get("max_ece", MAX_SITUATION_ECE)),
@@ -558,19 +562,52 @@ class DomainGuard:
         return assess(self, facts, features)
 
 
+def check_calibration(calibration: Any) -> dict[str, dict[str, Any]]:
+    """`calibration` ({situation: {"n", "auroc", "ece", "source"}}) if well formed, for `domain fit`'s
+    --calibration and for a package's stored block: each situation a known one ("CT+MR+note",
+    "CT+note", "CT+MR", "CT"), each record a mapping whose "ece" is a number in [0, 1] and whose "n", when
+    present, an integer ≥ 1.
+
+    Raises:
+        ValueError: one line naming the first entry that is not."""
+    if not isinstance(calibration, dict):
+        msg = f"calibration must be a JSON object {{situation: {{n, auroc, ece}}}}, not {calibration!r}"
+        raise ValueError(msg)
+    for sit, rec in calibration.items():
+        if sit not in SITUATIONS:
+            msg = f"calibration: unknown input situation {sit!r} (one of {', '.join(SITUATIONS)})"
+            raise ValueError(msg)
+        ece = rec.get("ece") if isinstance(rec, dict) else None
+        if not isinstance(ece, int | float) or isinstance(ece, bool) or not 0.0 <= float(ece) <= 1.0:
+            msg = f"calibration[{sit!r}] must be an object with a numeric 'ece' in [0, 1], not {rec!r}"
+            raise ValueError(msg)
+        n = rec.get("n")
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+            msg = f"calibration[{sit!r}]['n'] must be an integer ≥ 1, not {n!r}"
+            raise ValueError(msg)
+    return calibration
+
+
 def missing_inputs(sit: str) -> list[str]:
     """What a situation lacks of the full CT+MR+note."""
     return [m for m in ("MR", "note") if f"+{m}" not in sit]
 
 
 def assess(guard: DomainGuard | None, facts: dict[str, Any], features: np.ndarray | None) -> DomainVerdict:
-    """The domain verdict for one case (`guard` None: a package without a fitted guard — only the rules
-    that need no training run, and the verdict says the guard is not fitted)."""
+    """The domain verdict for one case. `guard` None (a package without a fitted guard): the rules that
+    need no training run, and the case is out of domain whatever they say — nothing tells whether it is
+    like the training cases or whether the scores are calibrated for its inputs (issue #25: never a
+    confident answer on that footing); `medfusion domain fit` gives the package a guard."""
     sit = facts["situation"]
     reasons = fact_reasons(facts, guard.facts if guard else None)
     distance = threshold = None
     calibrated = guard.calibrated(sit) if guard else False
-    if guard is not None:
+    if guard is None:
+        reasons.append(
+            "this model package has no fitted domain guard, so nothing checks that the case is like its "
+            "training cases (fit one: medfusion domain fit)"
+        )
+    else:
         if not calibrated:
             lacking = " and ".join(missing_inputs(sit)) or "nothing"
             measured = guard.calibration.get(sit) or {}

@@ -215,7 +215,8 @@ def load_domain_guard(package: str | Path, meta: PackageMeta | dict[str, Any]) -
     """The guard stored in `package` (whose `model.json` is `meta`), or None if it has none.
 
     Raises:
-        ValueError: the sidecar named in `model.json` is missing or altered (its SHA-256 differs).
+        ValueError: the sidecar named in `model.json` is missing or altered (its SHA-256 differs), or the
+            block's calibration is malformed (`models.domain.check_calibration`).
     """
     block = meta.block("domain") if isinstance(meta, PackageMeta) else meta.get("domain")
     if not block:
@@ -227,4 +228,8 @@ def load_domain_guard(package: str | Path, meta: PackageMeta | dict[str, Any]) -
     if block.get("sidecar_sha256") and sha256_of(path) != block["sidecar_sha256"]:
         msg = f"{path}: SHA-256 does not match model.json; the file was altered"
         raise ValueError(msg)
-    return DomainGuard.from_block(block, load_numpy(str(path)))
+    try:
+        return DomainGuard.from_block(block, load_numpy(str(path)))
+    except ValueError as exc:  # a malformed block: name the file, not a failure deep in a run
+        msg = f"{Path(package) / 'model.json'}: domain block: {exc}"
+        raise ValueError(msg) from exc

@@ -32,30 +32,47 @@ def score_bars(
     uncertainty: dict[str, float],
     threshold: float = 0.5,
     band: tuple[float, float] | None = None,
+    assessed: bool = True,
 ) -> bytes:
     """Horizontal bars of the calibrated probabilities (in [0, 1]) with ±1 s.d. error bars and the
     decision threshold dashed: red at or above it, blue below, amber inside the indeterminate `band`
-    [low, high) (shaded). PNG bytes."""
+    [low, high) (shaded). With `assessed` False (a case outside the model's training domain) the bars
+    are grey, with neither error bars nor a "± s.d." — out of domain the MC-dropout s.d. is no measure
+    of doubt (it is 0.00 on saturated scores, benchmarks/RESULTS.md, #25) — and the axis says the scores
+    were not assessed. PNG bytes."""
     names = list(scores)
     fig, ax = plt.subplots(figsize=(6.0, 0.6 + 0.55 * len(names)))
     vals = [scores[n] for n in names]
-    err = [uncertainty.get(n, 0.0) for n in names]
+    err = [uncertainty.get(n, 0.0) for n in names] if assessed else None
     colours = [
-        "#d68910"
+        "#aab7b8"
+        if not assessed
+        else "#d68910"
         if band is not None and band[0] <= v < band[1]
         else ("#c0392b" if v >= threshold else "#2e86c1")
         for v in vals
     ]
-    if band is not None and band[0] < band[1]:
+    if assessed and band is not None and band[0] < band[1]:
         ax.axvspan(band[0], band[1], color="#fdebd0", zorder=0)
     ax.barh(names, vals, xerr=err, color=colours, capsize=4, height=0.5)
     ax.axvline(threshold, color="grey", ls="--", lw=1)
-    for y, v in enumerate(vals):
-        ax.text(min(v + 0.03, 0.9), y, f"{v:.2f} ± {err[y]:.2f}", va="center", fontsize=9)
+    for y, text in enumerate(bar_labels(vals, err)):
+        ax.text(min(vals[y] + 0.03, 0.9), y, text, va="center", fontsize=9)
     ax.set_xlim(0, 1)
-    ax.set_xlabel("calibrated probability (bar: ±1 s.d. over MC dropout and TTA)")
+    ax.set_xlabel(
+        "calibrated probability (bar: ±1 s.d. over MC dropout and TTA)"
+        if assessed
+        else "probability — NOT ASSESSED: input outside the model's training domain"
+    )
     ax.invert_yaxis()
     return _png(fig)
+
+
+def bar_labels(vals: list[float], err: list[float] | None) -> list[str]:
+    """The text beside each score bar: "0.43 ± 0.01", or "0.98 (not assessed)" when `err` is None."""
+    if err is None:
+        return [f"{v:.2f} (not assessed)" for v in vals]
+    return [f"{v:.2f} ± {e:.2f}" for v, e in zip(vals, err, strict=True)]
 
 
 # --- Display orientation ---

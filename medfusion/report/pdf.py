@@ -385,7 +385,12 @@ def write_report(
     story.append(Paragraph("Diagnostic scores", styles["Heading2"]))
     band = scores.indeterminate_band if scores.in_domain else None  # no band drawn without a decision
     story.append(
-        _img(figures.score_bars(scores.probabilities, scores.uncertainty, scores.threshold, band), 110)
+        _img(
+            figures.score_bars(
+                scores.probabilities, scores.uncertainty, scores.threshold, band, assessed=scores.in_domain
+            ),
+            110,
+        )
     )
     domain = scores.domain
     if not scores.in_domain:  # out of the model's domain: no verdict, the banner says why

@@ -151,10 +151,17 @@ class ScoredProbabilities(_Record):
     Attributes:
         probabilities: calibrated probability in [0, 1] per score name.
         threshold: the decision threshold the run used, in [0, 1]; 0.5 when the file has none.
+        domain: the domain guard's verdict (`DomainRecord`); None when the file has none.
     """
 
     probabilities: dict[str, float]
     threshold: float = 0.5
+    domain: DomainRecord | None = None
+
+    @property
+    def in_domain(self) -> bool | None:
+        """The domain guard's verdict; None when the file records none (another tool's file)."""
+        return None if self.domain is None else self.domain.in_domain
 
 
 class Scores(_Record):
