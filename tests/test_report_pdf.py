@@ -213,3 +213,16 @@ def test_out_of_domain_score_bars_carry_no_plus_minus() -> None:
     assert figures.bar_labels([1.0, 0.98], None) == ["1.00 (not assessed)", "0.98 (not assessed)"]
     png = figures.score_bars({"malignant": 1.0}, {"malignant": 0.0}, 0.5, (0.4, 0.6), assessed=False)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_out_of_domain_impression_gives_no_findings() -> None:
+    lesion = SimpleNamespace(side="left", region="frontal", core_diameter_mm=24.0, total_ml=9.0)
+    scores = SimpleNamespace(
+        in_domain=False,
+        measurements=SimpleNamespace(lesions=[lesion] * 18),
+        decision={},
+        probabilities={"malignant": 0.99},
+    )
+    text = pdf.impression(scores)  # type: ignore[arg-type]
+    assert text.startswith("Not assessed") and "18 regions" in text and "research use only" in text
+    assert "detected" not in text and "measures" not in text

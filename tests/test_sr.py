@@ -19,7 +19,7 @@ from tests.dicom_case import CLASS_NAMES, dicom_ct
 
 
 def _write(
-    tmp_path: Path, n_lesions: int, decision: str = "not assessed", p: float = 0.83
+    tmp_path: Path, n_lesions: int, decision: str = "not assessed", p: float = 0.83, assessed: bool = True
 ) -> tuple[Path, Path, Measurements]:
     ct, labels = dicom_ct(tmp_path / "ct", n_lesions=n_lesions)
     seg = write_dicom_seg(labels, ct, CLASS_NAMES, tmp_path / "seg.dcm", model_name="m", model_version="1")
@@ -35,6 +35,7 @@ def _write(
         decisions={"malignant": decision},
         model_name="m",
         model_version="1",
+        assessed=assessed,
     )
     return seg.path, sr, meas
 
@@ -81,6 +82,15 @@ def test_no_lesion_and_out_of_domain(tmp_path: Path) -> None:
     assert meas.lesions == [] and sr.content.get_volumetric_roi_measurement_groups() == []
     scores = sr.content.get_image_measurement_groups()
     assert scores[0].get_qualitative_evaluations() == []  # no call out of the model's domain
+
+
+def test_an_out_of_domain_sr_says_so_in_its_series_description(tmp_path: Path) -> None:
+    _, sr_path, _ = _write(tmp_path, 1, "not assessed", assessed=False)
+    sr = hd.sr.srread(str(sr_path))
+    assert "NOT ASSESSED" in sr.SeriesDescription and len(sr.SeriesDescription) <= 64
+    assert sr.CompletionFlag == "PARTIAL"
+    _, sr_in, _ = _write(tmp_path / "in", 1, "positive")
+    assert hd.sr.srread(str(sr_in)).SeriesDescription == "medfusion measurements"
 
 
 def test_an_indeterminate_score_is_coded_as_such(tmp_path: Path) -> None:

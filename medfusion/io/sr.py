@@ -72,6 +72,7 @@ def write_dicom_sr(
     decisions: Mapping[str, str],
     model_name: str,
     model_version: str,
+    assessed: bool = True,
 ) -> Path:
     """Write the TID 1500 measurement report of one run as a Comprehensive 3D SR.
 
@@ -86,6 +87,9 @@ def write_dicom_sr(
             Indeterminate as the score's qualitative evaluation) or "not assessed" (no call, as out of
             the model's domain); a score without an entry gets no call.
         model_name, model_version: the algorithm identification.
+        assessed: False for a case outside the model's training domain: the series description says
+            so ("… NOT ASSESSED, outside training domain"), since the lesions and probabilities it
+            carries are kept for research, not as findings, and the report is marked partial.
 
     Returns:
         `path`.
@@ -155,8 +159,10 @@ def write_dicom_sr(
         sop_instance_uid=hd.UID(),
         instance_number=1,
         manufacturer="medfusion",
-        is_complete=True,
-        series_description="medfusion measurements",
+        is_complete=assessed,
+        series_description="medfusion measurements"
+        if assessed
+        else "medfusion: NOT ASSESSED, outside training domain",
     )
     sr.CodingSchemeIdentificationSequence = [_SCHEME_ITEM]
     sr.SoftwareVersions = medfusion.__version__

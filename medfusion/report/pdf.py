@@ -231,7 +231,15 @@ def impression(scores: Scores) -> str:
     "indeterminate"), ending with the research-use statement. Out of the model's domain it says the
     case was not assessed."""
     lesions = scores.measurements.lesions
-    if not lesions:
+    if not scores.in_domain:  # the traced regions are no findings on an input the model does not know
+        n = len(lesions)
+        found = (
+            f"Not assessed: input outside the model's training domain; the {n} region{'s' if n != 1 else ''} "
+            "it traced are shown for research use only, not as findings."
+            if n
+            else "Not assessed: input outside the model's training domain."
+        )
+    elif not lesions:
         found = "No lesion detected."
     else:
         first = lesions[0]

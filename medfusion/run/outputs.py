@@ -137,6 +137,7 @@ def write_structured_report(
             decisions=result.scores.decision,
             model_name=str(model.name),
             model_version=str(model.version),
+            assessed=result.scores.in_domain,
         ),
     )
 
