@@ -260,3 +260,34 @@ def test_cohort_workers_spread_over_gpus() -> None:
     assert worker_device("cpu", 1, 8) == "cpu" and worker_device("cuda:2", 1, 8) == "cuda:2"
     named = worker_device("auto", "tcp://10.0.0.1:4242", 3)  # a worker of another cluster: by its name
     assert named == worker_device("auto", "tcp://10.0.0.1:4242", 3) and named.startswith("cuda:")
+
+
+def test_summary_columns_do_not_depend_on_which_patient_comes_first(tmp_path: Path) -> None:
+    import csv
+
+    from medfusion.run.cohort import _write_summary
+
+    failed = {"patient_id": "A", "status": "failed", "qc_verdict": "", "error": "x", "stage": "load"}
+    flagged = {"patient_id": "B", "status": "ok", "qc_verdict": "pass", "p_malignant": 0.9}
+    flagged |= {"in_domain": False, "pred_malignant": "", "decision_malignant": "not assessed"}
+    scored = {
+        **flagged,
+        "patient_id": "C",
+        "in_domain": True,
+        "pred_malignant": 1,
+        "decision_malignant": "positive",
+    }
+    headers = []
+    for order in ([failed, flagged, scored], [scored, failed, flagged], [flagged, scored, failed]):
+        _write_summary(tmp_path / "s.csv", order)
+        headers.append(next(csv.reader(open(tmp_path / "s.csv"))))
+    assert headers[0] == headers[1] == headers[2]
+    assert headers[0][:7] == [
+        "patient_id",
+        "status",
+        "qc_verdict",
+        "p_malignant",
+        "in_domain",
+        "pred_malignant",
+        "decision_malignant",
+    ]

@@ -528,8 +528,10 @@ def _gather(
 
 
 def _write_summary(path: Path, rows: list[dict[str, Any]]) -> None:
+    """summary.csv: one row per patient; the columns of the scored rows first, in their order, then
+    those only failed or unreadable rows have, so the layout does not depend on which patient is first."""
     cols: list[str] = []
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.get("status") != "ok"):
         cols += [k for k in r if k not in cols]
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=cols)

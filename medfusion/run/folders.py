@@ -76,7 +76,8 @@ def patient_row(folder: Path) -> dict[str, Any]:
     }
     row.update({f"p_{k}": round(v, 4) for k, v in sc.probabilities.items()})
     row["in_domain"] = sc.domain.in_domain
-    row.update({f"pred_{k}": int(v) for k, v in (sc.predicted or {}).items()})
+    # one pred_ column per score in every row (empty when not assessed), so the columns keep their order
+    row.update({f"pred_{k}": int(sc.predicted[k]) if sc.predicted else "" for k in sc.probabilities})
     # positive / negative / indeterminate / not assessed: what the report's verdict says
     row.update({f"decision_{k}": v.value for k, v in sc.decision.items()})
     row.update({f"u_{k}": round(v, 4) for k, v in sc.uncertainty.items()})
