@@ -87,6 +87,20 @@ def test_calibration_records_are_checked_before_they_are_stored() -> None:
     assert res.exit_code != 0
 
 
+def test_a_contrast_enhanced_ct_is_flagged_against_plain_training_cts() -> None:
+    base = ct_facts(_vol(_head_ct(), "CT"))
+    plain = [{"situation": "CT", "ct": {**base, "contrast": "no"}} for _ in range(3)]
+    domain = summarise_facts([*plain, {"situation": "CT", "ct": {**base, "contrast": ""}}])
+    assert domain["ct"]["contrast"] == ["no"]
+    enhanced = {"situation": "CT", "ct": {**base, "contrast": "yes"}}
+    assert any("with contrast agent" in r for r in fact_reasons(enhanced, domain))
+    assert fact_reasons(plain[0], domain) == []
+    unknown = {"situation": "CT", "ct": {**base, "contrast": ""}}  # NIfTI: not known, not flagged
+    assert fact_reasons(unknown, domain) == []
+    old = {**domain, "ct": {k: v for k, v in domain["ct"].items() if k != "contrast"}}  # a guard before 0.9
+    assert fact_reasons(enhanced, old) == []
+
+
 def test_head_facts_see_the_skull_ring() -> None:
     head = ct_facts(_vol(_head_ct(), "CT"))
     assert head["shell_bone_fraction"] > 0.3

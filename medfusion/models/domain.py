@@ -82,21 +82,26 @@ def situation(has_mr: bool, has_note: bool) -> str:
 
 
 def _dicom_tags(vol: Volume) -> dict[str, str]:
-    """BodyPartExamined and StudyDescription of a DICOM volume's first file ("" for NIfTI)."""
+    """BodyPartExamined, StudyDescription and contrast ("yes" when ContrastBolusAgent is filled, else
+    "no") of a DICOM volume's first file; "" for each of them for NIfTI (unknown)."""
     files = vol.meta.get("files") or []
+    none = {"body_part": "", "study_description": "", "contrast": ""}
     if vol.meta.get("format") != "dicom" or not files:
-        return {"body_part": "", "study_description": ""}
+        return none
     import pydicom
 
     try:
         ds = pydicom.dcmread(
-            files[0], stop_before_pixels=True, specific_tags=["BodyPartExamined", "StudyDescription"]
+            files[0],
+            stop_before_pixels=True,
+            specific_tags=["BodyPartExamined", "StudyDescription", "ContrastBolusAgent"],
         )
     except Exception:  # the volume was read already; a header that fails now only loses the tags
-        return {"body_part": "", "study_description": ""}
+        return none
     return {
         "body_part": str(ds.get("BodyPartExamined", "")).strip().upper(),
         "study_description": str(ds.get("StudyDescription", "")).strip(),
+        "contrast": "yes" if str(ds.get("ContrastBolusAgent", "")).strip() else "no",
     }
 
 
@@ -228,6 +233,7 @@ def summarise_facts(cases: Sequence[dict[str, Any]]) -> dict[str, Any]:
             if v.size:
                 summ[key] = {"min": round(float(v.min()), 4), "max": round(float(v.max()), 4)}
         summ["body_parts"] = sorted({r.get("body_part", "") for r in recs} - {""})
+        summ["contrast"] = sorted({r.get("contrast", "") for r in recs} - {""})
         regions = {region_of(r.get("study_description", "")) for r in recs} - {None}
         summ["regions"] = sorted(str(r) for r in regions)
         if mod == "ct":
@@ -292,6 +298,15 @@ def fact_reasons(facts: dict[str, Any], domain: dict[str, Any] | None) -> list[s
         part = rec.get("body_part", "")
         if part and summ["body_parts"] and part not in summ["body_parts"]:
             reasons.append(f"{label} BodyPartExamined {part} (training: {', '.join(summ['body_parts'])})")
+        contrast = rec.get("contrast", "")
+        if (
+            contrast and summ.get("contrast") and contrast not in summ["contrast"]
+        ):  # guards fitted before 0.9 lack it
+            seen = "with" if summ["contrast"] == ["yes"] else "without"
+            reasons.append(
+                f"{label} {'with' if contrast == 'yes' else 'without'} contrast agent (ContrastBolusAgent); "
+                f"the training {label}s were all {seen}"
+            )
         region = region_of(rec.get("study_description", ""))
         if region and summ["regions"] and region not in summ["regions"]:
             reasons.append(
