@@ -97,7 +97,10 @@ def test_a_contrast_enhanced_ct_is_flagged_against_plain_training_cts() -> None:
     assert fact_reasons(plain[0], domain) == []
     unknown = {"situation": "CT", "ct": {**base, "contrast": ""}}  # NIfTI: not known, not flagged
     assert fact_reasons(unknown, domain) == []
-    old = {**domain, "ct": {k: v for k, v in domain["ct"].items() if k != "contrast"}}  # a guard before 0.9
+    old = {
+        **domain,
+        "ct": {k: v for k, v in domain["ct"].items() if k != "contrast"},
+    }  # a guard fitted before the fact existed
     assert fact_reasons(enhanced, old) == []
 
 

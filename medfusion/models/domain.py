@@ -301,7 +301,7 @@ def fact_reasons(facts: dict[str, Any], domain: dict[str, Any] | None) -> list[s
         contrast = rec.get("contrast", "")
         if (
             contrast and summ.get("contrast") and contrast not in summ["contrast"]
-        ):  # guards fitted before 0.9 lack it
+        ):  # guards fitted before this fact existed lack it
             seen = "with" if summ["contrast"] == ["yes"] else "without"
             reasons.append(
                 f"{label} {'with' if contrast == 'yes' else 'without'} contrast agent (ContrastBolusAgent); "
