@@ -264,29 +264,30 @@ def evaluate(
         first = diag[score_names[0]]
         summary["diagnosis"] = {
             "score": score_names[0],
-            "n": first["n"],
-            "n_positive": first["n_positive"],
             "threshold": first["thresholds"]["model"],
-            **{k: first[k] for k in HEADLINE},
-            **{k: first[f"{k}@model"] for k in ("sensitivity", "specificity")},
-            "confusion": first["confusion"]["model"],
+            **_headline(first),
             "per_score": diag,
         }
         if "in_domain" in first:
-            inside = first["in_domain"]
-            summary["diagnosis"]["in_domain"] = {
-                "n": inside["n"],
-                "n_positive": inside["n_positive"],
-                **{k: inside[k] for k in HEADLINE},
-                **{k: inside[f"{k}@model"] for k in ("sensitivity", "specificity")},
-                "confusion": inside["confusion"]["model"],
-            }
+            summary["diagnosis"]["in_domain"] = _headline(first["in_domain"])
     _write_per_case(out / "metrics_per_case.csv", rows)
     write_json(out / "metrics_summary.json", summary)
     from medfusion.evaluate.plots import write_plots_and_pdf
 
     write_plots_and_pdf(out, rows, pairs, summary, run=summary["run"], model=summary["model"])
     return summary
+
+
+def _headline(d: dict[str, Any]) -> dict[str, Any]:
+    """The summary's headline of one score's `diagnosis_metrics`: n, positives, the HEADLINE metrics,
+    sensitivity and specificity at the model's threshold, and its confusion counts."""
+    return {
+        "n": d["n"],
+        "n_positive": d["n_positive"],
+        **{k: d[k] for k in HEADLINE},
+        **{k: d[f"{k}@model"] for k in ("sensitivity", "specificity")},
+        "confusion": d["confusion"]["model"],
+    }
 
 
 def _write_per_case(path: Path, rows: list[dict[str, Any]]) -> None:
