@@ -616,3 +616,26 @@ def test_loader_workers_make_the_planned_batches_in_step_order_and_reproducibly(
     # the in-process path makes batches of the same form
     inproc = make_batch([recs[i] for i in plan[0]], aug, np.random.default_rng(0), a)
     assert inproc.keys() == first[0].keys() and inproc["ct"].shape == first[0]["ct"].shape
+
+
+def test_slice_blur_smooths_along_slices_only() -> None:
+    """`AugmentConfig.slice_blur`: a point in the CT spreads across slices (z) and not in plane; the MR
+    gets its own draw; off by default; a reversed range is refused."""
+    from medfusion.train.batches import image_augment
+    from medfusion.train.config import AugmentConfig
+
+    crop = [9, 9, 9]
+    point = np.zeros((1, 9, 9, 9), np.float32)
+    point[0, 4, 4, 4] = 1.0
+    case = {"ct": point, "mr": point.copy(), "label": np.ones((1, 9, 9, 9), np.uint8)}
+    plain = {"flip": False, "rotate_deg": 0.0, "noise": 0.0, "intensity_scale": 0.0, "lesion_crop_prob": 1.0}
+    off = image_augment(crop, AugmentConfig(**plain), 0)(dict(case))[0]["image"]
+    assert float(off[0, 4, 4, 4]) == 1.0
+    a = AugmentConfig(**plain, slice_blur=(0.6, 0.8), slice_blur_prob=1.0)
+    img = np.asarray(image_augment(crop, a, 0)(dict(case))[0]["image"])
+    for c in (0, 1):
+        assert 0.3 < img[c, 4, 4, 4] < 0.8 and img[c, 3, 4, 4] > 0.05 and img[c, 5, 4, 4] > 0.05
+        assert img[c, 4, 3, 4] == 0.0 and img[c, 4, 4, 3] == 0.0
+        assert img[c].sum() == pytest.approx(1.0, abs=1e-3)
+    with pytest.raises(ValueError, match="slice_blur"):
+        AugmentConfig(slice_blur=(0.8, 0.2))

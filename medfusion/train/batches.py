@@ -20,7 +20,8 @@ from medfusion.train.config import AugmentConfig
 
 
 def image_augment(crop: list[int], a: AugmentConfig, seed: int) -> mt.Compose:
-    """Lesion-biased crop, flips, small rotations, intensity noise/scale (MONAI dictionary transforms).
+    """Lesion-biased crop, slice-profile blur, flips, small rotations, intensity noise/scale (MONAI
+    dictionary transforms).
 
     With `a.class_crop_ratios` (one weight per class, background first) crops are centred on a voxel of
     a class drawn with those weights (classes absent from a case are skipped), so that a rare class such
@@ -65,6 +66,21 @@ def image_augment(crop: list[int], a: AugmentConfig, seed: int) -> mt.Compose:
         crop_t,
         mt.SpatialPadd(keys=keys, spatial_size=crop),
         mt.CastToTyped(keys=keys, dtype=np.float32),
+    ]
+    if a.slice_blur is not None:
+        # along the slice axis only (MONAI's sigma_x is the first spatial axis: z here); CT and MR each
+        # get their own draw, as a thick-slice CT need not come with a thick-slice MR
+        for key in ("ct", "mr"):
+            ts.append(
+                mt.RandGaussianSmoothd(
+                    keys=[key],
+                    sigma_x=a.slice_blur,
+                    sigma_y=(0.0, 0.0),
+                    sigma_z=(0.0, 0.0),
+                    prob=a.slice_blur_prob,
+                )
+            )
+    ts += [
         mt.ConcatItemsd(keys=["ct", "mr"], name="image", dim=0),
         mt.DeleteItemsd(keys=["ct", "mr"]),
     ]
