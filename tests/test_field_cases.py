@@ -163,3 +163,51 @@ def test_15_deidentified_ct_loads(tmp_path: Path) -> None:
     case, _, _ = _make("15", tmp_path)
     _plain_ct(case)
     assert case.verdict() == "ok"
+
+
+def _seg_round_trip(case: Case, tmp_path: Path) -> tuple[list[str], list[np.ndarray], list[np.ndarray]]:
+    """Write a two-class label map on the CT's grid as a DICOM SEG, read it back; the notes and each
+    class's centroid (LPS mm) before and after."""
+    import shutil
+
+    from medfusion.io.seg import read_dicom_seg, write_dicom_seg
+    from medfusion.io.volume import LabelMap
+
+    ct = case.ct
+    assert ct is not None
+    a = np.zeros(ct.array.shape, np.uint8)
+    a[ct.array.shape[0] // 2, 20:30, 25:40] = 1
+    a[3, 50:55, 10:12] = 2
+    labels = LabelMap(a, ct.spacing, ct.origin, ct.direction)
+    res = write_dicom_seg(
+        labels,
+        ct,
+        ["background", "tumour_core", "oedema"],
+        tmp_path / "seg.dcm",
+        model_name="m",
+        model_version="1",
+    )
+    assert res.path is not None, res.notes
+    if shutil.which("dciodvfy"):
+        out = subprocess.run(["dciodvfy", str(res.path)], capture_output=True, text=True, check=False)
+        assert not [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+    back = read_dicom_seg(res.path)
+
+    def centroid(v: LabelMap, k: int) -> np.ndarray:
+        idx = np.argwhere(v.array == k)[:, ::-1].astype(float)
+        return v.index_to_world(idx).mean(axis=0)
+
+    return res.notes, [centroid(labels, k) for k in (1, 2)], [centroid(back, k) for k in (1, 2)]
+
+
+@pytest.mark.parametrize("case", ["05", "09"])
+def test_seg_is_written_for_a_corrected_grid(case: str, tmp_path: Path) -> None:
+    """A SEG for a CT whose grid is not its instances' own (05: tilt resampled onto an orthogonal grid
+    with more rows; 09: PixelSpacing with a decimal comma): written, dciodvfy-clean, each segment back at
+    its place in millimetres, and a note saying what was done (until session 18 no SEG was written)."""
+    loaded, _, _ = _make(case, tmp_path)
+    notes, before, after = _seg_round_trip(loaded, tmp_path)
+    for b, a in zip(before, after, strict=True):
+        assert np.linalg.norm(b - a) < 1e-3, (b, a)
+    expect = "corrected CT grid" if case == "05" else "PixelSpacing did not read as numbers"
+    assert any(expect in n for n in notes), notes

@@ -105,9 +105,28 @@ def write_dicom_seg(
                 setattr(ds, attr, "")  # Type 2: present and empty, as the standard asks of a de-identifier
     if deleted:
         notes.append(f"source lacks {', '.join(deleted)} (de-identified?); written empty in the SEG")
-    frames, note = _frames_at_instances(labels, ct, sources)
-    if note:
-        notes.append(note)
+    if _repair_pixel_spacing(ct, sources):
+        notes.append(
+            "source PixelSpacing did not read as numbers; the SEG uses the spacing the CT was read with"
+        )
+    geometry: dict[str, object] = {}
+    why = _grid_differs(ct, sources)
+    if why is None:
+        try:
+            frames, note = _frames_at_instances(labels, ct, sources)
+        except ValueError as exc:
+            why = str(exc)
+        else:
+            if note:
+                notes.append(note)
+    if why is not None:
+        # the label map's grid is not the instances' (a tilted acquisition resampled onto an orthogonal
+        # grid, or source geometry that had to be repaired on reading): the SEG keeps every grid slice
+        # and states the grid's own plane positions, orientation and pixel measures (PS3.3 C.7.6.16),
+        # still referencing the source series
+        frames = labels.array.astype(np.uint8)
+        geometry = _grid_geometry(ct)
+        notes.append(f"frames on the corrected CT grid, not on the source instances ({why})")
     algo = hd.AlgorithmIdentificationSequence(
         name=model_name, version=model_version, family=codes.DCM.ArtificialIntelligence
     )
@@ -143,10 +162,68 @@ def write_dicom_seg(
         software_versions=medfusion.__version__,  # the writer's version; the model's is in the algorithm
         device_serial_number="0",
         series_description="medfusion segmentation",
+        **geometry,  # type: ignore[arg-type]
     )
     with atomic_path(path) as tmp:
         seg.save_as(tmp)
     return SegResult(Path(path), notes)
+
+
+def _repair_pixel_spacing(ct: Volume, sources: Sequence[pydicom.Dataset]) -> bool:
+    """Put the spacing the CT was read with into (the in-memory copies of) sources whose PixelSpacing
+    does not read as two numbers ('0,9': a decimal comma), as highdicom reads it from them; True if any."""
+    repaired = False
+    for ds in sources:
+        try:
+            ok = len([float(v) for v in ds.PixelSpacing]) == 2
+        except (AttributeError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            ds.PixelSpacing = [f"{ct.spacing[1]:.6g}", f"{ct.spacing[0]:.6g}"]
+            repaired = True
+    return repaired
+
+
+def _grid_differs(ct: Volume, sources: Sequence[pydicom.Dataset]) -> str | None:
+    """Why the CT grid's in-plane geometry is not the source instances' own (None when it is): another
+    matrix, orientation or pixel spacing, or a PixelSpacing that does not read as two numbers."""
+    nz, ny, nx = ct.array.shape
+    direction = np.asarray(ct.direction, float)
+    iop = np.concatenate([direction[:, 0], direction[:, 1]])
+    for ds in sources:
+        try:
+            rows, cols = int(ds.Rows), int(ds.Columns)
+            spacing = [float(v) for v in ds.PixelSpacing]
+            orientation = np.asarray([float(v) for v in ds.ImageOrientationPatient])
+        except (AttributeError, TypeError, ValueError):
+            return "the source's PixelSpacing, ImageOrientationPatient or matrix does not read as numbers"
+        if (rows, cols) != (ny, nx):
+            return f"source matrix {rows}×{cols}, grid {ny}×{nx}"
+        if len(spacing) != 2 or not np.allclose(spacing, [ct.spacing[1], ct.spacing[0]], atol=1e-3):
+            return f"source PixelSpacing {spacing}, grid {ct.spacing[1]:g}, {ct.spacing[0]:g}"
+        if orientation.shape != (6,) or not np.allclose(orientation, iop, atol=1e-4):
+            return "source ImageOrientationPatient differs from the grid's"
+    return None
+
+
+def _grid_geometry(ct: Volume) -> dict[str, object]:
+    """highdicom's plane positions, orientation and pixel measures of every slice of the CT grid (LPS)."""
+    direction = np.asarray(ct.direction, float)
+    origin = np.asarray(ct.origin, float)
+    step = direction[:, 2] * float(ct.spacing[2])
+    patient = hd.CoordinateSystemNames.PATIENT
+    return {
+        "plane_positions": [
+            hd.PlanePositionSequence(patient, image_position=(origin + k * step).tolist())
+            for k in range(ct.array.shape[0])
+        ],
+        "plane_orientation": hd.PlaneOrientationSequence(
+            patient, image_orientation=np.concatenate([direction[:, 0], direction[:, 1]]).tolist()
+        ),
+        "pixel_measures": hd.PixelMeasuresSequence(
+            pixel_spacing=[float(ct.spacing[1]), float(ct.spacing[0])], slice_thickness=float(ct.spacing[2])
+        ),
+    }
 
 
 def _frames_at_instances(
