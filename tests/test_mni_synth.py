@@ -179,3 +179,30 @@ def test_missing_nilearn_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> N
     with pytest.raises(ImportError, match=r"medfusion\[mni\]") as err:
         mni.template_dir()
     assert "\n" not in str(err.value)
+
+
+def test_thick_slice_reconstructions_blur_along_slices_only() -> None:
+    """`render_ct` draws a thick-slice reconstruction for about `THICK_SLICE_P` of CTs: its FWHM lies in
+    `THICK_SLICE_MM` and a bone edge across slices spreads over more slices than in a thin one, while
+    the in-plane edge stays as sharp."""
+    _, head = _head(SEED, 1, 0)
+    grid = Volume(np.zeros((24, 8, 8), np.float32), (1.6, 1.6, 2.0), (0.0, 0.0, 0.0), np.eye(3))
+    tissue = np.full(grid.shape, int(Tissue.WHITE), np.uint8)
+    tissue[12:] = int(Tissue.BONE_CORTEX)
+    zero = np.zeros(grid.shape, np.float32)
+    fwhm, width = [], []
+    for s in range(40):
+        hu, f = mni.render_ct(head, tissue, zero, tissue, grid, np.random.default_rng(s))
+        step = np.clip(np.diff(hu[:, 2:6, 2:6].mean(axis=(1, 2))), 0.0, None)  # the edge's slice profile
+        w = step / step.sum()
+        x = np.arange(len(w), dtype=float)
+        fwhm.append(f)
+        width.append(float(np.sqrt(np.sum(w * (x - np.sum(w * x)) ** 2))))  # its s.d., in slices
+    thick = np.array([f > 2.0 * 1.5 for f in fwhm])
+    assert 4 <= thick.sum() <= 22  # p = 0.3 of 40
+    assert all(
+        mni.THICK_SLICE_MM[0] <= f <= mni.THICK_SLICE_MM[1] for f, t in zip(fwhm, thick, strict=True) if t
+    )
+    width_arr = np.array(width)
+    assert np.corrcoef(fwhm, width_arr)[0, 1] > 0.75  # 0.85 measured: kernel and noise vary too
+    assert width_arr[thick].mean() > 1.3 * width_arr[~thick].mean()

@@ -178,6 +178,7 @@ def generate_patient(
     ct_centre = np.array([rng.uniform(-5, 5), rng.uniform(-25, -15), rng.uniform(-60, 60)])
     ct = centred_grid(grid.ct_size, grid.ct_spacing, np.eye(3), ct_centre)
     tissue_ct = np.empty(ct.shape, np.uint8)
+    slice_fwhm_mm = 0.0
     if real is None:
         for k0, k1 in slabs(ct):
             tissue_ct[k0:k1] = head.tissue(grid_points(ct, k0, k1) - ct_centre).reshape(
@@ -193,7 +194,7 @@ def generate_patient(
             tissue_ct[k0:k1], bone_fraction[k0:k1], other[k0:k1] = (
                 a.reshape(k1 - k0, *ct.shape[1:]) for a in (t, f, o)
             )
-        hu = mni.render_ct(real, tissue_ct, bone_fraction, other, ct, rng)
+        hu, slice_fwhm_mm = mni.render_ct(real, tissue_ct, bone_fraction, other, ct, rng)
     labels = labels_from_tissue(tissue_ct)
     # MR: own grid and orientation, rigidly misaligned; y = R x + t maps CT points to MR points
     angles = rng.uniform(-MAX_ROTATION_DEG, MAX_ROTATION_DEG, 3)
@@ -302,6 +303,7 @@ def generate_patient(
     }
     if real is not None:
         truth["normal_structures"] = mni.normal_structures(real)
+        truth["ct_slice_profile_fwhm_mm"] = round(slice_fwhm_mm, 3)
     write_json(ldir / "truth.json", truth)
     return {
         "patient_id": pid,

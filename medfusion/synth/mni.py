@@ -586,6 +586,12 @@ def ct_values(rng: np.random.Generator, dense_venous: bool) -> dict[Tissue, floa
     return hu
 
 
+# share of CTs rendered as thick-slice reconstructions, and their slice profile FWHM (mm); SynthSeg's
+# randomised resolution (Billot et al. 2023) for the slice axis, where real head CTs vary most
+THICK_SLICE_P = 0.3
+THICK_SLICE_MM = (3.0, 5.5)
+
+
 def render_ct(
     head: MniHead,
     tissue: np.ndarray,
@@ -593,13 +599,17 @@ def render_ct(
     other: np.ndarray,
     grid: Volume,
     rng: np.random.Generator,
-) -> np.ndarray:
+) -> tuple[np.ndarray, float]:
     """CT in HU (float32, shape of `tissue`, clipped to [−1024, 3071]).
 
     Per patient: HU per tissue (`ct_values`), partial volume at the vault (`bone_fraction`), a
     reconstruction kernel blur σ U(0.35, 0.8) mm in plane and a slice profile of FWHM U(1, 1.5) ×
-    the slice spacing, beam-hardening-like cupping (up to −8 HU at the centre of the head) and
-    Gaussian noise σ U(3, 7) HU."""
+    the slice spacing — or, with probability `THICK_SLICE_P`, of a thick-slice reconstruction, FWHM
+    U(`THICK_SLICE_MM`) mm (routine axial head CT is often read at 4-5 mm; the image stays on the
+    grid's spacing, as a thick-slice CT does once resampled for the model) — beam-hardening-like
+    cupping (up to −8 HU at the centre of the head) and Gaussian noise σ U(3, 7) HU.
+
+    Returns the HU array and the slice profile's FWHM (mm)."""
     hu_of = ct_values(rng, head.dense_venous)
     lut = np.zeros(256, np.float32)
     for t, v in hu_of.items():
@@ -610,7 +620,10 @@ def render_ct(
     hu[edge] = bone_fraction[edge] * bone_hu[edge] + (1 - bone_fraction[edge]) * lut[other[edge]]
     sx, sy, sz = grid.spacing
     kernel = float(rng.uniform(0.35, 0.8))
-    fwhm_z = float(rng.uniform(1.0, 1.5)) * sz
+    if rng.random() < THICK_SLICE_P:
+        fwhm_z = float(rng.uniform(*THICK_SLICE_MM))
+    else:
+        fwhm_z = float(rng.uniform(1.0, 1.5)) * sz
     sigma = [max(0.3, fwhm_z / 2.355 / sz), max(0.3, kernel / sy), max(0.3, kernel / sx)]
     hu = ndimage.gaussian_filter(hu, sigma=sigma)
     depth = float(rng.uniform(0.0, 8.0))
@@ -620,7 +633,7 @@ def render_ct(
     cup = (depth * np.clip(1.0 - r2, 0.0, 1.0)).astype(np.float32)
     hu -= np.where(hu > -200, cup, 0.0).astype(np.float32) * np.ones((nz, 1, 1), np.float32)
     hu += rng.normal(0.0, float(rng.uniform(3.0, 7.0)), hu.shape).astype(np.float32)
-    return np.clip(hu, -1024, 3071).astype(np.float32)
+    return np.clip(hu, -1024, 3071).astype(np.float32), fwhm_z
 
 
 def render_mr(
