@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -211,3 +212,70 @@ def test_seg_is_written_for_a_corrected_grid(case: str, tmp_path: Path) -> None:
         assert np.linalg.norm(b - a) < 1e-3, (b, a)
     expect = "corrected CT grid" if case == "05" else "PixelSpacing did not read as numbers"
     assert any(expect in n for n in notes), notes
+
+
+def _rewrite(folder: Path, **raw: Any) -> None:
+    """Rewrite the CT files of `folder` with raw decimal-string values (`raw`: keyword → bytes)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    for path in sorted((folder / "CT").iterdir()):
+        ds = pydicom.dcmread(path)
+        for keyword, value in raw.items():
+            tag = Tag(tag_for_keyword(keyword))
+            val = value(ds) if callable(value) else value
+            val = val + b" " if len(val) % 2 else val
+            ds[tag] = RawDataElement(tag, "DS", len(val), val, 0, False, True)
+        ds.save_as(path)
+
+
+@pytest.mark.parametrize("attr", ["SliceThickness", "ImagePositionPatient", "ImageOrientationPatient"])
+def test_seg_is_written_with_a_decimal_comma_in_other_spatial_attributes(attr: str, tmp_path: Path) -> None:
+    """Other members of case 09's kind (a decimal comma in a spatial decimal string that highdicom parses
+    from the sources): the SEG is written, each segment at its place, and the note names the attribute."""
+    _, _, folder = _make("00", tmp_path)
+
+    def commas(ds: pydicom.Dataset) -> bytes:
+        values = [f"{float(v):.2f}".replace(".", ",") for v in ds[attr].value] if ds[attr].VM > 1 else None
+        return ("\\".join(values) if values else f"{float(ds[attr].value):.2f}".replace(".", ",")).encode()
+
+    with _ignore_validation():
+        _rewrite(folder, **{attr: commas})
+    loaded = load_case(folder)
+    assert loaded.ct is not None
+    notes, before, after = _seg_round_trip(loaded, tmp_path)
+    for b, a in zip(before, after, strict=True):
+        assert np.linalg.norm(b - a) < 1e-3, (b, a)
+    assert any(attr in n and "decimal comma" in n for n in notes), notes
+
+
+def test_seg_of_a_series_resampled_along_z_is_on_the_grid(tmp_path: Path) -> None:
+    """A series whose uneven slice steps the loader resamples along z onto an even spacing, with as many
+    slices as instances: the instances lie off the grid's slices, so the SEG states the grid's own
+    positions (before, its frames sat at the instances' positions, ≈ 1 mm off, without a note)."""
+    _, _, folder = _make("00", tmp_path)
+    files = sorted((folder / "CT").iterdir(), key=lambda p: float(pydicom.dcmread(p).ImagePositionPatient[2]))
+    with _ignore_validation():
+        for k, path in enumerate(files):
+            ds = pydicom.dcmread(path)
+            z = CT_ORIGIN[2] + (2.5 * k if k < 11 else 2.5 * 10 + 2.6 * (k - 10))
+            ds.ImagePositionPatient = [CT_ORIGIN[0], CT_ORIGIN[1], round(z, 3)]
+            ds.save_as(path)
+    loaded = load_case(folder)
+    assert loaded.ct is not None and loaded.ct.shape[0] == len(files)
+    notes, before, after = _seg_round_trip(loaded, tmp_path)
+    for b, a in zip(before, after, strict=True):
+        assert np.linalg.norm(b - a) < 1e-3, (b, a)
+    assert any("corrected CT grid" in n for n in notes), notes
+
+
+class _ignore_validation:
+    """pydicom's writing validation off for the block (raw invalid DS values are the point here)."""
+
+    def __enter__(self) -> None:
+        self.old = pydicom.config.settings.writing_validation_mode
+        pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+
+    def __exit__(self, *exc: object) -> None:
+        pydicom.config.settings.writing_validation_mode = self.old

@@ -637,5 +637,11 @@ def test_slice_blur_smooths_along_slices_only() -> None:
         assert 0.3 < img[c, 4, 4, 4] < 0.8 and img[c, 3, 4, 4] > 0.05 and img[c, 5, 4, 4] > 0.05
         assert img[c, 4, 3, 4] == 0.0 and img[c, 4, 4, 3] == 0.0
         assert img[c].sum() == pytest.approx(1.0, abs=1e-3)
-    with pytest.raises(ValueError, match="slice_blur"):
-        AugmentConfig(slice_blur=(0.8, 0.2))
+    # a crop's first and last slices keep their intensity (edges extended, not zero-padded)
+    flat = {"ct": np.full((1, 9, 9, 9), 0.45, np.float32), "mr": np.full((1, 9, 9, 9), 2.0, np.float32)}
+    flat["label"] = case["label"]
+    even = np.asarray(image_augment(crop, a, 0)(flat)[0]["image"])
+    assert np.allclose(even[0], 0.45, atol=1e-5) and np.allclose(even[1], 2.0, atol=1e-5)
+    for bad in [(0.8, 0.2), (0.1, float("inf")), (6.0, 6.0)]:
+        with pytest.raises(ValueError, match="slice_blur"):
+            AugmentConfig(slice_blur=bad)

@@ -105,9 +105,14 @@ def write_dicom_seg(
                 setattr(ds, attr, "")  # Type 2: present and empty, as the standard asks of a de-identifier
     if deleted:
         notes.append(f"source lacks {', '.join(deleted)} (de-identified?); written empty in the SEG")
-    if _repair_pixel_spacing(ct, sources):
+    try:
+        repaired = _repair_decimal_commas(ct, sources)
+    except ValueError as exc:
+        return SegResult(None, [f"not written: {exc}"])
+    if repaired:
         notes.append(
-            "source PixelSpacing did not read as numbers; the SEG uses the spacing the CT was read with"
+            f"source {', '.join(repaired)} did not read as numbers (decimal comma); the SEG uses the "
+            "values the CT was read with"
         )
     geometry: dict[str, object] = {}
     why = _grid_differs(ct, sources)
@@ -169,19 +174,53 @@ def write_dicom_seg(
     return SegResult(Path(path), notes)
 
 
-def _repair_pixel_spacing(ct: Volume, sources: Sequence[pydicom.Dataset]) -> bool:
-    """Put the spacing the CT was read with into (the in-memory copies of) sources whose PixelSpacing
-    does not read as two numbers ('0,9': a decimal comma), as highdicom reads it from them; True if any."""
-    repaired = False
+# decimal-string attributes highdicom parses from the first (or every) source image
+_SPATIAL_DS = (
+    "PixelSpacing",
+    "SliceThickness",
+    "SpacingBetweenSlices",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+)
+
+
+def _repair_decimal_commas(ct: Volume, sources: Sequence[pydicom.Dataset]) -> list[str]:
+    """Make the in-memory copies of the sources readable where a spatial decimal string was written
+    with a decimal comma ('0,9', '-28,35'), as highdicom parses them: a PixelSpacing that does not read
+    as two numbers gets the spacing the CT was read with; another attribute gets its commas read as
+    points. Returns the attributes repaired.
+
+    Raises:
+        ValueError: a value still does not read as numbers (the message names the file and attribute).
+    """
+    repaired: set[str] = set()
     for ds in sources:
-        try:
-            ok = len([float(v) for v in ds.PixelSpacing]) == 2
-        except (AttributeError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            ds.PixelSpacing = [f"{ct.spacing[1]:.6g}", f"{ct.spacing[0]:.6g}"]
-            repaired = True
-    return repaired
+        for attr in _SPATIAL_DS:
+            if attr not in ds:
+                continue
+            elem = ds[attr]
+            texts = [str(v) for v in (elem.value if elem.VM > 1 else [elem.value])]
+            if _all_numbers(texts):
+                continue
+            if attr == "PixelSpacing":
+                ds.PixelSpacing = [f"{ct.spacing[1]:.6g}", f"{ct.spacing[0]:.6g}"]
+            else:
+                fixed = [t.replace(",", ".") for t in texts]
+                if not _all_numbers(fixed):
+                    name = Path(str(getattr(ds, "filename", "") or "a source image")).name
+                    msg = f"{name}: {attr} {chr(92).join(texts)!r} does not read as numbers"
+                    raise ValueError(msg)
+                setattr(ds, attr, fixed if elem.VM > 1 else fixed[0])
+            repaired.add(attr)
+    return sorted(repaired)
+
+
+def _all_numbers(texts: list[str]) -> bool:
+    try:
+        [float(t) for t in texts]
+    except (TypeError, ValueError):
+        return False
+    return True
 
 
 def _grid_differs(ct: Volume, sources: Sequence[pydicom.Dataset]) -> str | None:
@@ -231,10 +270,10 @@ def _frames_at_instances(
 ) -> tuple[np.ndarray, str]:
     """The label slices lying at the source instances' positions, one per instance (sorted as the CT
     files are). The CT grid has more slices than instances when missing slices were interpolated;
-    those extra slices have no instance to reference and stay in the NIfTI only."""
+    those extra slices have no instance to reference and stay in the NIfTI only. Raises ValueError when
+    an instance lies off the grid's slices (a series resampled along z onto an even spacing, even with
+    as many slices as instances): the caller then writes the grid's own geometry."""
     arr = labels.array.astype(np.uint8)
-    if arr.shape[0] == len(sources):
-        return arr, ""
     normal = np.asarray(ct.direction, float)[:, 2]
     origin = np.asarray(ct.origin, float)
     step = float(ct.spacing[2])
@@ -253,6 +292,8 @@ def _frames_at_instances(
         msg = f"CT grid has {arr.shape[0]} slices for {len(sources)} instances whose positions are not on it"
         raise ValueError(msg)
     extra = arr.shape[0] - len(sources)
+    if extra == 0:
+        return arr[index], ""
     return arr[index], (
         f"{extra} interpolated CT slice(s) have no source instance: the SEG holds the {len(sources)} "
         "real slices, each referencing its instance (segmentation.nii.gz has every slice)"

@@ -304,6 +304,7 @@ def generate_patient(
     if real is not None:
         truth["normal_structures"] = mni.normal_structures(real)
         truth["ct_slice_profile_fwhm_mm"] = round(slice_fwhm_mm, 3)
+        truth["ct_thick_slice"] = bool(slice_fwhm_mm > 1.5 * ct.spacing[2])
     write_json(ldir / "truth.json", truth)
     return {
         "patient_id": pid,

@@ -605,7 +605,7 @@ def render_ct(
     Per patient: HU per tissue (`ct_values`), partial volume at the vault (`bone_fraction`), a
     reconstruction kernel blur σ U(0.35, 0.8) mm in plane and a slice profile of FWHM U(1, 1.5) ×
     the slice spacing — or, with probability `THICK_SLICE_P`, of a thick-slice reconstruction, FWHM
-    U(`THICK_SLICE_MM`) mm (routine axial head CT is often read at 4-5 mm; the image stays on the
+    U(`THICK_SLICE_MM`) mm, its range moved up on grids whose 1.5 × spacing exceeds 3 mm (routine axial head CT is often read at 4-5 mm; the image stays on the
     grid's spacing, as a thick-slice CT does once resampled for the model) — beam-hardening-like
     cupping (up to −8 HU at the centre of the head) and Gaussian noise σ U(3, 7) HU.
 
@@ -621,7 +621,9 @@ def render_ct(
     sx, sy, sz = grid.spacing
     kernel = float(rng.uniform(0.35, 0.8))
     if rng.random() < THICK_SLICE_P:
-        fwhm_z = float(rng.uniform(*THICK_SLICE_MM))
+        # never thinner than the thin profile's widest (1.5 × a coarse grid's spacing can exceed 3 mm)
+        low = max(THICK_SLICE_MM[0], 1.5 * sz)
+        fwhm_z = float(rng.uniform(low, max(THICK_SLICE_MM[1], low + 1.0)))
     else:
         fwhm_z = float(rng.uniform(1.0, 1.5)) * sz
     sigma = [max(0.3, fwhm_z / 2.355 / sz), max(0.3, kernel / sy), max(0.3, kernel / sx)]

@@ -11,12 +11,45 @@ from typing import Any
 import numpy as np
 import torch
 from monai import transforms as mt
+from monai.utils import convert_to_dst_type
+from scipy import ndimage
 
 from medfusion.models.network import channels_last
 from medfusion.text.sentences import split_sentences
 from medfusion.train.config import AugmentConfig
 
 # --- Augmentation ---
+
+
+class RandSliceBlurd(mt.RandomizableTransform):
+    """Gaussian blur along the slice axis (the first spatial axis, z) of `key`, σ drawn uniformly from
+    `sigma` (voxels), with probability `prob`: a thicker slice profile. The edges are extended by their
+    own values (scipy's mode "nearest"), so a crop's first and last slices keep their intensity;
+    MONAI's `RandGaussianSmoothd` pads with zeros, which darkened them by up to 27 % at σ 0.8.
+
+    Input: {key: array (C, z, y, x)}; returns the dict with that entry blurred, float32."""
+
+    def __init__(self, key: str, sigma: tuple[float, float], prob: float) -> None:
+        mt.RandomizableTransform.__init__(self, prob)
+        self.key, self.sigma = key, sigma
+        self._s = 0.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._s = float(self.R.uniform(*self.sigma))
+
+    def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        self.randomize()
+        if not self._do_transform or self._s <= 0:
+            return data
+        out = dict(data)
+        x = data[self.key]
+        arr = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+        blurred = ndimage.gaussian_filter1d(arr.astype(np.float32), self._s, axis=1, mode="nearest")
+        out[self.key] = convert_to_dst_type(
+            blurred, x, dtype=torch.float32 if isinstance(x, torch.Tensor) else np.float32
+        )[0]
+        return out
 
 
 def image_augment(crop: list[int], a: AugmentConfig, seed: int) -> mt.Compose:
@@ -68,18 +101,8 @@ def image_augment(crop: list[int], a: AugmentConfig, seed: int) -> mt.Compose:
         mt.CastToTyped(keys=keys, dtype=np.float32),
     ]
     if a.slice_blur is not None:
-        # along the slice axis only (MONAI's sigma_x is the first spatial axis: z here); CT and MR each
-        # get their own draw, as a thick-slice CT need not come with a thick-slice MR
-        for key in ("ct", "mr"):
-            ts.append(
-                mt.RandGaussianSmoothd(
-                    keys=[key],
-                    sigma_x=a.slice_blur,
-                    sigma_y=(0.0, 0.0),
-                    sigma_z=(0.0, 0.0),
-                    prob=a.slice_blur_prob,
-                )
-            )
+        # CT and MR each get their own draw, as a thick-slice CT need not come with a thick-slice MR
+        ts += [RandSliceBlurd(key, a.slice_blur, a.slice_blur_prob) for key in ("ct", "mr")]
     ts += [
         mt.ConcatItemsd(keys=["ct", "mr"], name="image", dim=0),
         mt.DeleteItemsd(keys=["ct", "mr"]),

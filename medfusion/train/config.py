@@ -86,8 +86,8 @@ class AugmentConfig(StrictModel):
     @field_validator("slice_blur")
     @classmethod
     def _blur_range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
-        if v is not None and not 0.0 <= v[0] <= v[1]:
-            msg = f"slice_blur must be (low, high) with 0 <= low <= high, got {v}"
+        if v is not None and not 0.0 <= v[0] <= v[1] <= 5.0:
+            msg = f"slice_blur must be (low, high) with 0 <= low <= high <= 5 (voxels), got {v}"
             raise ValueError(msg)
         return v
 
