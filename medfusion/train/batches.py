@@ -35,10 +35,12 @@ class RandSliceBlurd(mt.RandomizableTransform):
         self._s = 0.0
 
     def randomize(self, data: Any = None) -> None:
+        """Draw whether to blur (probability `prob`) and σ (uniform in `sigma`)."""
         super().randomize(None)
         self._s = float(self.R.uniform(*self.sigma))
 
     def __call__(self, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` with `key` blurred along z (a new dict; the other entries shared), or as it was."""
         self.randomize()
         if not self._do_transform or self._s <= 0:
             return data
