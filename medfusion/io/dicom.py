@@ -226,7 +226,7 @@ def _floats(value: Any, n: int) -> np.ndarray | None:
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d+$|^[+-]?\d+,\d*$")
 
 
-def _raw_text(ds: Dataset, keyword: str) -> str | None:
+def raw_decimal_text(ds: Dataset, keyword: str) -> str | None:
     """The stored text of a decimal-string attribute (values joined by backslash), or None when
     absent or empty. Reads the raw bytes, so an invalid DS never raises here."""
     tag = pydicom.datadict.tag_for_keyword(keyword)
@@ -294,7 +294,7 @@ def parse_decimal_string(text: str, n: int, keyword: str) -> tuple[np.ndarray, s
 def _geometry(
     ds: Dataset, keyword: str, n: int, problems: list[str], warnings: list[str]
 ) -> np.ndarray | None:
-    text = _raw_text(ds, keyword)
+    text = raw_decimal_text(ds, keyword)
     if text is None:
         return None
     try:
@@ -378,10 +378,13 @@ def _read_header(path: Path) -> DicomFile:
         warnings.append("RescaleSlope '0' is not valid; read as 1")
         slope = 1.0
     intercept = _number(ds, "RescaleIntercept", 0.0, problems, warnings)
-    rescale_given = _raw_text(ds, "RescaleIntercept") is not None or _raw_text(ds, "RescaleSlope") is not None
+    rescale_given = (
+        raw_decimal_text(ds, "RescaleIntercept") is not None
+        or raw_decimal_text(ds, "RescaleSlope") is not None
+    )
     ps = _geometry(ds, "PixelSpacing", 2, problems, warnings)
     if ps is not None and not np.all(ps > 0):
-        problems.append(f"PixelSpacing '{_raw_text(ds, 'PixelSpacing')}' is not positive")
+        problems.append(f"PixelSpacing '{raw_decimal_text(ds, 'PixelSpacing')}' is not positive")
         ps = None
     uid = str(ds.get("SeriesInstanceUID", "") or "").strip()
     return DicomFile(

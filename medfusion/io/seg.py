@@ -20,6 +20,7 @@ from pydicom.sr.codedict import codes
 
 import medfusion
 from medfusion.io.atomic import atomic_path
+from medfusion.io.dicom import parse_decimal_string, raw_decimal_text
 from medfusion.io.errors import InputError
 from medfusion.io.volume import LabelMap, Volume
 from medfusion.report.colours import class_colour
@@ -106,7 +107,7 @@ def write_dicom_seg(
     if deleted:
         notes.append(f"source lacks {', '.join(deleted)} (de-identified?); written empty in the SEG")
     try:
-        repaired = _repair_decimal_commas(ct, sources)
+        repaired = _repair_decimal_commas(sources)
     except ValueError as exc:
         return SegResult(None, [f"not written: {exc}"])
     if repaired:
@@ -174,53 +175,39 @@ def write_dicom_seg(
     return SegResult(Path(path), notes)
 
 
-# decimal-string attributes highdicom parses from the first (or every) source image
-_SPATIAL_DS = (
-    "PixelSpacing",
-    "SliceThickness",
-    "SpacingBetweenSlices",
-    "ImagePositionPatient",
-    "ImageOrientationPatient",
-)
+# decimal-string attributes highdicom parses from the first (or every) source image, with their value counts
+_SPATIAL_DS = {
+    "PixelSpacing": 2,
+    "SliceThickness": 1,
+    "SpacingBetweenSlices": 1,
+    "ImagePositionPatient": 3,
+    "ImageOrientationPatient": 6,
+}
 
 
-def _repair_decimal_commas(ct: Volume, sources: Sequence[pydicom.Dataset]) -> list[str]:
-    """Make the in-memory copies of the sources readable where a spatial decimal string was written
-    with a decimal comma ('0,9', '-28,35'), as highdicom parses them: a PixelSpacing that does not read
-    as two numbers gets the spacing the CT was read with; another attribute gets its commas read as
-    points. Returns the attributes repaired.
+def _repair_decimal_commas(sources: Sequence[pydicom.Dataset]) -> list[str]:
+    """Rewrite, in the in-memory copies of the sources, the spatial decimal strings that the loader had
+    to repair (a locale decimal comma, a comma between values: `io.dicom.parse_decimal_string`) with the
+    values it read, as highdicom parses them itself. Returns the attributes rewritten.
 
     Raises:
-        ValueError: a value still does not read as numbers (the message names the file and attribute).
+        ValueError: a value does not read even so (the message names the file and the attribute).
     """
     repaired: set[str] = set()
     for ds in sources:
-        for attr in _SPATIAL_DS:
-            if attr not in ds:
+        for attr, n in _SPATIAL_DS.items():
+            text = raw_decimal_text(ds, attr)
+            if text is None:
                 continue
-            elem = ds[attr]
-            texts = [str(v) for v in (elem.value if elem.VM > 1 else [elem.value])]
-            if _all_numbers(texts):
-                continue
-            if attr == "PixelSpacing":
-                ds.PixelSpacing = [f"{ct.spacing[1]:.6g}", f"{ct.spacing[0]:.6g}"]
-            else:
-                fixed = [t.replace(",", ".") for t in texts]
-                if not _all_numbers(fixed):
-                    name = Path(str(getattr(ds, "filename", "") or "a source image")).name
-                    msg = f"{name}: {attr} {chr(92).join(texts)!r} does not read as numbers"
-                    raise ValueError(msg)
-                setattr(ds, attr, fixed if elem.VM > 1 else fixed[0])
-            repaired.add(attr)
+            try:
+                values, warning = parse_decimal_string(text, n, attr)
+            except ValueError as exc:
+                name = Path(str(getattr(ds, "filename", "") or "a source image")).name
+                raise ValueError(f"{name}: {exc}") from None
+            if warning is not None:
+                setattr(ds, attr, [f"{v:.10g}" for v in values] if n > 1 else f"{values[0]:.10g}")
+                repaired.add(attr)
     return sorted(repaired)
-
-
-def _all_numbers(texts: list[str]) -> bool:
-    try:
-        [float(t) for t in texts]
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def _grid_differs(ct: Volume, sources: Sequence[pydicom.Dataset]) -> str | None:
